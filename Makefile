@@ -1,0 +1,34 @@
+# fastft — set up, demo, test, benchmark. Every target sets up .venv first if needed.
+PY      ?= python3.11
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.fastft-installed
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup: $(STAMP)
+
+# Idempotent: the venv is (re)built only when missing or when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip wheel setuptools
+	$(VPY) -m pip install --quiet -e ".[dali,deepspeed,dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/fastft demo
+
+test: setup
+	$(VPY) -m pytest -q tests
+
+test-fast: setup
+	$(VPY) -m pytest -q tests -m "not slow"
+
+bench: setup
+	$(VPY) -m benchmarks.throughput --suite cpu
+
+lint: setup
+	$(VENV)/bin/ruff check fastft tests benchmarks
+
+clean:
+	rm -rf runs .fastft_cache .pytest_cache

@@ -1,0 +1,101 @@
+"""Evaluation and prediction from a saved checkpoint (the training side lives in train.py)."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastft.checkpoint import load_checkpoint, load_model_state
+from fastft.config import DataConfig, ModelConfig, PrecisionConfig
+from fastft.data.folder import index_for_eval, is_image
+from fastft.data.loaders import build_loader
+from fastft.data.transforms import TransformSpec
+from fastft.errors import DataError
+from fastft.evaluate import run_evaluation
+from fastft.model import build_model
+from fastft.parallel import env as penv
+from fastft.precision import resolve_precision
+from fastft.report import format_table, write_report
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def load_trained(checkpoint: str | Path, device: torch.device):
+    """Rebuild the trained model from a fastft checkpoint (weights_only load). Returns (model, meta)."""
+    state = load_checkpoint(checkpoint)
+    meta = state["meta"]
+    mcfg = ModelConfig(name=meta["model_name"], weights="none", head_hidden=meta["head_hidden"],
+                       head_dropout=meta["head_dropout"])
+    model = build_model(mcfg, meta["num_classes"])
+    load_model_state(model, state["model"], checkpoint)
+    return model.to(device).eval(), meta
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, *, out_dir: str | Path | None = None, batch_size: int = 64,
+             workers: int = 2, loader: str = "torch", precision: str = "auto", device: str = "auto",
+             print_report: bool = False) -> EvalResult:
+    """Evaluate a checkpoint on an image folder of class folders (names must be among the trained classes).
+
+    Distributed-aware: under torchrun each rank evaluates its shard and the metrics are synced exactly."""
+    env = penv.init_distributed(device)
+    try:
+        model, meta = load_trained(checkpoint, env.device)
+        samples = index_for_eval(Path(data), meta["classes"])
+        spec = TransformSpec.from_dict(meta["transform"])
+        dcfg = DataConfig(root=str(data), batch_size=batch_size, workers=workers, loader=loader,
+                          persistent_workers=False)
+        dl = build_loader(samples, spec, dcfg, train=False, seed=0, env=env)
+        prec = resolve_precision(PrecisionConfig(dtype=precision), env.device)
+        report = run_evaluation(model, dl, num_classes=meta["num_classes"], device=env.device, precision=prec,
+                                classes=meta["classes"])
+        paths: dict[str, Path] = {}
+        if out_dir is not None and env.is_main:
+            paths = write_report(report, Path(out_dir))
+        if print_report and env.is_main:
+            print(format_table(report))
+        return EvalResult(report, paths)
+    finally:
+        penv.shutdown(env)
+
+
+def predict(checkpoint: str | Path, inputs: str | Path, out_csv: str | Path, *, batch_size: int = 64,
+            workers: int = 2, device: str = "auto") -> Path:
+    """Classify every image under `inputs` (a file or folder, recursively); write path,label,probability rows."""
+    dev = penv.resolve_device(device, 0)
+    model, meta = load_trained(checkpoint, dev)
+    src = Path(inputs)
+    if src.is_file():
+        files = [str(src)]
+    elif src.is_dir():
+        files = sorted(str(p) for p in src.rglob("*") if p.is_file() and is_image(p.name)
+                       and not any(part.startswith(".") for part in p.relative_to(src).parts))
+    else:
+        raise DataError(f"input not found: {src}")
+    if not files:
+        raise DataError(f"no images in {src}")
+    spec = TransformSpec.from_dict(meta["transform"])
+    dcfg = DataConfig(batch_size=batch_size, workers=workers, loader="torch", persistent_workers=False)
+    dl = build_loader([(f, 0) for f in files], spec, dcfg, train=False, seed=0, env=penv.DistEnv(device=dev))
+    out = Path(out_csv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    classes = meta["classes"]
+    i = 0
+    with open(tmp, "w", newline="") as f, torch.inference_mode():
+        w = csv.writer(f)
+        w.writerow(["path", "label", "probability"])
+        for images, _ in dl:
+            probs = model(images.to(dev)).float().softmax(dim=1)
+            p, y = probs.max(dim=1)
+            for pi, yi in zip(p.tolist(), y.tolist()):
+                w.writerow([files[i], classes[yi], f"{pi:.6f}"])
+                i += 1
+    tmp.replace(out)
+    return out

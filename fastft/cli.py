@@ -1,0 +1,135 @@
+"""Command line: fastft train | eval | predict | demo.
+
+Bad input ends with one line `fastft: error: <what>` and exit code 2, never a traceback wall."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fastft.errors import ConfigError, FastftError
+
+EXIT_BAD_INPUT = 2
+
+
+def _overrides(extra: list[str]) -> list[str]:
+    """Collect `--section.key=value` (or `--section.key value`) overrides; anything else is an error."""
+    out, i = [], 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--") or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"unrecognised argument {item!r} (overrides look like --section.key=value)")
+        if "=" not in item:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise ConfigError(f"override {item!r} has no value (use {item}=VALUE)")
+            item = f"{item}={extra[i + 1]}"
+            i += 1
+        out.append(item)
+        i += 1
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastft", description="Fast, exact fine-tuning of torchvision backbones.")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune as configured: --config run.toml plus --section.key=value overrides")
+    t.add_argument("--config", help="TOML run file")
+    t.add_argument("--resume", help="checkpoint to resume from, or 'auto' (the run folder's last.pt)")
+    t.add_argument("--overwrite", action="store_true", help="reuse an existing run folder")
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a folder of class folders")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--out", help="folder for metrics.json and confusion_matrix.png")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--loader", default="torch", choices=("torch", "dali"))
+    e.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    e.add_argument("--device", default="auto")
+    e.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    r = sub.add_parser("predict", help="classify images; writes path,label,probability CSV")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--input", required=True, help="an image or a folder (searched recursively)")
+    r.add_argument("--out", required=True, help="CSV file to write")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--workers", type=int, default=2)
+    r.add_argument("--device", default="auto")
+
+    d = sub.add_parser("demo", help="generate a small shapes dataset and fine-tune a small model on it")
+    d.add_argument("--out-dir", default="runs")
+    d.add_argument("--data-dir", default=None, help="where the generated dataset is cached")
+    d.add_argument("--epochs", type=int, default=None)
+    return p
+
+
+def run(argv: list[str]) -> int:
+    args, extra = _parser().parse_known_args(argv)
+    from fastft.logging import setup_console
+
+    setup_console(int(os.environ.get("RANK", "0")))
+    if args.command == "train":
+        overrides = _overrides(extra)
+        if args.resume:
+            overrides.append(f"--checkpoint.resume={args.resume}")
+        if args.overwrite:
+            overrides.append("--run.overwrite=true")
+        from fastft.config import load_config
+        from fastft.train import finetune
+
+        finetune(load_config(args.config, overrides))
+        return 0
+    if extra:
+        raise ConfigError(f"unrecognised argument {extra[0]!r}")
+    if args.command == "eval":
+        from fastft.api import evaluate
+
+        evaluate(args.checkpoint, args.data, out_dir=args.out, batch_size=args.batch_size, workers=args.workers,
+                 loader=args.loader, precision=args.precision, device=args.device, print_report=True)
+        return 0
+    if args.command == "predict":
+        from fastft.api import predict
+
+        out = predict(args.checkpoint, args.input, args.out, batch_size=args.batch_size, workers=args.workers,
+                      device=args.device)
+        print(f"predictions written to {out}")
+        return 0
+    if args.command == "demo":
+        from fastft.demo import run_demo
+
+        run_demo(out_dir=args.out_dir, data_dir=args.data_dir, epochs=args.epochs)
+        return 0
+    raise AssertionError(args.command)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    # An error raised in a DataLoader worker arrives wrapped with the worker's traceback; keep the original message.
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if last.startswith("fastft.errors.") else last
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except FastftError as e:
+        rank = os.environ.get("RANK")
+        where = f" (rank {rank})" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        print(f"fastft: error{where}: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("fastft: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        # Errors from DataLoader workers are re-raised as their original type only when constructible; catch
+        # the wrapped fastft ones here too.
+        if "fastft.errors." in str(e):
+            print(f"fastft: error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise

@@ -1,0 +1,346 @@
+"""Run configuration: nested dataclasses are the schema, a TOML file plus `--section.key=value` overrides a run.
+
+The defaults below are the documentation. Every component takes its own section (``cfg.optim``, ``cfg.data``, ...),
+never the whole config. Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastft.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"  # any name from torchvision.models.list_models(module=torchvision.models)
+    weights: str = "DEFAULT"  # DEFAULT | a weights enum name (IMAGENET1K_V2) | none | path to .pt/.pth/.safetensors
+    num_classes: int = 0  # 0 = infer from the data
+    freeze: str | list[str] = "backbone"  # none | backbone | until:<module> | [name patterns to freeze]
+    head_hidden: int = 0  # >0 adds a hidden layer (Linear -> ReLU -> Dropout) before the classifier
+    head_dropout: float = 0.0
+    channels_last: bool = True  # NHWC activations: faster convolutions on GPUs and on CPUs with oneDNN
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # ImageFolder root: root/train + root/val, or class folders split by val_fraction
+    train_dir: str = "train"
+    val_dir: str = "val"
+    val_fraction: float = 0.2  # used only when root has no train/val folders
+    train_list: str = ""  # CSV of path,label (alternative to root)
+    val_list: str = ""
+    image_size: int = 0  # 0 = the weights' preset crop size
+    batch_size: int = 32
+    eval_batch_size: int = 0  # 0 = batch_size
+    workers: int = 2
+    loader: str = "auto"  # auto | torch | dali (auto: dali when installed and on a GPU, torch otherwise)
+    augment: bool = True  # RandomResizedCrop + flip for training; false = the eval transform
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    on_bad_file: str = "error"  # error | skip
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    label_smoothing: float = 0.0
+    grad_accum: int = 1
+    clip_grad_norm: float = 0.0  # 0 = off
+    epochs: int = 5
+    max_steps: int = 0  # >0 stops after this many optimizer steps (overrides epochs)
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 where the device has native bf16, else fp32)
+
+
+@dataclass
+class CompileConfig:
+    target: str = "auto"  # auto | none | head | all  (auto: head on CUDA, none on CPU)
+    mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune
+    backend: str = "inductor"
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "auto"  # auto | none | ddp | deepspeed (auto: ddp when WORLD_SIZE > 1)
+    timeout_s: int = 600  # collective timeout: a dead rank ends the job instead of hanging
+    deepspeed_config: str = ""  # optional user JSON merged over the generated DeepSpeed config
+    zero_stage: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1  # save last.pt every N epochs (0 = only at the end)
+    every_steps: int = 0  # also save last.pt every N optimizer steps (0 = off)
+    best_metric: str = "f1_macro"  # any key of the evaluation report
+    best_mode: str = "max"  # max | min
+    resume: str = ""  # "" | auto (the run folder's last.pt) | path to a checkpoint
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    progress: bool = True
+    every_steps: int = 10  # JSON-lines + TensorBoard step logging cadence
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs"
+    name: str = ""  # "" = <model>-<timestamp>
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    overwrite: bool = False  # reuse an existing run folder that is not being resumed
+    eval_every_epochs: int = 1
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> FinetuneConfig:
+        """Check values and relations between them; raise ConfigError naming the key."""
+        _choice("model.weights", self.model.weights, None)
+        _min("model.num_classes", self.model.num_classes, 0)
+        _min("model.head_hidden", self.model.head_hidden, 0)
+        _range("model.head_dropout", self.model.head_dropout, 0.0, 1.0, hi_open=True)
+        if isinstance(self.model.freeze, str):
+            f = self.model.freeze
+            if f not in ("none", "backbone") and not (f.startswith("until:") and len(f) > len("until:")):
+                raise ConfigError(f"model.freeze: expected none | backbone | until:<module> | [patterns], got {f!r}")
+        _range("data.val_fraction", self.data.val_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        _min("data.image_size", self.data.image_size, 0)
+        _min("data.batch_size", self.data.batch_size, 1)
+        _min("data.eval_batch_size", self.data.eval_batch_size, 0)
+        _min("data.workers", self.data.workers, 0)
+        _choice("data.loader", self.data.loader, ("auto", "torch", "dali"))
+        _choice("data.on_bad_file", self.data.on_bad_file, ("error", "skip"))
+        _choice("optim.name", self.optim.name, ("sgd", "adamw"))
+        if not self.optim.lr > 0:
+            raise ConfigError(f"optim.lr: must be > 0, got {self.optim.lr}")
+        _range("optim.momentum", self.optim.momentum, 0.0, 1.0, hi_open=True)
+        _min("optim.weight_decay", self.optim.weight_decay, 0.0)
+        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
+            raise ConfigError(f"optim.betas: expected two values in [0, 1), got {self.optim.betas}")
+        _choice("optim.schedule", self.optim.schedule, ("cosine", "constant"))
+        _min("optim.warmup_steps", self.optim.warmup_steps, 0)
+        _range("optim.min_lr_ratio", self.optim.min_lr_ratio, 0.0, 1.0)
+        _range("optim.label_smoothing", self.optim.label_smoothing, 0.0, 1.0, hi_open=True)
+        _min("optim.grad_accum", self.optim.grad_accum, 1)
+        _min("optim.clip_grad_norm", self.optim.clip_grad_norm, 0.0)
+        _min("optim.epochs", self.optim.epochs, 1)
+        _min("optim.max_steps", self.optim.max_steps, 0)
+        _choice("precision.dtype", self.precision.dtype, ("auto", "bf16", "fp16", "fp32"))
+        _choice("compile.target", self.compile.target, ("auto", "none", "head", "all"))
+        _choice("compile.mode", self.compile.mode, ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+        _choice("parallel.backend", self.parallel.backend, ("auto", "none", "ddp", "deepspeed"))
+        _min("parallel.timeout_s", self.parallel.timeout_s, 1)
+        _choice("parallel.zero_stage", self.parallel.zero_stage, (0, 1, 2, 3))
+        _min("checkpoint.every_epochs", self.checkpoint.every_epochs, 0)
+        _min("checkpoint.every_steps", self.checkpoint.every_steps, 0)
+        _choice("checkpoint.best_mode", self.checkpoint.best_mode, ("max", "min"))
+        _min("log.every_steps", self.log.every_steps, 1)
+        _min("run.eval_every_epochs", self.run.eval_every_epochs, 1)
+        dev = self.run.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ConfigError(f"run.device: expected auto | cpu | cuda | cuda:N, got {dev!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choice(key: str, value: Any, allowed: tuple | None) -> None:
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"{key}: expected one of {' | '.join(map(str, allowed))}, got {value!r}")
+
+
+def _min(key: str, value: float, lo: float) -> None:
+    if value < lo:
+        raise ConfigError(f"{key}: must be >= {lo}, got {value}")
+
+
+def _range(key: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+    bad = value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi)
+    if bad:
+        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ConfigError(f"{key}: must be in {lb}{lo}, {hi}{rb}, got {value}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building a config from dicts, TOML files and overrides
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp` (TOML types); ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arm)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in typing.get_args(tp))}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a [{full}] table, got {value!r}")
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> FinetuneConfig:
+    """Build and validate a config from a nested dict (as read from TOML)."""
+    return _build(FinetuneConfig, data, "").validate()
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as a TOML value, falling back to a bare string (`--model.name=resnet50`)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override --{dotted}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _field_type(dotted: str) -> Any:
+    cls: Any = FinetuneConfig
+    tp: Any = None
+    for p in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if p not in hints:
+            return None
+        tp = cls = hints[p]
+    return tp
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (leading dashes optional) to a nested dict, in order."""
+    for item in overrides:
+        item = item.lstrip("-")
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected --section.key=value")
+        key, text = item.split("=", 1)
+        value = _parse_value(text)
+        tp = _field_type(key)
+        # A string field keeps the literal text: `--run.name=123` is the name "123", not the integer 123.
+        if tp is str and not isinstance(value, str):
+            value = text
+        _set_path(data, key, value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
+    """Read a TOML run file (optional), apply overrides and validate."""
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def to_toml(cfg: FinetuneConfig) -> str:
+    """Render a config as TOML (written into every run folder as config.toml)."""
+    lines: list[str] = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot render {v!r} as TOML")

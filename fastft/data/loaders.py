@@ -1,0 +1,48 @@
+"""The loader seam: pick the torchvision or DALI path from `data.loader` and shard it by rank."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+from fastft.config import DataConfig
+from fastft.data.folder import Sample
+from fastft.data.transforms import TransformSpec
+from fastft.parallel.env import DistEnv
+
+log = logging.getLogger("fastft")
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def resolve_loader(cfg: DataConfig, env: DistEnv) -> str:
+    """`auto`: DALI when it is installed and the device is a GPU (GPU decode); the torchvision loader otherwise."""
+    if cfg.loader != "auto":
+        return cfg.loader
+    return "dali" if dali_available() and env.device.type == "cuda" else "torch"
+
+
+def build_loader(samples: list[Sample], spec: TransformSpec, cfg: DataConfig, *, train: bool, seed: int,
+                 env: DistEnv, batch_size: int | None = None):
+    """An iterable of (images float32 B3HW, labels int64 B) batches with `len()` and `set_epoch(epoch, start_batch)`."""
+    bs = batch_size or cfg.batch_size
+    kind = resolve_loader(cfg, env)
+    if kind == "dali":
+        from fastft.data.dali_loader import DaliLoader
+
+        cuda = env.device.type == "cuda"
+        return DaliLoader(samples, train=train and cfg.augment, batch_size=bs, crop_size=spec.crop_size,
+                          resize_size=spec.resize_size, mean=spec.mean, std=spec.std, shard_id=env.rank,
+                          num_shards=env.world_size, threads=max(1, cfg.workers), seed=seed,
+                          device="cuda" if cuda else "cpu", device_id=env.device.index if cuda else None,
+                          on_bad_file=cfg.on_bad_file)
+    from fastft.data.torch_loader import TorchLoader, prescan
+
+    if cfg.on_bad_file == "skip":
+        samples = prescan(samples, workers=cfg.workers)
+    return TorchLoader(samples, spec, train=train, augment=cfg.augment, batch_size=bs, workers=cfg.workers,
+                       seed=seed, rank=env.rank, world=env.world_size,
+                       pin_memory=cfg.pin_memory and env.device.type == "cuda",
+                       persistent_workers=cfg.persistent_workers)

@@ -1,0 +1,138 @@
+"""The torchvision DataLoader path: sharded, resumable batch sampling and augmentation that is a pure function of
+(seed, epoch, sample index), so results do not depend on the worker count, the world size or a resume."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from PIL import Image
+
+from fastft.data.folder import Sample
+from fastft.data.transforms import TransformSpec, torchvision_transform
+from fastft.errors import DataError
+
+
+def open_rgb(path: str) -> Image.Image:
+    """Decode any PIL-readable image to RGB (grayscale, CMYK, alpha and 16-bit images are converted)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16-bit: scale to 8-bit before RGB conversion (PIL clips instead of scaling)
+                im = im.point(lambda v: v / 256).convert("L")
+            return im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 — any decode failure is this file's fault
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot read image {path}: {msg}") from None
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Indexed by (sample index, epoch) so augmentation is reproducible under any sharding or worker count."""
+
+    def __init__(self, samples: list[Sample], spec: TransformSpec, *, train: bool, augment: bool = True,
+                 seed: int = 0) -> None:
+        self.samples = samples
+        self.train = train and augment  # without augmentation, training sees the eval transform
+        self.transform = torchvision_transform(spec, train=self.train)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = key
+        path, label = self.samples[index]
+        image = open_rgb(path)
+        if not self.train:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            return self.transform(image), label
+
+
+class ShardedBatchSampler:
+    """Batches of (index, epoch) for one rank.
+
+    Training: one permutation per epoch (seeded by seed + epoch, identical on every rank); rank r takes every
+    world-th index, truncated so all ranks hold the same count, then drops the ragged last batch, so every rank
+    runs the same number of steps and the union of one step's batches is a slice of the permutation (the same
+    global batch as one process with batch_size * world).
+    Evaluation: contiguous unpadded shards, no sample duplicated or dropped; the last batch may be short.
+    `start_batch` skips batches already trained in this epoch (exact mid-epoch resume).
+    """
+
+    def __init__(self, n: int, batch_size: int, *, train: bool, seed: int = 0, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size, self.train, self.seed, self.rank, self.world = n, batch_size, train, seed, rank, world
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _indices(self) -> list[int]:
+        if self.train:
+            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+            per_rank = self.n // self.world
+            return perm[self.rank :: self.world][:per_rank]
+        lo, hi = self.rank * self.n // self.world, (self.rank + 1) * self.n // self.world
+        return list(range(lo, hi))
+
+    def __len__(self) -> int:
+        if self.train:
+            return (self.n // self.world) // self.batch_size
+        lo, hi = self.rank * self.n // self.world, (self.rank + 1) * self.n // self.world
+        return math.ceil((hi - lo) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        idx = self._indices()
+        for b in range(self.start_batch, len(self)):
+            yield [(i, self.epoch) for i in idx[b * self.batch_size : (b + 1) * self.batch_size]]
+
+
+class TorchLoader:
+    """DataLoader over an ImageDataset with a ShardedBatchSampler; yields (images float32 B3HW, labels int64 B)."""
+
+    def __init__(self, samples: list[Sample], spec: TransformSpec, *, train: bool, batch_size: int, workers: int = 2,
+                 augment: bool = True, seed: int = 0, rank: int = 0, world: int = 1, pin_memory: bool = False,
+                 persistent_workers: bool = True) -> None:
+        self.dataset = ImageDataset(samples, spec, train=train, augment=augment, seed=seed)
+        self.sampler = ShardedBatchSampler(len(samples), batch_size, train=train, seed=seed, rank=rank, world=world)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, num_workers=workers, pin_memory=pin_memory,
+            persistent_workers=persistent_workers and workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+    @property
+    def num_samples(self) -> int:
+        s = self.sampler
+        return len(s._indices()) if not s.train else len(s) * s.batch_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield images, labels.long()
+
+
+def prescan(samples: list[Sample], *, workers: int = 2) -> list[Sample]:
+    """Decode every file once and drop the unreadable ones (`data.on_bad_file = "skip"`), logging each."""
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ok(sample: Sample) -> bool:
+        try:
+            open_rgb(sample[0])
+            return True
+        except DataError as e:
+            logging.getLogger("fastft").warning("fastft: skipping %s", e)
+            return False
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        keep = list(pool.map(ok, samples))
+    return [s for s, k in zip(samples, keep) if k]

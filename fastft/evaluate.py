@@ -1,0 +1,124 @@
+"""Streamed, exact evaluation: torchmetrics states updated every batch, synced across ranks once at compute time.
+
+Each sample is counted exactly once whatever the world size: loaders shard evaluation data without padding
+duplicates (or mask their padding), and a short or empty last batch is handled without NaN. When the model is
+compiled, short batches are padded to the full batch size and the padding is sliced off before the metrics."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastft.precision import Precision
+
+
+def build_metrics(num_classes: int, device: torch.device):
+    """The metric collection for a `num_classes` task; top-5 when there are >= 5 classes, AUROC/AP when binary."""
+    from torchmetrics import MeanMetric, MetricCollection
+    from torchmetrics.classification import (
+        BinaryAUROC,
+        BinaryAveragePrecision,
+        MulticlassAccuracy,
+        MulticlassConfusionMatrix,
+        MulticlassF1Score,
+        MulticlassPrecision,
+        MulticlassRecall,
+    )
+
+    c = num_classes
+    metrics: dict[str, nn.Module] = {"top1": MulticlassAccuracy(c, top_k=1, average="micro")}
+    if c >= 5:
+        metrics["top5"] = MulticlassAccuracy(c, top_k=5, average="micro")
+    for avg in ("macro", "micro", "weighted", "none"):
+        suffix = "per_class" if avg == "none" else avg
+        metrics[f"precision_{suffix}"] = MulticlassPrecision(c, average=avg)
+        metrics[f"recall_{suffix}"] = MulticlassRecall(c, average=avg)
+        metrics[f"f1_{suffix}"] = MulticlassF1Score(c, average=avg)
+    metrics["confusion_matrix"] = MulticlassConfusionMatrix(c)
+    collection = MetricCollection(metrics, compute_groups=True)
+    extra: dict[str, nn.Module] = {"loss": MeanMetric()}
+    if c == 2:
+        extra["auroc"] = BinaryAUROC()
+        extra["average_precision"] = BinaryAveragePrecision()
+    return collection.to(device), {k: m.to(device) for k, m in extra.items()}
+
+
+class StreamingEvaluator:
+    """Accumulate predictions batch by batch; `compute()` returns the report dict (synced across ranks)."""
+
+    def __init__(self, num_classes: int, device: torch.device, *, label_smoothing: float = 0.0) -> None:
+        self.num_classes = num_classes
+        self.collection, self.extra = build_metrics(num_classes, device)
+        self.label_smoothing = label_smoothing
+        self.count = 0
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if logits.shape[0] == 0:  # an empty shard batch: nothing to count, and no collective happens here
+            return
+        logits = logits.float()
+        probs = logits.softmax(dim=1)
+        self.collection.update(probs, labels)
+        loss = F.cross_entropy(logits, labels, reduction="mean")
+        self.extra["loss"].update(loss, weight=labels.shape[0])
+        if self.num_classes == 2:
+            self.extra["auroc"].update(probs[:, 1], labels)
+            self.extra["average_precision"].update(probs[:, 1], labels)
+        self.count += labels.shape[0]
+
+    def compute(self) -> dict:
+        out = {k: v for k, v in self.collection.compute().items()}
+        for k, m in self.extra.items():
+            out[k] = m.compute()
+        cm = out.pop("confusion_matrix").long().cpu()
+        report: dict = {}
+        for k, v in out.items():
+            if k.endswith("_per_class"):
+                continue
+            val = float(v)
+            report[k] = val if not math.isnan(val) else None
+        report["num_samples"] = int(cm.sum())
+        support = cm.sum(dim=1).tolist()
+        report["per_class"] = [
+            {"precision": float(out["precision_per_class"][i]), "recall": float(out["recall_per_class"][i]),
+             "f1": float(out["f1_per_class"][i]), "support": int(support[i])}
+            for i in range(self.num_classes)
+        ]
+        report["confusion_matrix"] = cm.tolist()
+        return report
+
+    def reset(self) -> None:
+        self.collection.reset()
+        for m in self.extra.values():
+            m.reset()
+        self.count = 0
+
+
+@torch.no_grad()
+def run_evaluation(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, *, num_classes: int,
+                   device: torch.device, precision: Precision, channels_last: bool = False,
+                   pad_to: int = 0, classes: list[str] | None = None) -> dict:
+    """Evaluate `forward` over `loader`; `pad_to` > 0 pads short batches to that size (static shapes for compile)."""
+    ev = StreamingEvaluator(num_classes, device)
+    for images, labels in loader:
+        n = images.shape[0]
+        if n == 0:
+            continue
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True).long()
+        if pad_to and n < pad_to:
+            images = torch.cat([images, images.new_zeros((pad_to - n, *images.shape[1:]))])
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), precision.autocast():
+            logits = forward(images)
+        ev.update(logits[:n].float().clone(), labels)
+    report = ev.compute()
+    if classes is not None:
+        report["classes"] = list(classes)
+        for name, row in zip(classes, report["per_class"]):
+            row["class"] = name
+    return report

@@ -1,0 +1,1 @@
+"""Process groups and training backends (single process, DDP, DeepSpeed) behind one small protocol."""

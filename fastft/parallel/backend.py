@@ -1,0 +1,95 @@
+"""The Backend protocol: only what really differs between a single process, DDP and DeepSpeed."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class Backend(Protocol):
+    name: str
+
+    def wrap(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        """Wrap the trainable suffix (never the frozen prefix); returns the module to call in forward."""
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Context for accumulation micro-steps: skip gradient communication."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> bool:
+        """Clip, step the optimizer (and scaler), zero grads. Returns False when the step was skipped (fp16 overflow)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class LocalBackend:
+    """Single process and DDP share this: DDP only adds the wrapper and no_sync."""
+
+    def __init__(self, *, clip_grad_norm: float = 0.0, scaler: torch.amp.GradScaler | None = None,
+                 ddp: bool = False, device: torch.device | None = None) -> None:
+        self.name = "ddp" if ddp else "none"
+        self.clip_grad_norm = clip_grad_norm
+        self.scaler = scaler
+        self.ddp = ddp
+        self.device = device
+        self.module: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.skipped_steps = 0
+
+    def wrap(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        self.optimizer = optimizer
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device is not None and self.device.type == "cuda" else None
+            # The frozen prefix is outside this module, so every wrapped parameter that requires grad is used:
+            # no find_unused_parameters scan is needed.
+            module = DDP(module, device_ids=ids, broadcast_buffers=True)
+        self.module = module
+        return module
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        if self.ddp and self.module is not None:
+            return self.module.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def step(self) -> bool:
+        opt = self.optimizer
+        assert opt is not None
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+        if self.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        stepped = True
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(opt)
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale  # the scale drops only when the step was skipped
+            self.skipped_steps += not stepped
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return stepped
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))

@@ -1,0 +1,91 @@
+"""Distributed environment: read the launcher's variables, create (or adopt) the process group, rank helpers.
+
+Runs unchanged on CPU (gloo) and GPU (nccl). If fastft is embedded in a job that already created a process group,
+that group is used and left alone at the end."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # True when fastft created the process group (and must destroy it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def init_distributed(device_name: str = "auto", *, timeout_s: int = 600) -> DistEnv:
+    """Initialise from torchrun / deepspeed launcher variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+        device = resolve_device(device_name, local)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return DistEnv(rank, world, local, device, owns_group=False)
+    world = launched_world_size()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world <= 1:
+        return DistEnv(0, 1, 0, device, owns_group=False)
+    rank = int(os.environ["RANK"])
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    return DistEnv(rank, world, local, device, owns_group=True)
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_reduce_max(env: DistEnv, value: float) -> float:
+    if not env.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device if env.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def broadcast_object(env: DistEnv, obj):
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

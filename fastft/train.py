@@ -1,0 +1,368 @@
+"""The fine-tuning run: one loop, read top to bottom.
+
+Order of construction (each a verb from its own module):
+    data index -> build model (weights, new head) -> freeze -> device + channels_last -> split prefix/suffix
+    -> optimizer + schedule -> precision -> compile suffix -> backend.wrap(suffix) -> loaders -> resume
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastft import checkpoint as ckpt_io
+from fastft.compile import apply_compile, resolve_target
+from fastft.config import FinetuneConfig, OptimConfig, to_toml
+from fastft.data.folder import index_from_config
+from fastft.data.loaders import build_loader
+from fastft.data.transforms import spec_from_weights
+from fastft.errors import ConfigError, FastftError
+from fastft.evaluate import run_evaluation
+from fastft.logging import RunLogger
+from fastft.model import build_model, count_parameters, freeze, preset_weights, split_model
+from fastft.parallel import env as penv
+from fastft.parallel.backend import LocalBackend
+from fastft.precision import resolve_precision
+from fastft.report import format_table, write_report
+
+log = logging.getLogger("fastft")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict  # the final evaluation report
+    best: dict = field(default_factory=dict)  # {"metric", "value", "epoch"}
+    paths: dict[str, Path] = field(default_factory=dict)
+    throughput: dict = field(default_factory=dict)  # img/s per epoch (global, all ranks)
+    steps: int = 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Small verbs used by the loop
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed)  # same on every rank: heads start identical (DDP also broadcasts at wrap)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm weights (1-d tensors), as in every modern fine-tuning recipe.
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    """Linear warmup then cosine decay to lr * min_lr_ratio (or constant), stepped once per optimizer step."""
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def prepare_run_dir(cfg: FinetuneConfig, env: penv.DistEnv) -> tuple[Path, Path | None]:
+    """Pick the run folder and the checkpoint to resume from; fail before any training if it is unusable."""
+    resume = cfg.checkpoint.resume
+    if resume and resume != "auto":
+        path = Path(resume)
+        if not path.is_file():
+            raise ConfigError(f"checkpoint.resume: no such checkpoint {path}")
+        return path.parent, path
+    name = cfg.run.name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = penv.broadcast_object(env, name)  # ranks may disagree on the clock
+    run_dir = Path(cfg.run.out_dir) / name
+    if resume == "auto" and (run_dir / "last.pt").is_file():
+        return run_dir, run_dir / "last.pt"
+    if env.is_main:
+        if run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite:
+            raise ConfigError(f"run folder {run_dir} already exists: pass --run.overwrite=true or another --run.name")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_bytes(b"0" * 4096)
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"run folder {run_dir} is not writable: {e.strerror or e}") from None
+    return run_dir, None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def finetune(cfg: FinetuneConfig) -> RunResult:
+    """Fine-tune and evaluate as configured; usable in-process (no global state is left behind).
+
+    Returns:
+        RunResult with the final evaluation report, the best metric, the output paths and throughput.
+    Raises:
+        FastftError (ConfigError, DataError, ModelError, CheckpointError) for bad input.
+    """
+    cfg.validate()
+    env = penv.init_distributed(cfg.run.device, timeout_s=cfg.parallel.timeout_s)
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    try:
+        if cfg.run.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        return _finetune(cfg, env)
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        penv.shutdown(env)
+
+
+def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
+    device = env.device
+    seed_everything(cfg.run.seed, env.rank)
+
+    # 1. Data index (one class mapping for every loader) and the run folder.
+    index = index_from_config(cfg.data, seed=cfg.run.seed)
+    if not index.val:
+        raise FastftError("no validation images: add a val folder or raise data.val_fraction")
+    num_classes = cfg.model.num_classes or index.num_classes
+    if num_classes != index.num_classes:
+        raise ConfigError(f"model.num_classes: {num_classes} but the data has {index.num_classes} classes")
+    run_dir, resume_from = prepare_run_dir(cfg, env)
+    if env.is_main:
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+
+    # 2. Model: weights -> new head -> freeze -> device/layout -> frozen prefix + trainable suffix.
+    model = build_model(cfg.model, num_classes)
+    trainable, total = freeze(model, cfg.model.freeze)
+    log.info("fastft: %s, freeze=%s: %s of %s parameters train (%.2f%%)", cfg.model.name, cfg.model.freeze,
+             f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
+    split = split_model(model)
+    spec = spec_from_weights(preset_weights(cfg.model.name, cfg.model.weights), cfg.data.image_size)
+
+    # 3. Optimizer and schedule over the trainable parameters only.
+    params = [p for p in split.suffix.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg.optim)
+
+    # 4. Loaders, sharded by rank.
+    train_loader = build_loader(index.train, spec, cfg.data, train=True, seed=cfg.run.seed, env=env)
+    eval_bs = cfg.data.eval_batch_size or cfg.data.batch_size
+    val_loader = build_loader(index.val, spec, cfg.data, train=False, seed=cfg.run.seed, env=env, batch_size=eval_bs)
+    accum = cfg.optim.grad_accum
+    steps_per_epoch = len(train_loader) // accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} x grad_accum {accum} x {env.world_size} ranks "
+                          f"is more than the {len(index.train)} training images")
+    epochs = cfg.optim.epochs
+    total_steps = epochs * steps_per_epoch
+    if cfg.optim.max_steps:
+        total_steps = cfg.optim.max_steps
+        epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler = build_schedule(optimizer, cfg.optim, total_steps)
+
+    # 5. Precision, compile (suffix only), and the backend wrapping the suffix only.
+    precision = resolve_precision(cfg.precision, device)
+    target = resolve_target(cfg.compile, device)
+    suffix = apply_compile(split.suffix, cfg.compile) if target in ("head", "all") else split.suffix
+    prefix = split.prefix
+    if prefix is not None and target == "all":
+        prefix = apply_compile(prefix, cfg.compile)
+    backend_name = cfg.parallel.backend
+    if backend_name == "auto":
+        backend_name = "ddp" if env.distributed else "none"
+    if backend_name == "deepspeed":
+        from fastft.parallel.deepspeed import DeepSpeedBackend
+
+        backend = DeepSpeedBackend(cfg, env, precision)
+    else:
+        if backend_name == "ddp" and not env.distributed:
+            log.info("fastft: parallel.backend=ddp with one process: running without DDP")
+        backend = LocalBackend(clip_grad_norm=cfg.optim.clip_grad_norm, scaler=precision.make_scaler(),
+                               ddp=backend_name == "ddp" and env.distributed, device=device)
+    train_module = backend.wrap(suffix, optimizer)
+    log.info("fastft: precision %s (%s), compile %s, split %s, backend %s, world %d, device %s",
+             precision.name, precision.reason, target, split.kind, backend.name, env.world_size, device)
+
+    # 6. Resume: model, optimizer, schedule, scaler, RNG, and the position inside the epoch.
+    start_epoch, start_batch, step = 0, 0, 0
+    best: dict = {"metric": cfg.checkpoint.best_metric, "value": None, "epoch": None}
+    meta = {"format": ckpt_io.FORMAT_VERSION, "model_name": cfg.model.name, "num_classes": num_classes,
+            "classes": index.classes, "transform": spec.to_dict(), "head": model.fastft_head,
+            "head_hidden": cfg.model.head_hidden, "head_dropout": cfg.model.head_dropout,
+            "config": dataclasses.asdict(cfg)}
+    if resume_from is not None:
+        state = ckpt_io.load_checkpoint(resume_from)
+        if state["meta"]["classes"] != index.classes:
+            raise ConfigError(f"{resume_from}: trained on classes {state['meta']['classes'][:5]}..., data has others")
+        ckpt_io.load_model_state(model, state["model"], resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        backend.load_state_dict(state["backend"])
+        ckpt_io.set_rng_state(state["rng"][min(env.rank, len(state["rng"]) - 1)])
+        start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
+        best = state["best"]
+        log.info("fastft: resumed from %s at epoch %d, batch %d, step %d", resume_from, start_epoch, start_batch, step)
+
+    def save(name: str, epoch: int, batch: int) -> None:
+        # Every rank contributes its RNG state (gathered); rank 0 writes.
+        rngs = [ckpt_io.rng_state()]
+        if env.distributed:
+            gathered: list = [None] * env.world_size
+            torch.distributed.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if env.is_main:
+            ckpt_io.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "backend": backend.state_dict(),
+                                 "rng": rngs, "epoch": epoch, "batch": batch, "step": step, "best": best,
+                                 "meta": meta}, run_dir / name)
+
+    logger = RunLogger(run_dir, cfg.log, enabled=env.is_main)
+    logger.event("start", world_size=env.world_size, trainable=trainable, total=total, steps_per_epoch=steps_per_epoch,
+                 total_steps=total_steps, resumed_from=str(resume_from) if resume_from else None)
+
+    def evaluate_now() -> dict:
+        suffix_eval = suffix
+        forward = (lambda x: suffix_eval(prefix(x))) if prefix is not None else suffix_eval
+        if prefix is not None:
+            prefix.eval()
+        split.suffix.eval()
+        return run_evaluation(forward, val_loader, num_classes=num_classes, device=device, precision=precision,
+                              channels_last=cfg.model.channels_last, pad_to=eval_bs if target != "none" else 0,
+                              classes=index.classes)
+
+    # 7. The loop.
+    criterion_ls = cfg.optim.label_smoothing
+    throughput: dict[str, float] = {}
+    report: dict = {}
+    global_batch = cfg.data.batch_size * env.world_size
+    for epoch in range(start_epoch, epochs):
+        if step >= total_steps:
+            break
+        if prefix is not None:
+            prefix.eval()  # frozen: running statistics and dropout never change
+        split.suffix.train()
+        train_loader.set_epoch(epoch, start_batch)
+        bar = _progress(cfg, env, len(train_loader) - start_batch, f"epoch {epoch + 1}/{epochs}")
+        t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+        usable = steps_per_epoch * accum  # trailing micro-batches that cannot fill a step are dropped
+        for batch_idx, (images, labels) in enumerate(train_loader, start=start_batch):
+            if batch_idx >= usable or step >= total_steps:
+                break
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if cfg.model.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if prefix is not None:
+                # The frozen prefix builds no autograd graph; clone turns its inference tensor into a normal one.
+                with torch.inference_mode(), precision.autocast():
+                    feats = prefix(images)
+                feats = feats.clone()
+            else:
+                feats = images
+            boundary = (batch_idx + 1) % accum == 0
+            with backend.no_sync() if not boundary else contextlib.nullcontext():
+                with precision.autocast():
+                    logits = train_module(feats)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=criterion_ls)
+                backend.backward(loss / accum)
+            loss_sum += loss.detach().item()
+            loss_n += 1
+            seen += images.shape[0]
+            if bar is not None:
+                bar.update(1)
+            if not boundary:
+                continue
+            backend.step()
+            scheduler.step()
+            step += 1
+            if step % cfg.log.every_steps == 0 and env.is_main:
+                lr = optimizer.param_groups[0]["lr"]
+                logger.event("step", epoch=epoch, step=step, loss=loss_sum / loss_n, lr=lr)
+                logger.scalars(step, {"train/loss": loss_sum / loss_n, "train/lr": lr})
+                if bar is not None:
+                    elapsed = time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", img_s=f"{seen * env.world_size / elapsed:.0f}")
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                save("last.pt", epoch, batch_idx + 1)
+        elapsed = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        img_s = seen * env.world_size / elapsed if elapsed > 0 else 0.0
+        throughput[f"epoch{epoch}"] = img_s
+        train_loss = loss_sum / max(loss_n, 1)
+        if not math.isfinite(train_loss):
+            raise FastftError(f"loss is {train_loss} in epoch {epoch + 1} (step {step}); stopping, last good "
+                              f"checkpoint kept in {run_dir}")
+        start_batch = 0
+        last_epoch = epoch + 1 == epochs or step >= total_steps
+        logger.scalars(epoch, {"train/epoch_loss": train_loss, "train/img_per_s": img_s})
+        if (epoch + 1) % cfg.run.eval_every_epochs == 0 or last_epoch:
+            report = evaluate_now()
+            key = cfg.checkpoint.best_metric
+            if key not in report:
+                raise ConfigError(f"checkpoint.best_metric: {key!r} is not a report key "
+                                  f"({', '.join(k for k, v in report.items() if isinstance(v, float))})")
+            value = report[key]
+            better = best["value"] is None or (value > best["value"] if cfg.checkpoint.best_mode == "max"
+                                               else value < best["value"])
+            if better:
+                best = {"metric": key, "value": value, "epoch": epoch + 1}
+            logger.event("eval", epoch=epoch + 1, step=step, train_loss=train_loss, img_per_s=img_s,
+                         **{k: v for k, v in report.items() if isinstance(v, float)})
+            logger.scalars(epoch + 1, {k: v for k, v in report.items() if isinstance(v, float)}, prefix="val/")
+            log.info("fastft: epoch %d/%d  train loss %.4f  %s %.4f  top1 %.4f  %.1f img/s", epoch + 1, epochs,
+                     train_loss, key, value, report["top1"], img_s)
+            if better:
+                save("best.pt", epoch + 1, 0)
+        if (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or last_epoch:
+            save("last.pt", epoch + 1, 0)
+
+    # 8. Outputs: report, exports (full model and head alone) on rank 0.
+    paths: dict[str, Path] = {"run_dir": run_dir, "last": run_dir / "last.pt", "best": run_dir / "best.pt"}
+    if not report:
+        report = evaluate_now()
+    if env.is_main:
+        from fastft.report import confusion_figure
+
+        paths.update(write_report(report, run_dir))
+        logger.figure("val/confusion_matrix", confusion_figure(report), epochs)
+        logger.hparams({"model": cfg.model.name, "freeze": str(cfg.model.freeze), "lr": cfg.optim.lr,
+                        "optim": cfg.optim.name, "batch_size": global_batch, "precision": precision.name},
+                       {k: report.get(k) for k in ("top1", "f1_macro", "loss")})
+        head = model.get_submodule(model.fastft_head)
+        paths["model_export"] = ckpt_io.export_safetensors(model, run_dir / "model.safetensors", {**meta, "part": "model"})
+        paths["head_export"] = ckpt_io.export_safetensors(head, run_dir / "head.safetensors", {**meta, "part": "head"})
+        logger.event("end", step=step, best=best, throughput=throughput)
+        print(format_table(report))
+        print(f"run folder: {run_dir}")
+    logger.close()
+    penv.barrier(env)
+    return RunResult(run_dir, report, best, paths, throughput, step)
+
+
+def _progress(cfg: FinetuneConfig, env: penv.DistEnv, total: int, desc: str):
+    if not (cfg.log.progress and env.is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
