@@ -7,6 +7,7 @@ never the whole config. Unknown keys, wrong types and out-of-range values raise 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -181,12 +182,12 @@ def _choice(key: str, value: Any, allowed: tuple | None) -> None:
 
 
 def _min(key: str, value: float, lo: float) -> None:
-    if value < lo:
+    if not value >= lo:  # written so that NaN fails too
         raise ConfigError(f"{key}: must be >= {lo}, got {value}")
 
 
 def _range(key: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
-    bad = value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi)
+    bad = not (lo <= value <= hi) or (lo_open and value == lo) or (hi_open and value == hi)  # NaN is bad too
     if bad:
         lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
         raise ConfigError(f"{key}: must be in {lb}{lo}, {hi}{rb}, got {value}")
@@ -317,7 +318,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            data = tomllib.loads(p.read_text())
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a UTF-8 text file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from None
     return config_from_dict(apply_overrides(data, overrides or []))
@@ -340,7 +343,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(v)  # a JSON string is a valid TOML basic string, control characters escaped
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot render {v!r} as TOML")

@@ -55,7 +55,7 @@ def run_demo(*, out_dir: str = "runs", data_dir: str | None = None, epochs: int 
     from fastft.train import finetune
 
     root = Path(data_dir) if data_dir else cache_dir() / "demo-shapes"
-    make_image_folder(root, num_classes=10, train_per_class=40, val_per_class=15, image_size=64, seed=0)
+    make_image_folder(root, num_classes=10, train_per_class=60, val_per_class=15, image_size=64, seed=0)
     pretrained = pretrained_available(DEMO_MODEL)
     if not pretrained:
         print(f"fastft demo: no pretrained {DEMO_MODEL} weights cached or downloadable; starting from random weights")

@@ -39,7 +39,9 @@ def build_metrics(num_classes: int, device: torch.device):
         metrics[f"recall_{suffix}"] = MulticlassRecall(c, average=avg)
         metrics[f"f1_{suffix}"] = MulticlassF1Score(c, average=avg)
     metrics["confusion_matrix"] = MulticlassConfusionMatrix(c)
-    collection = MetricCollection(metrics, compute_groups=True)
+    # compute_groups=False: grouping merges metrics whose states match after the first batch, which can silently make
+    # top-5 share top-1's state for the rest of the run.
+    collection = MetricCollection(metrics, compute_groups=False)
     extra: dict[str, nn.Module] = {"loss": MeanMetric()}
     if c == 2:
         extra["auroc"] = BinaryAUROC()

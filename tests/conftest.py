@@ -1,0 +1,55 @@
+"""Shared fixtures: small generated image folders and fast configs (resnet18 at 32 px, fp32, no network)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shapes4(tmp_path_factory) -> Path:
+    """4 classes x (12 train + 6 val) JPEGs of 32 px."""
+    from fastft.data.synthetic import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("shapes4"), num_classes=4, train_per_class=12, val_per_class=6,
+                             image_size=32, seed=1)
+
+
+@pytest.fixture(scope="session")
+def shapes2(tmp_path_factory) -> Path:
+    """A binary task: 2 classes x (16 train + 8 val)."""
+    from fastft.data.synthetic import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("shapes2"), num_classes=2, train_per_class=16, val_per_class=8,
+                             image_size=32, seed=2)
+
+
+def tiny_config(root: Path, out: Path, **sections):
+    """A fast deterministic config; `sections` maps "section.key" (with __ for .) to values."""
+    from fastft.config import FinetuneConfig
+
+    cfg = FinetuneConfig()
+    cfg.model.name, cfg.model.weights = "resnet18", "none"
+    cfg.data.root, cfg.data.image_size, cfg.data.batch_size, cfg.data.workers = str(root), 32, 8, 0
+    cfg.precision.dtype = "fp32"
+    cfg.compile.target = "none"
+    cfg.optim.epochs, cfg.optim.lr = 2, 0.01
+    cfg.run.out_dir, cfg.run.name, cfg.run.device = str(out), "t", "cpu"
+    cfg.log.progress = False
+    for key, value in sections.items():
+        section, field = key.split("__")
+        setattr(getattr(cfg, section), field, value)
+    return cfg.validate()
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
+    """Run `python -m fastft ...` in a subprocess; returns CompletedProcess with text output."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fastft", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
