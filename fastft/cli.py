@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from fastft.errors import ConfigError, FastftError
 
@@ -126,10 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastft: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as e:
+    except Exception as e:
         # Errors from DataLoader workers are re-raised as their original type only when constructible; catch
         # the wrapped fastft ones here too.
         if "fastft.errors." in str(e):
             print(f"fastft: error: {_one_line(e)}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        raise
+        if os.environ.get("WORLD_SIZE", "1") == "1":
+            raise
+        # A bug or a fault on one rank: keep the traceback, then say which rank failed and why in one line. The
+        # launcher tears the other ranks down; ranks blocked in a collective fail when this process exits.
+        traceback.print_exc()
+        print(f"fastft: rank {os.environ.get('RANK')} failed: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        return 1

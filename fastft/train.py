@@ -198,7 +198,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         if backend_name == "ddp" and not env.distributed:
             log.info("fastft: parallel.backend=ddp with one process: running without DDP")
         backend = LocalBackend(clip_grad_norm=cfg.optim.clip_grad_norm, scaler=precision.make_scaler(),
-                               ddp=backend_name == "ddp" and env.distributed, device=device)
+                               ddp=backend_name == "ddp" and env.distributed, device=device, grad_accum=accum)
     train_module = backend.wrap(suffix, optimizer)
     log.info("fastft: precision %s (%s), compile %s, split %s, backend %s, world %d, device %s",
              precision.name, precision.reason, target, split.kind, backend.name, env.world_size, device)
@@ -215,7 +215,10 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         if state["meta"]["classes"] != index.classes:
             raise ConfigError(f"{resume_from}: trained on classes {state['meta']['classes'][:5]}..., data has others")
         ckpt_io.load_model_state(model, state["model"], resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        if backend.owns_optimizer_state:
+            backend.load_checkpoint(resume_from.parent, resume_from.stem)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         backend.load_state_dict(state["backend"])
         ckpt_io.set_rng_state(state["rng"][min(env.rank, len(state["rng"]) - 1)])
@@ -230,8 +233,10 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
             gathered: list = [None] * env.world_size
             torch.distributed.all_gather_object(gathered, rngs[0])
             rngs = gathered
+        backend.save_checkpoint(run_dir, name.removesuffix(".pt"))  # collective for sharded optimizer state
         if env.is_main:
-            ckpt_io.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            opt_state = None if backend.owns_optimizer_state else optimizer.state_dict()
+            ckpt_io.atomic_save({"model": model.state_dict(), "optimizer": opt_state,
                                  "scheduler": scheduler.state_dict(), "backend": backend.state_dict(),
                                  "rng": rngs, "epoch": epoch, "batch": batch, "step": step, "best": best,
                                  "meta": meta}, run_dir / name)
@@ -284,15 +289,15 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
                 with precision.autocast():
                     logits = train_module(feats)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=criterion_ls)
-                backend.backward(loss / accum)
+                backend.backward(loss)
             loss_sum += loss.detach().item()
             loss_n += 1
             seen += images.shape[0]
             if bar is not None:
                 bar.update(1)
+            backend.step(boundary)
             if not boundary:
                 continue
-            backend.step()
             scheduler.step()
             step += 1
             if step % cfg.log.every_steps == 0 and env.is_main:

@@ -53,3 +53,27 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict |
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "fastft", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(nproc: int, *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
+    """`torchrun --nproc_per_node N -m fastft ...` on CPU (gloo), on a free local port."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "fastft", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def run_torchrun_script(nproc: int, script: Path, *args: str, timeout: int = 600, env: dict | None = None):
+    """torchrun a script (instead of -m fastft), e.g. the fault-injection wrapper."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)

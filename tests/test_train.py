@@ -111,11 +111,11 @@ def test_resume_after_interruption_continues_from_saved_step(shapes4, tmp_path, 
     real_step = LocalBackend.step
     calls = {"n": 0}
 
-    def flaky_step(self):
+    def flaky_step(self, boundary=True):
         calls["n"] += 1
         if calls["n"] == 5:
             raise _Interrupt
-        return real_step(self)
+        return real_step(self, boundary)
 
     monkeypatch.setattr(LocalBackend, "step", flaky_step)
     with pytest.raises(_Interrupt):

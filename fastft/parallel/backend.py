@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -18,12 +19,23 @@ class Backend(Protocol):
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Context for accumulation micro-steps: skip gradient communication."""
 
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's mean loss (the backend scales it for gradient accumulation)."""
 
-    def step(self) -> bool:
-        """Clip, step the optimizer (and scaler), zero grads. Returns False when the step was skipped (fp16 overflow)."""
+    def step(self, boundary: bool) -> bool:
+        """Called after every micro-batch. At an accumulation boundary: clip, step the optimizer (and scaler), zero
+        grads. Returns False when a boundary step was skipped (fp16 overflow)."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    # Optimizer state: LocalBackend leaves it to the checkpoint file (optimizer.state_dict()); a backend that
+    # partitions it (DeepSpeed ZeRO) sets owns_optimizer_state and writes/reads it itself, on every rank.
+    owns_optimizer_state: bool
+
+    def save_checkpoint(self, run_dir: Path, tag: str) -> None: ...
+
+    def load_checkpoint(self, run_dir: Path, tag: str) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Small plain state (scaler, counters) stored in the checkpoint file."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -32,8 +44,10 @@ class LocalBackend:
     """Single process and DDP share this: DDP only adds the wrapper and no_sync."""
 
     def __init__(self, *, clip_grad_norm: float = 0.0, scaler: torch.amp.GradScaler | None = None,
-                 ddp: bool = False, device: torch.device | None = None) -> None:
+                 ddp: bool = False, device: torch.device | None = None, grad_accum: int = 1) -> None:
         self.name = "ddp" if ddp else "none"
+        self.owns_optimizer_state = False
+        self.grad_accum = grad_accum
         self.clip_grad_norm = clip_grad_norm
         self.scaler = scaler
         self.ddp = ddp
@@ -60,12 +74,15 @@ class LocalBackend:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.grad_accum  # accumulated micro-batch gradients sum to the full batch's mean gradient
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
 
-    def step(self) -> bool:
+    def step(self, boundary: bool = True) -> bool:
+        if not boundary:
+            return True
         opt = self.optimizer
         assert opt is not None
         params = [p for g in opt.param_groups for p in g["params"]]
@@ -84,6 +101,12 @@ class LocalBackend:
             opt.step()
         opt.zero_grad(set_to_none=True)
         return stepped
+
+    def save_checkpoint(self, run_dir: Path, tag: str) -> None:
+        pass  # everything is in the checkpoint file
+
+    def load_checkpoint(self, run_dir: Path, tag: str) -> None:
+        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict() if self.scaler is not None else None,

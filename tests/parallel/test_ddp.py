@@ -1,0 +1,124 @@
+"""Multi-process DDP on CPU (gloo) under torchrun: equivalence with one process, exact distributed evaluation,
+resume, launcher script, and failure of one rank ending the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli, run_torchrun, run_torchrun_script
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--model.weights=none", "--data.image_size=32", "--data.workers=0", "--precision.dtype=fp32",
+        "--log.progress=false", "--run.device=cpu", "--compile.target=none", "--optim.lr=0.05", "--run.seed=7"]
+INJECT = Path(__file__).with_name("_inject.py")
+
+
+def _ok(p) -> None:
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
+
+
+def _head(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "head.safetensors")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_matches_single_process_on_same_global_batch(shapes4, tmp_path, world) -> None:
+    """world x batch 4 under DDP == one process with batch 4*world: the same samples, the same mean gradient."""
+    common = [f"--data.root={shapes4}", *FAST, "--optim.epochs=2", "--model.freeze=backbone", "--model.head_hidden=16",
+              f"--run.out_dir={tmp_path}"]
+    _ok(run_cli("train", *common, f"--data.batch_size={4 * world}", "--run.name=single", "--parallel.backend=none"))
+    _ok(run_torchrun(world, "train", *common, "--data.batch_size=4", "--run.name=ddp"))
+    single, ddp = _head(tmp_path / "single"), _head(tmp_path / "ddp")
+    events = [json.loads(x) for x in (tmp_path / "ddp" / "events.jsonl").read_text().splitlines()]
+    assert events[0]["world_size"] == world
+    assert events[0]["steps_per_epoch"] == 48 // (4 * world)
+    for k in single:
+        # fp32; only the all-reduce summation order differs
+        torch.testing.assert_close(ddp[k], single[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.fixture(scope="module")
+def eval_setup(shapes4, tmp_path_factory):
+    """A trained checkpoint and folders of 97 and 101 images (uneven over 2 and 3 ranks with batch 8)."""
+    base = tmp_path_factory.mktemp("evalsets")
+    p = run_cli("train", f"--data.root={shapes4}", *FAST, "--data.batch_size=8", "--optim.epochs=1",
+                f"--run.out_dir={base}", "--run.name=m")
+    _ok(p)
+    from fastft.data.synthetic import make_image_folder
+
+    big = make_image_folder(base / "pool", num_classes=4, train_per_class=26, val_per_class=0, image_size=32,
+                            seed=5, layout="flat")
+    sets = {}
+    for n in (97, 101):
+        dst = base / f"set{n}"
+        files = sorted(f for f in big.rglob("*.jpg"))[:n]
+        for f in files:
+            (dst / f.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, dst / f.parent.name / f.name)
+        sets[n] = dst
+    return base / "m" / "last.pt", sets
+
+
+@pytest.mark.parametrize("n", [97, 101])
+def test_distributed_eval_equals_single_process_exactly(eval_setup, tmp_path, n) -> None:
+    ckpt, sets = eval_setup
+    args = ["eval", "--checkpoint", str(ckpt), "--data", str(sets[n]), "--batch-size", "8", "--workers", "0",
+            "--precision", "fp32", "--device", "cpu"]
+    _ok(run_cli(*args, "--out", str(tmp_path / "w1")))
+    ref = json.loads((tmp_path / "w1" / "metrics.json").read_text())
+    assert ref["num_samples"] == n
+    for world in (2, 3):
+        _ok(run_torchrun(world, *args, "--out", str(tmp_path / f"w{world}")))
+        got = json.loads((tmp_path / f"w{world}" / "metrics.json").read_text())
+        assert got["num_samples"] == n  # every image once: no sampler padding duplicates
+        assert got["confusion_matrix"] == ref["confusion_matrix"]
+        assert [r["support"] for r in got["per_class"]] == [r["support"] for r in ref["per_class"]]
+        for k, v in ref.items():
+            if isinstance(v, float):
+                assert got[k] == pytest.approx(v, abs=1e-6), (world, k)
+
+
+def test_ddp_resume_continues_from_saved_step(shapes4, tmp_path) -> None:
+    common = [f"--data.root={shapes4}", *FAST, "--data.batch_size=4", "--optim.epochs=2", "--model.freeze=until:layer4",
+              "--checkpoint.every_steps=2", f"--run.out_dir={tmp_path}"]
+    _ok(run_torchrun(2, "train", *common, "--run.name=full"))
+    p = run_torchrun_script(2, INJECT, "train", *common, "--run.name=cut", env={"FAIL_STEP": "5"})
+    assert p.returncode != 0
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert (saved["step"], saved["epoch"], saved["batch"]) == (4, 0, 4) and len(saved["rng"]) == 2
+    _ok(run_torchrun(2, "train", *common, "--run.name=cut", "--resume=auto"))
+    full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_one_rank_failing_ends_the_job(shapes4, tmp_path) -> None:
+    t0 = time.monotonic()
+    p = run_torchrun_script(2, INJECT, "train", f"--data.root={shapes4}", *FAST, "--data.batch_size=4",
+                            "--optim.epochs=3", "--parallel.timeout_s=60", f"--run.out_dir={tmp_path}",
+                            env={"FAIL_STEP": "2", "FAIL_RANK": "1"}, timeout=180)
+    assert p.returncode != 0
+    assert time.monotonic() - t0 < 120  # well within the collective timeout: no hang
+    assert "fastft: rank 1 failed: RuntimeError: injected fault at step 2" in p.stderr
+
+
+def test_torchrun_launcher_script(shapes4, tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "2",
+           "PYTHON": sys.executable, "MASTER_PORT": "29633"}
+    p = subprocess.run(["bash", str(REPO / "launchers" / "torchrun.sh"), f"--data.root={shapes4}", *FAST,
+                        "--data.batch_size=4", "--optim.epochs=1", f"--run.out_dir={tmp_path}", "--run.name=l"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    _ok(p)
+    events = [json.loads(x) for x in (tmp_path / "l" / "events.jsonl").read_text().splitlines()]
+    assert events[0]["world_size"] == 2 and (tmp_path / "l" / "metrics.json").is_file()
