@@ -86,6 +86,14 @@ class ParallelConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    cache: str = "off"  # off | memory | disk: run the frozen prefix once and train later epochs from its outputs
+    views: int = 0  # 0 = no training augmentation (eval transform); K = K fixed augmented views, view epoch % K
+    dtype: str = "fp16"  # fp16 | fp32 storage
+    dir: str = ""  # disk cache folder ("" = $FASTFT_CACHE/features or ~/.cache/fastft/features)
+
+
+@dataclass
 class CheckpointConfig:
     every_epochs: int = 1  # save last.pt every N epochs (0 = only at the end)
     every_steps: int = 0  # also save last.pt every N optimizer steps (0 = off)
@@ -120,6 +128,7 @@ class FinetuneConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -162,6 +171,9 @@ class FinetuneConfig:
         _choice("parallel.backend", self.parallel.backend, ("auto", "none", "ddp", "deepspeed"))
         _min("parallel.timeout_s", self.parallel.timeout_s, 1)
         _choice("parallel.zero_stage", self.parallel.zero_stage, (0, 1, 2, 3))
+        _choice("features.cache", self.features.cache, ("off", "memory", "disk"))
+        _min("features.views", self.features.views, 0)
+        _choice("features.dtype", self.features.dtype, ("fp16", "fp32"))
         _min("checkpoint.every_epochs", self.checkpoint.every_epochs, 0)
         _min("checkpoint.every_steps", self.checkpoint.every_steps, 0)
         _choice("checkpoint.best_mode", self.checkpoint.best_mode, ("max", "min"))

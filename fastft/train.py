@@ -180,11 +180,14 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = build_schedule(optimizer, cfg.optim, total_steps)
 
-    # 5. Precision, compile (suffix only), and the backend wrapping the suffix only.
+    # 5. Precision, then (optionally) the frozen-feature cache: from here on, a cached run's "images" are the
+    #    prefix outputs and the loop skips decode and backbone.
     precision = resolve_precision(cfg.precision, device)
+    if cfg.features.cache != "off":
+        train_loader, val_loader = _cached_loaders(cfg, split, index, spec, env, precision, eval_bs)
     target = resolve_target(cfg.compile, device)
     suffix = apply_compile(split.suffix, cfg.compile) if target in ("head", "all") else split.suffix
-    prefix = split.prefix
+    prefix = split.prefix if cfg.features.cache == "off" else None
     if prefix is not None and target == "all":
         prefix = apply_compile(prefix, cfg.compile)
     backend_name = cfg.parallel.backend
@@ -252,7 +255,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
             prefix.eval()
         split.suffix.eval()
         return run_evaluation(forward, val_loader, num_classes=num_classes, device=device, precision=precision,
-                              channels_last=cfg.model.channels_last, pad_to=eval_bs if target != "none" else 0,
+                              channels_last=cfg.model.channels_last and prefix is not None, pad_to=eval_bs if target != "none" else 0,
                               classes=index.classes)
 
     # 7. The loop.
@@ -275,7 +278,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
                 break
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            if cfg.model.channels_last:
+            if cfg.model.channels_last and images.ndim == 4:
                 images = images.contiguous(memory_format=torch.channels_last)
             if prefix is not None:
                 # The frozen prefix builds no autograd graph; clone turns its inference tensor into a normal one.
@@ -363,6 +366,34 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     logger.close()
     penv.barrier(env)
     return RunResult(run_dir, report, best, paths, throughput, step)
+
+
+def _cached_loaders(cfg: FinetuneConfig, split, index, spec, env: penv.DistEnv, precision, eval_bs: int):
+    """Build (or reuse) the train and val feature tables and loaders over them."""
+    from fastft.features import FeatureLoader, build_features
+
+    if split.prefix is None:
+        raise ConfigError("features.cache: nothing is frozen before the trainable part, so there is nothing to cache")
+    if cfg.data.augment and cfg.features.views == 0:
+        log.info("fastft: feature cache with features.views=0 trains on the eval transform (no augmentation)")
+    cache_dir = Path(cfg.features.dir) if cfg.features.dir else _default_cache() / "features"
+    common = dict(mode=cfg.features.cache, dtype=cfg.features.dtype, cache_dir=cache_dir, env=env,
+                  precision=precision, channels_last=cfg.model.channels_last, workers=cfg.data.workers,
+                  seed=cfg.run.seed)
+    t0 = time.perf_counter()
+    train_t = build_features(split.prefix, index.train, spec, views=cfg.features.views, train=True,
+                             batch_size=eval_bs, **common)
+    val_t = build_features(split.prefix, index.val, spec, views=0, train=False, batch_size=eval_bs, **common)
+    log.info("fastft: feature cache (%s, %s): train %s, val %s in %.1fs", cfg.features.cache, cfg.features.dtype,
+             train_t.source, val_t.source, time.perf_counter() - t0)
+    train_loader = FeatureLoader(train_t, cfg.data.batch_size, train=True, seed=cfg.run.seed, rank=env.rank,
+                                 world=env.world_size)
+    val_loader = FeatureLoader(val_t, eval_bs, train=False, seed=cfg.run.seed, rank=env.rank, world=env.world_size)
+    return train_loader, val_loader
+
+
+def _default_cache() -> Path:
+    return Path(os.environ.get("FASTFT_CACHE", Path.home() / ".cache" / "fastft"))
 
 
 def _progress(cfg: FinetuneConfig, env: penv.DistEnv, total: int, desc: str):

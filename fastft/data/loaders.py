@@ -33,7 +33,7 @@ def build_loader(samples: list[Sample], spec: TransformSpec, cfg: DataConfig, *,
         from fastft.data.dali_loader import DaliLoader
 
         cuda = env.device.type == "cuda"
-        return DaliLoader(samples, train=train and cfg.augment, batch_size=bs, crop_size=spec.crop_size,
+        return DaliLoader(samples, train=train, augment=cfg.augment, batch_size=bs, crop_size=spec.crop_size,
                           resize_size=spec.resize_size, mean=spec.mean, std=spec.std, shard_id=env.rank,
                           num_shards=env.world_size, threads=max(1, cfg.workers), seed=seed,
                           device="cuda" if cuda else "cpu", device_id=env.device.index if cuda else None,

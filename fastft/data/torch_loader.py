@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterator
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fastft.data.folder import Sample
 from fastft.data.transforms import TransformSpec, torchvision_transform
@@ -19,6 +19,8 @@ def open_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
+            # Honour the EXIF orientation tag, as DALI's decoder does, so both loaders see photos upright.
+            im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16-bit: scale to 8-bit before RGB conversion (PIL clips instead of scaling)
                 im = im.point(lambda v: v / 256).convert("L")

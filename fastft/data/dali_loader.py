@@ -1,0 +1,453 @@
+"""DALI input pipeline: decode and augment on CPU or GPU, sharded by rank, exact in evaluation.
+
+One `DaliLoader` is one rank's view of a list of (path, label) pairs:
+
+- training: the whole list is reshuffled every epoch with one seed shared by all ranks
+  (`shuffle_after_epoch`), so the shards stay disjoint while their contents change; every rank
+  yields the same number of *full* batches, `(N // num_shards) // batch_size`, so DDP ranks never
+  disagree on the step count.
+- evaluation: no shuffle, each rank keeps its shard (`stick_to_shard`), the reader pads shards to
+  equal length (`pad_last_batch`) and the iterator trims the padding (`LastBatchPolicy.PARTIAL`):
+  over all ranks every file is yielded exactly once, and every rank iterates equally often, the
+  last batch possibly short or empty.
+
+DALI is imported only when a loader is built, so `import fastft` stays light.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from fastft.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
+
+_INSTALL_HINT = "NVIDIA DALI is not installed: pip install 'fastft[dali]' (nvidia-dali-cuda130)"
+_READER = "reader"  # the reader's name, which the DALI iterator queries for shard sizes and padding
+_BAD_FILE_POLICIES = ("error", "skip")
+
+
+def _import_dali():
+    """Returns (fn, types, Pipeline, DALIGenericIterator, LastBatchPolicy); raises ImportError with a hint."""
+    try:
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    except ImportError as e:
+        raise ImportError(_INSTALL_HINT) from e
+    return fn, types, Pipeline, DALIGenericIterator, LastBatchPolicy
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad-file detection. DALI fails a whole pipeline on one unreadable file, and its message does not
+# always name the file ("nvImageCodec failure: '#4'"), so files are checked cheaply up front.
+# ---------------------------------------------------------------------------------------------
+
+
+def _pil_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for unreadable files: OSError (incl. UnidentifiedImageError, truncation), SyntaxError and
+    struct.error (broken chunks in verify), ValueError/EOFError (bad headers)."""
+    import struct
+
+    return (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+
+def check_image(path: str) -> str | None:
+    """Cheap readability check of one image file; returns why it is unusable, or None if it looks fine.
+
+    A JPEG (the common case) costs two small reads: it must start with the start-of-image marker and
+    end with the end-of-image marker; one without the end marker is fully decoded with PIL to confirm
+    it is truncated (valid files with trailing bytes exist). Anything else is opened and structurally
+    verified by PIL, which rejects non-images. Deeper corruption is caught when DALI decodes.
+    """
+    from PIL import Image
+
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file"
+        with open(path, "rb") as f:
+            head = f.read(3)
+            f.seek(max(0, size - 64))
+            tail = f.read().rstrip(b"\x00\r\n\t ")
+        if head == b"\xff\xd8\xff":
+            if not tail.endswith(b"\xff\xd9"):
+                with Image.open(path) as im:
+                    im.load()  # raises on truncated or corrupt data
+            return None
+        with Image.open(path) as im:
+            im.verify()
+    except Image.DecompressionBombError:  # very large but readable: DALI's business
+        return None
+    except _pil_errors() as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def scan_images(paths: Sequence[str], *, threads: int = 4) -> list[tuple[str, str]]:
+    """Checks every file with `check_image` in parallel; returns [(path, reason)] of the bad ones, in input order."""
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        reasons = list(pool.map(check_image, paths, chunksize=64))
+    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
+
+
+def find_undecodable(paths: Sequence[str], *, threads: int = 4, limit: int = 20_000) -> tuple[str, str] | None:
+    """Fully decodes files with PIL, in order, until one fails; returns (path, reason) or None.
+
+    Slow (a full decode per file), so it is used only to explain a DALI failure, and gives up after `limit` files.
+    """
+    from PIL import Image
+
+    def decode(path: str) -> str | None:
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except Image.DecompressionBombError:
+            return None
+        except _pil_errors() as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    paths = list(paths)[:limit]
+    chunk = 64 * max(1, threads)
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for start in range(0, len(paths), chunk):
+            part = paths[start : start + chunk]
+            for path, reason in zip(part, pool.map(decode, part)):
+                if reason is not None:
+                    return path, reason
+    return None
+
+
+def _eval_geometry(images, resize_size: int, crop_size: int, fn, types):
+    """Resize + centre-crop placement computed exactly as torchvision's eval preset does it.
+
+    torchvision's `Resize(s)` sets the shorter side to `s` and the longer to `int(s * long / short)`
+    (DALI's `resize_shorter` rounds instead), and `CenterCrop` puts the crop at
+    `int(round((size - crop) / 2))` with round-half-to-even (DALI rounds halves up). Either
+    difference shifts the crop by a pixel, so both are computed here from the decoded shape.
+
+    Returns:
+        (resized images, crop_pos_x, crop_pos_y) for `crop_mirror_normalize`.
+    """
+    from nvidia.dali import math as dmath
+
+    hw = images.shape(dtype=types.FLOAT)  # decoded images are HWC; the shape is read on the CPU
+    h, w = hw[0], hw[1]
+    short = dmath.min(h, w)
+    new_h = dmath.floor(resize_size * h / short)
+    new_w = dmath.floor(resize_size * w / short)
+    images = fn.resize(
+        images,
+        resize_y=new_h,
+        resize_x=new_w,
+        interp_type=types.INTERP_LINEAR,  # antialiased when downscaling (DALI default), like PIL's bilinear
+    )
+
+    def centre(extent):
+        slack = extent - crop_size
+        half = dmath.floor(slack / 2)
+        odd_slack = slack - 2 * half  # 1 when the centre falls on a half pixel
+        odd_half = half - 2 * dmath.floor(half / 2)
+        anchor = half + odd_slack * odd_half  # round half to even, like Python's round()
+        return anchor / dmath.max(slack, 1.0)  # crop_pos is relative to the slack
+
+    return images, centre(new_w), centre(new_h)
+
+
+def _shard_range(n: int, shard_id: int, num_shards: int) -> range:
+    """The indices DALI's reader assigns to a shard (see DALI docs, "Shard calculation")."""
+    return range(shard_id * n // num_shards, (shard_id + 1) * n // num_shards)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class DaliLoader:
+    """Iterates (images, labels) batches of one rank's shard through a DALI pipeline.
+
+    Args:
+        samples: (path, label) pairs; the label mapping is the caller's.
+        train: random resized crop + horizontal flip and per-epoch shuffling, full batches only;
+            otherwise resize shorter side + centre crop, no shuffling, every sample exactly once.
+        batch_size: samples per batch on this rank.
+        crop_size: output height and width.
+        resize_size: shorter side before the centre crop (evaluation only).
+        mean, std: normalisation in 0..1 units, like torchvision presets.
+        shard_id, num_shards: this rank and the world size.
+        threads: DALI CPU threads.
+        prefetch: pipeline prefetch queue depth (batches in flight).
+        seed: shuffle seed (must be equal on all ranks); augmentation seeds are derived per shard.
+        device: "cpu" (all CPU operators) or "cuda" (mixed decode on the GPU, GPU operators).
+        device_id: CUDA device index, required for "cuda"; ignored for "cpu".
+        hw_decoder_load: share of JPEGs sent to the hardware decoder (A100/H100 class GPUs).
+        on_bad_file: "error" raises DataError naming the first unreadable file; "skip" drops
+            unreadable files before the pipeline is built and lists them in `self.skipped`.
+
+    Raises:
+        ImportError: DALI is not installed.
+        ConfigError: an argument value is invalid.
+        DataError: no samples, fewer samples than one training batch per shard, or an unreadable file.
+    """
+
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        *,
+        train: bool,
+        batch_size: int,
+        crop_size: int,
+        resize_size: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        shard_id: int = 0,
+        num_shards: int = 1,
+        threads: int = 2,
+        prefetch: int = 2,
+        seed: int = 0,
+        device: str = "cpu",
+        device_id: int | None = None,
+        hw_decoder_load: float = 0.65,
+        on_bad_file: str = "error",
+        augment: bool = True,
+    ) -> None:
+        _import_dali()  # fail early with the install hint
+        if device not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda" and device_id is None:
+            raise ConfigError("device='cuda' needs a device_id (the local CUDA device index)")
+        if on_bad_file not in _BAD_FILE_POLICIES:
+            raise ConfigError(f"on_bad_file must be one of {_BAD_FILE_POLICIES}, got {on_bad_file!r}")
+        if not 0 <= shard_id < num_shards:
+            raise ConfigError(f"shard_id must be in [0, {num_shards}), got {shard_id}")
+        if batch_size < 1 or crop_size < 1 or resize_size < 1 or threads < 1 or prefetch < 1:
+            raise ConfigError("batch_size, crop_size, resize_size, threads and prefetch must be positive")
+        if not (train and augment) and resize_size < crop_size:
+            raise ConfigError(f"resize_size ({resize_size}) must be at least crop_size ({crop_size}) for evaluation")
+
+        self.train = train
+        self.augment = augment  # training without augmentation: shuffled full batches with the eval transform
+        self.start_batch = 0
+        self.batch_size = batch_size
+        self.crop_size = crop_size
+        self.resize_size = resize_size
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.shard_id = shard_id
+        self.num_shards = num_shards
+        self.threads = threads
+        self.prefetch = prefetch
+        self.seed = seed
+        self.device = device
+        self.device_id = device_id if device == "cuda" else None  # a CPU pipeline with a device id needs CUDA
+        self.hw_decoder_load = hw_decoder_load
+        self.epoch = 0
+
+        samples = [(str(p), int(y)) for p, y in samples]
+        # Every rank scans the whole list, so all ranks drop the same files and agree on the shards.
+        bad = scan_images([p for p, _ in samples], threads=max(4, threads))
+        if bad and on_bad_file == "error":
+            path, reason = bad[0]
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise DataError(f"unreadable image file {path}: {reason}{more}; set on_bad_file='skip' to drop such files")
+        self.skipped: list[str] = [p for p, _ in bad]
+        skipped = set(self.skipped)
+        self.samples = [(p, y) for p, y in samples if p not in skipped]
+
+        n = len(self.samples)
+        if n == 0:
+            raise DataError("no readable image files to load")
+        if n < num_shards:
+            raise DataError(f"{n} samples cannot be split over {num_shards} shards (each shard needs at least one)")
+        if train:
+            # Full batches only, and the same count on every rank: the smallest shard has N // num_shards samples.
+            self._len = (n // num_shards) // batch_size
+            self._num_samples = self._len * batch_size
+            if self._len == 0:
+                raise DataError(
+                    f"{n} training samples over {num_shards} shard(s) give less than one batch of {batch_size} per shard"
+                )
+        else:
+            # Shards differ by at most one sample; every rank iterates as often as the largest needs.
+            self._len = math.ceil(math.ceil(n / num_shards) / batch_size)
+            self._num_samples = len(_shard_range(n, shard_id, num_shards))
+        self._iterator = None  # built on first iteration: building starts decoding in background threads
+        self._dali_len = 0  # batches DALI produces per epoch on this rank, padding included
+        self._consumed = 0  # batches taken from DALI in the current epoch
+
+    def __len__(self) -> int:
+        """Batches this shard yields per epoch (equal on all shards)."""
+        return self._len
+
+    @property
+    def num_samples(self) -> int:
+        """Real (non-padded) samples this shard yields per epoch."""
+        return self._num_samples
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Records the epoch. DALI reshuffles by itself after every epoch, so iteration does not depend on it.
+
+        `start_batch` > 0 (a mid-epoch resume) reads and discards that many batches of the next epoch. DALI's
+        permutation sequence restarts with the pipeline, so a resumed DALI run sees another order than the run it
+        continues (exact resume is a property of the torchvision loader)."""
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        it = self._get_iterator()
+        if self._consumed:  # the previous epoch was abandoned part-way: finish it so the next one starts clean
+            while self._consumed < self._dali_len:
+                self._next(it)
+            self._reset(it)
+        skip, self.start_batch = self.start_batch, 0
+        for step in range(self._dali_len):
+            batch = self._next(it)
+            if skip <= step < self._len:
+                yield batch
+            # else: the ragged remainder and padding of a training shard, dropped to keep ranks in lockstep
+        self._reset(it)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _next(self, it) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            out = next(it)[0]
+        except StopIteration:
+            raise RuntimeError("DALI pipeline ended before the expected epoch length") from None
+        except RuntimeError as e:
+            error = self._data_error(e)
+            if error is None:
+                raise
+            raise error from None
+        self._consumed += 1
+        # DALI gives labels as int32 (B, 1); a (0, ...) slice is an empty last batch, which is yielded as is.
+        return out["images"], out["labels"].reshape(-1).long()
+
+    def _reset(self, it) -> None:
+        it.reset()
+        self._consumed = 0
+
+    def _get_iterator(self):
+        if self._iterator is None:
+            _, _, _, DALIGenericIterator, LastBatchPolicy = _import_dali()
+            pipe = self._build_pipeline()
+            try:
+                # FILL in training: DALI pads the shard and we drop the tail ourselves (DALI's DROP policy with
+                # pad_last_batch can leave a padding-only batch to start the next epoch).
+                # PARTIAL in evaluation: DALI trims the padding, so a last batch may be short or empty.
+                self._iterator = DALIGenericIterator(
+                    [pipe],
+                    ["images", "labels"],
+                    reader_name=_READER,
+                    auto_reset=False,
+                    last_batch_policy=LastBatchPolicy.FILL if self.train else LastBatchPolicy.PARTIAL,
+                )
+            except RuntimeError as e:  # the first batch is decoded while the iterator is built
+                error = self._data_error(e)
+                if error is None:
+                    raise
+                raise error from None
+            self._dali_len = len(self._iterator)
+            if self._dali_len < self._len:
+                raise RuntimeError(f"DALI plans {self._dali_len} batches per epoch, expected at least {self._len}")
+        return self._iterator
+
+    def _build_pipeline(self):
+        fn, types, Pipeline, _, _ = _import_dali()
+        files = [p for p, _ in self.samples]
+        labels = [y for _, y in self.samples]
+        cuda = self.device == "cuda"
+        # Shuffling uses `seed` on every rank (shards must partition one permutation); augmentation draws differ by shard.
+        pipe = Pipeline(
+            batch_size=self.batch_size,
+            num_threads=self.threads,
+            device_id=self.device_id,
+            seed=(self.seed * 1_000_003 + self.shard_id) % (2**31),
+            prefetch_queue_depth=self.prefetch,
+        )
+        with pipe:
+            if self.train:
+                # shuffle_after_epoch re-deals one global permutation (first epoch included, same seed on all
+                # ranks) into shards every epoch; random_shuffle would only mix samples inside each rank's
+                # `initial_fill` buffer while the same shard chunks rotate between ranks.
+                jpegs, labels_out = fn.readers.file(
+                    files=files,
+                    labels=labels,
+                    name=_READER,
+                    shard_id=self.shard_id,
+                    num_shards=self.num_shards,
+                    shuffle_after_epoch=True,
+                    shuffle_after_epoch_seed=self.seed,
+                    pad_last_batch=True,
+                )
+            else:
+                jpegs, labels_out = fn.readers.file(
+                    files=files,
+                    labels=labels,
+                    name=_READER,
+                    shard_id=self.shard_id,
+                    num_shards=self.num_shards,
+                    random_shuffle=False,
+                    stick_to_shard=True,
+                    pad_last_batch=True,
+                )
+            if cuda:
+                images = fn.decoders.image(
+                    jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=self.hw_decoder_load
+                )
+                labels_out = labels_out.gpu()
+            else:
+                images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+            if self.train and self.augment:
+                images = fn.random_resized_crop(
+                    images,
+                    size=[self.crop_size, self.crop_size],
+                    random_area=[0.08, 1.0],
+                    random_aspect_ratio=[3 / 4, 4 / 3],
+                    interp_type=types.INTERP_LINEAR,  # antialiased when downscaling (DALI default), like PIL
+                )
+                mirror = fn.random.coin_flip(probability=0.5)
+                crop_pos_x = crop_pos_y = 0.5  # the crop already has the output size
+            else:
+                images, crop_pos_x, crop_pos_y = _eval_geometry(images, self.resize_size, self.crop_size, fn, types)
+                mirror = 0
+            images = fn.crop_mirror_normalize(
+                images,
+                dtype=types.FLOAT,
+                output_layout="CHW",
+                crop=(self.crop_size, self.crop_size),
+                crop_pos_x=crop_pos_x,
+                crop_pos_y=crop_pos_y,
+                mean=[255.0 * m for m in self.mean],
+                std=[255.0 * s for s in self.std],
+                mirror=mirror,
+            )
+            pipe.set_outputs(images, labels_out)
+        return pipe
+
+    def _data_error(self, err: RuntimeError) -> DataError | None:
+        """Turns a DALI failure to read or decode a file into a one-line DataError naming the file when possible.
+
+        Returns None for failures elsewhere in the pipeline (e.g. out of memory): those are not data errors.
+        """
+        message = str(err)
+        if not any(op in message for op in ("fn.readers.file", "fn.decoders.image")):
+            return None
+        named = [path for path, _ in self.samples if path in message]
+        if named:
+            return DataError(f"unreadable image file {max(named, key=len)}: DALI could not read or decode it")
+        # DALI did not name the file: decode the files this rank reads with PIL to find it (error path only).
+        paths = [path for path, _ in self.samples]
+        if not self.train:  # evaluation shards are fixed; training shards move with the shuffle
+            paths = [paths[i] for i in _shard_range(len(paths), self.shard_id, self.num_shards)]
+        found = find_undecodable(paths, threads=max(4, self.threads))
+        if found is not None:
+            return DataError(f"unreadable image file {found[0]}: {found[1]}")
+        lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "fail" in ln.lower()), lines[0] if lines else "unknown error")
+        return DataError(f"DALI failed to read or decode an image: {detail}")
