@@ -41,7 +41,7 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 0  # 0 = batch_size
     workers: int = 2
-    loader: str = "auto"  # auto | torch | dali (auto: dali when installed and on a GPU, torch otherwise)
+    loader: str = "auto"  # auto | torch | dali | synthetic (auto: dali when installed and on a GPU, else torch)
     augment: bool = True  # RandomResizedCrop + flip for training; false = the eval transform
     pin_memory: bool = True
     persistent_workers: bool = True
@@ -107,6 +107,7 @@ class LogConfig:
     tensorboard: bool = True
     progress: bool = True
     every_steps: int = 10  # JSON-lines + TensorBoard step logging cadence
+    step_timing: bool = False  # per-step time breakdown (synchronises the device: for benchmarks)
 
 
 @dataclass
@@ -148,7 +149,7 @@ class FinetuneConfig:
         _min("data.batch_size", self.data.batch_size, 1)
         _min("data.eval_batch_size", self.data.eval_batch_size, 0)
         _min("data.workers", self.data.workers, 0)
-        _choice("data.loader", self.data.loader, ("auto", "torch", "dali"))
+        _choice("data.loader", self.data.loader, ("auto", "torch", "dali", "synthetic"))
         _choice("data.on_bad_file", self.data.on_bad_file, ("error", "skip"))
         _choice("optim.name", self.optim.name, ("sgd", "adamw"))
         if not self.optim.lr > 0:

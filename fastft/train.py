@@ -35,6 +35,7 @@ from fastft.parallel import env as penv
 from fastft.parallel.backend import LocalBackend
 from fastft.precision import resolve_precision
 from fastft.report import format_table, write_report
+from fastft.timing import StepTimer
 
 log = logging.getLogger("fastft")
 
@@ -47,6 +48,8 @@ class RunResult:
     paths: dict[str, Path] = field(default_factory=dict)
     throughput: dict = field(default_factory=dict)  # img/s per epoch (global, all ranks)
     steps: int = 0
+    timings: dict = field(default_factory=dict)  # per epoch: seconds per segment (log.step_timing), wall, images
+    skipped_steps: int = 0  # fp16 steps skipped by the loss scaler (overflow)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -261,6 +264,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     # 7. The loop.
     criterion_ls = cfg.optim.label_smoothing
     throughput: dict[str, float] = {}
+    timings: dict[str, dict] = {}
     report: dict = {}
     global_batch = cfg.data.batch_size * env.world_size
     for epoch in range(start_epoch, epochs):
@@ -271,8 +275,11 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         split.suffix.train()
         train_loader.set_epoch(epoch, start_batch)
         bar = _progress(cfg, env, len(train_loader) - start_batch, f"epoch {epoch + 1}/{epochs}")
-        t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+        t0, seen, loss_n = time.perf_counter(), 0, 0
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        timer = StepTimer(device, enabled=cfg.log.step_timing)
         usable = steps_per_epoch * accum  # trailing micro-batches that cannot fill a step are dropped
+        timer.start()
         for batch_idx, (images, labels) in enumerate(train_loader, start=start_batch):
             if batch_idx >= usable or step >= total_steps:
                 break
@@ -280,6 +287,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
             labels = labels.to(device, non_blocking=True)
             if cfg.model.channels_last and images.ndim == 4:
                 images = images.contiguous(memory_format=torch.channels_last)
+            timer.mark("data")
             if prefix is not None:
                 # The frozen prefix builds no autograd graph; clone turns its inference tensor into a normal one.
                 with torch.inference_mode(), precision.autocast():
@@ -287,40 +295,51 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
                 feats = feats.clone()
             else:
                 feats = images
+            timer.mark("frozen")
             boundary = (batch_idx + 1) % accum == 0
             with backend.no_sync() if not boundary else contextlib.nullcontext():
                 with precision.autocast():
                     logits = train_module(feats)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=criterion_ls)
+                if device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on GPU checked below
+                    _nonfinite(loss, epoch, step + 1, run_dir)
                 backend.backward(loss)
-            loss_sum += loss.detach().item()
+            timer.mark("trainable")
+            loss_sum += loss.detach()
             loss_n += 1
             seen += images.shape[0]
             if bar is not None:
                 bar.update(1)
             backend.step(boundary)
+            timer.mark("optimizer")
             if not boundary:
                 continue
             scheduler.step()
             step += 1
-            if step % cfg.log.every_steps == 0 and env.is_main:
-                lr = optimizer.param_groups[0]["lr"]
-                logger.event("step", epoch=epoch, step=step, loss=loss_sum / loss_n, lr=lr)
-                logger.scalars(step, {"train/loss": loss_sum / loss_n, "train/lr": lr})
-                if bar is not None:
-                    elapsed = time.perf_counter() - t0
-                    bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", img_s=f"{seen * env.world_size / elapsed:.0f}")
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            saving = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+            if step % cfg.log.every_steps == 0 or saving:
+                mean_loss = loss_sum.item() / loss_n  # one host sync per log interval
+                if not math.isfinite(mean_loss):  # before any save: the last good checkpoint is never overwritten
+                    _nonfinite(mean_loss, epoch, step, run_dir)
+                if env.is_main:
+                    lr = optimizer.param_groups[0]["lr"]
+                    logger.event("step", epoch=epoch, step=step, loss=mean_loss, lr=lr)
+                    logger.scalars(step, {"train/loss": mean_loss, "train/lr": lr})
+                    if bar is not None:
+                        elapsed = time.perf_counter() - t0
+                        bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{seen * env.world_size / elapsed:.0f}")
+            if saving:
                 save("last.pt", epoch, batch_idx + 1)
+            timer.start()
         elapsed = time.perf_counter() - t0
         if bar is not None:
             bar.close()
         img_s = seen * env.world_size / elapsed if elapsed > 0 else 0.0
         throughput[f"epoch{epoch}"] = img_s
-        train_loss = loss_sum / max(loss_n, 1)
+        timings[f"epoch{epoch}"] = {**timer.result(), "wall": elapsed, "images": seen * env.world_size}
+        train_loss = loss_sum.item() / max(loss_n, 1)
         if not math.isfinite(train_loss):
-            raise FastftError(f"loss is {train_loss} in epoch {epoch + 1} (step {step}); stopping, last good "
-                              f"checkpoint kept in {run_dir}")
+            _nonfinite(train_loss, epoch, step, run_dir)
         start_batch = 0
         last_epoch = epoch + 1 == epochs or step >= total_steps
         logger.scalars(epoch, {"train/epoch_loss": train_loss, "train/img_per_s": img_s})
@@ -360,12 +379,19 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         head = model.get_submodule(model.fastft_head)
         paths["model_export"] = ckpt_io.export_safetensors(model, run_dir / "model.safetensors", {**meta, "part": "model"})
         paths["head_export"] = ckpt_io.export_safetensors(head, run_dir / "head.safetensors", {**meta, "part": "head"})
-        logger.event("end", step=step, best=best, throughput=throughput)
+        logger.event("end", step=step, best=best, throughput=throughput,
+                     skipped_steps=getattr(backend, "skipped_steps", 0))
         print(format_table(report))
         print(f"run folder: {run_dir}")
     logger.close()
     penv.barrier(env)
-    return RunResult(run_dir, report, best, paths, throughput, step)
+    return RunResult(run_dir, report, best, paths, throughput, step, timings,
+                     skipped_steps=getattr(backend, "skipped_steps", 0))
+
+
+def _nonfinite(loss, epoch: int, step: int, run_dir: Path):
+    raise FastftError(f"loss is {float(loss)} at epoch {epoch + 1}, step {step}: stopping; the last good checkpoint "
+                      f"is kept in {run_dir}")
 
 
 def _cached_loaders(cfg: FinetuneConfig, split, index, spec, env: penv.DistEnv, precision, eval_bs: int):

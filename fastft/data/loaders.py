@@ -29,6 +29,9 @@ def build_loader(samples: list[Sample], spec: TransformSpec, cfg: DataConfig, *,
     """An iterable of (images float32 B3HW, labels int64 B) batches with `len()` and `set_epoch(epoch, start_batch)`."""
     bs = batch_size or cfg.batch_size
     kind = resolve_loader(cfg, env)
+    if kind == "synthetic":
+        return SyntheticLoader(samples, spec, batch_size=bs, train=train, seed=seed, rank=env.rank,
+                               world=env.world_size)
     if kind == "dali":
         from fastft.data.dali_loader import DaliLoader
 
@@ -46,3 +49,32 @@ def build_loader(samples: list[Sample], spec: TransformSpec, cfg: DataConfig, *,
                        seed=seed, rank=env.rank, world=env.world_size,
                        pin_memory=cfg.pin_memory and env.device.type == "cuda",
                        persistent_workers=cfg.persistent_workers)
+
+
+class SyntheticLoader:
+    """In-memory batches with the real labels' count and sharding but no decode (throughput benchmarks: it
+    measures the model and the loop with data loading removed). One normalised random batch is reused."""
+
+    def __init__(self, samples: list[Sample], spec: TransformSpec, *, batch_size: int, train: bool, seed: int,
+                 rank: int, world: int) -> None:
+        import torch
+
+        from fastft.data.torch_loader import ShardedBatchSampler
+
+        self.sampler = ShardedBatchSampler(len(samples), batch_size, train=train, seed=seed, rank=rank, world=world)
+        self.labels = torch.tensor([y for _, y in samples], dtype=torch.long)
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(batch_size, 3, spec.crop_size, spec.crop_size, generator=g)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        import torch
+
+        for batch in self.sampler:
+            idx = torch.tensor([i for i, _ in batch], dtype=torch.long)
+            yield self.images[: len(idx)], self.labels[idx]
