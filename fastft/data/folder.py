@@ -89,8 +89,8 @@ def _label_sort_key(name: str) -> tuple[int, int | str]:
 def index_from_config(cfg: DataConfig, *, seed: int = 0) -> DatasetIndex:
     """Build the class index and train/val samples from `data.root` or `data.train_list`/`data.val_list`."""
     if cfg.train_list:
-        train_rows = read_file_list(Path(cfg.train_list))
-        val_rows = read_file_list(Path(cfg.val_list)) if cfg.val_list else []
+        train_rows = read_file_list(Path(cfg.train_list).expanduser())
+        val_rows = read_file_list(Path(cfg.val_list).expanduser()) if cfg.val_list else []
         classes = sorted({lbl for _, lbl in train_rows}, key=_label_sort_key)
         idx = {c: i for i, c in enumerate(classes)}
         unknown = [lbl for _, lbl in val_rows if lbl not in idx]
@@ -102,7 +102,7 @@ def index_from_config(cfg: DataConfig, *, seed: int = 0) -> DatasetIndex:
         return index
     if not cfg.root:
         raise DataError("no data given: set data.root (an image folder) or data.train_list (a CSV file list)")
-    root = Path(cfg.root)
+    root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
     train_dir, val_dir = root / cfg.train_dir, root / cfg.val_dir
