@@ -16,8 +16,18 @@ from fastft.config import FinetuneConfig, load_config
 from fastft.errors import CheckpointError, ConfigError, DataError, FastftError, ModelError
 
 __version__ = "0.1.0"
-__all__ = ["FinetuneConfig", "load_config", "finetune", "evaluate", "predict", "FastftError", "ConfigError",
-           "DataError", "ModelError", "CheckpointError"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "FastftError",
+    "FinetuneConfig",
+    "ModelError",
+    "evaluate",
+    "finetune",
+    "load_config",
+    "predict",
+]
 
 if TYPE_CHECKING:
     from fastft.api import evaluate, predict

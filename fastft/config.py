@@ -63,6 +63,8 @@ class OptimConfig:
     clip_grad_norm: float = 0.0  # 0 = off
     epochs: int = 5
     max_steps: int = 0  # >0 stops after this many optimizer steps (overrides epochs)
+    layer_decay: float = 1.0  # layer-wise LR decay: a stage at depth d from the head gets lr * layer_decay**d
+    unfreeze: list[str] = field(default_factory=list)  # gradual unfreezing: ["EPOCH:module[:lr_factor]", ...]
 
 
 @dataclass
@@ -166,6 +168,8 @@ class FinetuneConfig:
         _min("optim.clip_grad_norm", self.optim.clip_grad_norm, 0.0)
         _min("optim.epochs", self.optim.epochs, 1)
         _min("optim.max_steps", self.optim.max_steps, 0)
+        _range("optim.layer_decay", self.optim.layer_decay, 0.0, 1.0, lo_open=True)
+        parse_unfreeze(self.optim.unfreeze)
         _choice("precision.dtype", self.precision.dtype, ("auto", "bf16", "fp16", "fp32"))
         _choice("compile.target", self.compile.target, ("auto", "none", "head", "all"))
         _choice("compile.mode", self.compile.mode, ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
@@ -187,6 +191,31 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class UnfreezeStep:
+    epoch: int  # 1-based: applied before that epoch's first batch
+    module: str
+    lr_factor: float = 1.0
+
+
+def parse_unfreeze(entries: list[str]) -> list[UnfreezeStep]:
+    steps = []
+    for i, entry in enumerate(entries):
+        parts = entry.split(":")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            epoch, module = int(parts[0]), parts[1]
+            factor = float(parts[2]) if len(parts) == 3 else 1.0
+            if epoch < 2 or not module or not factor > 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"optim.unfreeze[{i}]: expected 'EPOCH:module[:lr_factor]' with EPOCH >= 2 and "
+                              f"lr_factor > 0, got {entry!r}") from None
+        steps.append(UnfreezeStep(epoch, module, factor))
+    return sorted(steps, key=lambda s: s.epoch)
 
 
 def _choice(key: str, value: Any, allowed: tuple | None) -> None:

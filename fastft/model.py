@@ -218,7 +218,7 @@ class _FrozenBNMixin:
     Installed by swapping the instance's class, so parameter/buffer names and the state dict are unchanged
     (a frozen model still loads into plain torchvision). `train()` cannot switch it back to batch statistics."""
 
-    def train(self, mode: bool = True):  # noqa: ARG002 — frozen means eval, whatever is asked
+    def train(self, mode: bool = True):
         return super().train(False)
 
 
@@ -255,7 +255,7 @@ def freeze(model: nn.Module, policy: str | list[str]) -> tuple[int, int]:
     statistics, even after `model.train()`.
     """
     head = getattr(model, "fastft_head", None) or find_head(model)
-    in_head = lambda n: n == head or n.startswith(head + ".")  # noqa: E731
+    in_head = lambda n: n == head or n.startswith(head + ".")
     names = [n for n, _ in model.named_parameters()]
     if policy == "none":
         frozen = set()
@@ -365,7 +365,7 @@ def split_model(model: nn.Module) -> Split:
 
 
 def _fx_split(model: nn.Module, trainable: set[str]) -> tuple[nn.Module, nn.Module]:
-    import torch.fx as fx
+    from torch import fx
 
     class Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:

@@ -20,7 +20,7 @@ def format_table(report: dict) -> str:
         width = max(12, *(len(str(r.get("class", i))) for i, r in enumerate(rows)))
         lines.append(f"  {'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
         for i, r in enumerate(rows):
-            lines.append(f"  {str(r.get('class', i)):<{width}} {r['precision']:>9.4f} {r['recall']:>9.4f} "
+            lines.append(f"  {r.get('class', i)!s:<{width}} {r['precision']:>9.4f} {r['recall']:>9.4f} "
                          f"{r['f1']:>9.4f} {r['support']:>8d}")
     return "\n".join(lines)
 

@@ -23,19 +23,21 @@ import torch.nn.functional as F
 
 from fastft import checkpoint as ckpt_io
 from fastft.compile import apply_compile, resolve_target
-from fastft.config import FinetuneConfig, OptimConfig, to_toml
+from fastft.config import FinetuneConfig, UnfreezeStep, parse_unfreeze, to_toml
 from fastft.data.folder import index_from_config
 from fastft.data.loaders import build_loader
 from fastft.data.transforms import spec_from_weights
 from fastft.errors import ConfigError, FastftError
 from fastft.evaluate import run_evaluation
 from fastft.logging import RunLogger
-from fastft.model import build_model, count_parameters, freeze, preset_weights, split_model
+from fastft.model import build_model, freeze, preset_weights, split_model
+from fastft.optim import Schedule, build_optimizer, param_groups
 from fastft.parallel import env as penv
 from fastft.parallel.backend import LocalBackend
 from fastft.precision import resolve_precision
 from fastft.report import format_table, write_report
 from fastft.timing import StepTimer
+from fastft.unfreeze import unfreeze_module
 
 log = logging.getLogger("fastft")
 
@@ -60,31 +62,6 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed)  # same on every rank: heads start identical (DDP also broadcasts at wrap)
-
-
-def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    # No weight decay on biases and norm weights (1-d tensors), as in every modern fine-tuning recipe.
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-
-
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    """Linear warmup then cosine decay to lr * min_lr_ratio (or constant), stepped once per optimizer step."""
-
-    def factor(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def prepare_run_dir(cfg: FinetuneConfig, env: penv.DistEnv) -> tuple[Path, Path | None]:
@@ -160,12 +137,23 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
-    split = split_model(model)
     spec = spec_from_weights(preset_weights(cfg.model.name, cfg.model.weights), cfg.data.image_size)
 
-    # 3. Optimizer and schedule over the trainable parameters only.
-    params = [p for p in split.suffix.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.optim)
+    # 3. Optimizer over the trainable parameters only. Groups carry weight decay and LR scales (layer-wise decay);
+    #    gradual unfreezing appends groups later. On resume the unfreezes already done are replayed first so the
+    #    groups match the saved optimizer state.
+    head = model.fastft_head
+    plan = parse_unfreeze(cfg.optim.unfreeze)
+    if plan and cfg.parallel.backend == "deepspeed":
+        raise ConfigError("optim.unfreeze: gradual unfreezing is not supported with parallel.backend=deepspeed")
+    resume_pos = _peek_position(resume_from)
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(param_groups(model, trainable_names, cfg.optim, head=head), cfg.optim)
+    replayed = [u for u in plan if _already_applied(u, resume_pos)]
+    for u in replayed:
+        _apply_unfreeze(model, u, optimizer, cfg)
+    plan = [u for u in plan if u not in replayed]
+    split = split_model(model)
 
     # 4. Loaders, sharded by rank.
     train_loader = build_loader(index.train, spec, cfg.data, train=True, seed=cfg.run.seed, env=env)
@@ -181,18 +169,15 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     if cfg.optim.max_steps:
         total_steps = cfg.optim.max_steps
         epochs = math.ceil(total_steps / steps_per_epoch)
-    scheduler = build_schedule(optimizer, cfg.optim, total_steps)
+    scheduler = Schedule(optimizer, cfg.optim, total_steps)
 
     # 5. Precision, then (optionally) the frozen-feature cache: from here on, a cached run's "images" are the
     #    prefix outputs and the loop skips decode and backbone.
     precision = resolve_precision(cfg.precision, device)
-    if cfg.features.cache != "off":
+    image_loaders = (train_loader, val_loader)
+    if cfg.features.cache != "off" and not replayed:  # after an unfreeze the original run went uncached too
         train_loader, val_loader = _cached_loaders(cfg, split, index, spec, env, precision, eval_bs)
     target = resolve_target(cfg.compile, device)
-    suffix = apply_compile(split.suffix, cfg.compile) if target in ("head", "all") else split.suffix
-    prefix = split.prefix if cfg.features.cache == "off" else None
-    if prefix is not None and target == "all":
-        prefix = apply_compile(prefix, cfg.compile)
     backend_name = cfg.parallel.backend
     if backend_name == "auto":
         backend_name = "ddp" if env.distributed else "none"
@@ -205,7 +190,19 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
             log.info("fastft: parallel.backend=ddp with one process: running without DDP")
         backend = LocalBackend(clip_grad_norm=cfg.optim.clip_grad_norm, scaler=precision.make_scaler(),
                                ddp=backend_name == "ddp" and env.distributed, device=device, grad_accum=accum)
-    train_module = backend.wrap(suffix, optimizer)
+
+    def assemble() -> None:
+        """(Re)build what depends on the split: compiled suffix, wrapped module, and the prefix to run."""
+        nonlocal suffix, prefix, train_module
+        suffix = apply_compile(split.suffix, cfg.compile) if target in ("head", "all") else split.suffix
+        cached = cfg.features.cache != "off" and train_loader is not image_loaders[0]
+        prefix = None if cached else split.prefix
+        if prefix is not None and target == "all":
+            prefix = apply_compile(prefix, cfg.compile)
+        train_module = backend.wrap(suffix, optimizer)
+
+    suffix = prefix = train_module = None
+    assemble()
     log.info("fastft: precision %s (%s), compile %s, split %s, backend %s, world %d, device %s",
              precision.name, precision.reason, target, split.kind, backend.name, env.world_size, device)
 
@@ -270,6 +267,20 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     for epoch in range(start_epoch, epochs):
         if step >= total_steps:
             break
+        due = [u for u in plan if u.epoch == epoch + 1]
+        if due:
+            # Unfreezing moves the prefix/suffix cut: drop the feature cache (the prefix changed), re-split,
+            # recompile and re-wrap; the optimizer gains groups and keeps the old groups' state.
+            for u in due:
+                newly = _apply_unfreeze(model, u, optimizer, cfg)
+                log.info("fastft: epoch %d: unfroze %s (%s tensors, lr x%g)", epoch + 1, u.module, len(newly),
+                         u.lr_factor)
+                logger.event("unfreeze", epoch=epoch + 1, module=u.module, tensors=len(newly), lr_factor=u.lr_factor)
+            plan = [u for u in plan if u.epoch != epoch + 1]
+            scheduler.apply()
+            split = split_model(model)
+            train_loader, val_loader = image_loaders
+            assemble()
         if prefix is not None:
             prefix.eval()  # frozen: running statistics and dropout never change
         split.suffix.train()
@@ -389,6 +400,31 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
                      skipped_steps=getattr(backend, "skipped_steps", 0))
 
 
+def _peek_position(resume_from: Path | None) -> tuple[int, int] | None:
+    """(epoch, batch) of the checkpoint to resume from (read early: unfreezes before it must be replayed)."""
+    if resume_from is None:
+        return None
+    state = ckpt_io.load_checkpoint(resume_from)
+    return state["epoch"], state["batch"]
+
+
+def _already_applied(u: UnfreezeStep, pos: tuple[int, int] | None) -> bool:
+    """An unfreeze at epoch E (1-based) ran before batch 0 of 0-based epoch E-1."""
+    if pos is None:
+        return False
+    epoch, batch = pos
+    return u.epoch - 1 < epoch or (u.epoch - 1 == epoch and batch > 0)
+
+
+def _apply_unfreeze(model, u: UnfreezeStep, optimizer, cfg: FinetuneConfig) -> list[str]:
+    newly = unfreeze_module(model, u.module)
+    if newly:
+        for g in param_groups(model, newly, cfg.optim, head=model.fastft_head, lr_factor=u.lr_factor,
+                              tag=f"{u.module}:"):
+            optimizer.add_param_group(g)
+    return newly
+
+
 def _nonfinite(loss, epoch: int, step: int, run_dir: Path):
     raise FastftError(f"loss is {float(loss)} at epoch {epoch + 1}, step {step}: stopping; the last good checkpoint "
                       f"is kept in {run_dir}")
@@ -403,9 +439,9 @@ def _cached_loaders(cfg: FinetuneConfig, split, index, spec, env: penv.DistEnv, 
     if cfg.data.augment and cfg.features.views == 0:
         log.info("fastft: feature cache with features.views=0 trains on the eval transform (no augmentation)")
     cache_dir = Path(cfg.features.dir) if cfg.features.dir else _default_cache() / "features"
-    common = dict(mode=cfg.features.cache, dtype=cfg.features.dtype, cache_dir=cache_dir, env=env,
-                  precision=precision, channels_last=cfg.model.channels_last, workers=cfg.data.workers,
-                  seed=cfg.run.seed)
+    common = {"mode": cfg.features.cache, "dtype": cfg.features.dtype, "cache_dir": cache_dir, "env": env,
+              "precision": precision, "channels_last": cfg.model.channels_last, "workers": cfg.data.workers,
+              "seed": cfg.run.seed}
     t0 = time.perf_counter()
     train_t = build_features(split.prefix, index.train, spec, views=cfg.features.views, train=True,
                              batch_size=eval_bs, **common)
