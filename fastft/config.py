@@ -30,6 +30,12 @@ class ModelConfig:
 
 
 @dataclass
+class HeadConfig:
+    sweep_lr: list[float] = field(default_factory=list)  # train one head per LR side by side (linear probe)
+    sweep_weight_decay: list[float] = field(default_factory=list)  # optional: the grid lr x weight decay
+
+
+@dataclass
 class DataConfig:
     root: str = ""  # ImageFolder root: root/train + root/val, or class folders split by val_fraction
     train_dir: str = "train"
@@ -126,6 +132,7 @@ class RunConfig:
 @dataclass
 class FinetuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -146,6 +153,10 @@ class FinetuneConfig:
             f = self.model.freeze
             if f not in ("none", "backbone") and not (f.startswith("until:") and len(f) > len("until:")):
                 raise ConfigError(f"model.freeze: expected none | backbone | until:<module> | [patterns], got {f!r}")
+        if any(not lr > 0 for lr in self.head.sweep_lr):
+            raise ConfigError(f"head.sweep_lr: every LR must be > 0, got {self.head.sweep_lr}")
+        if any(not wd >= 0 for wd in self.head.sweep_weight_decay):
+            raise ConfigError(f"head.sweep_weight_decay: must be >= 0, got {self.head.sweep_weight_decay}")
         _range("data.val_fraction", self.data.val_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
         _min("data.image_size", self.data.image_size, 0)
         _min("data.batch_size", self.data.batch_size, 1)

@@ -102,9 +102,11 @@ class StreamingEvaluator:
 @torch.no_grad()
 def run_evaluation(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, *, num_classes: int,
                    device: torch.device, precision: Precision, channels_last: bool = False,
-                   pad_to: int = 0, classes: list[str] | None = None) -> dict:
-    """Evaluate `forward` over `loader`; `pad_to` > 0 pads short batches to that size (static shapes for compile)."""
-    ev = StreamingEvaluator(num_classes, device)
+                   pad_to: int = 0, classes: list[str] | None = None, heads: int = 0) -> dict | list[dict]:
+    """Evaluate `forward` over `loader`; `pad_to` > 0 pads short batches to that size (static shapes for compile).
+
+    With `heads` = H > 0, `forward` returns (H, B, classes) and one report per head is returned."""
+    evs = [StreamingEvaluator(num_classes, device) for _ in range(max(heads, 1))]
     for images, labels in loader:
         n = images.shape[0]
         if n == 0:
@@ -113,14 +115,20 @@ def run_evaluation(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iter
         labels = labels.to(device, non_blocking=True).long()
         if pad_to and n < pad_to:
             images = torch.cat([images, images.new_zeros((pad_to - n, *images.shape[1:]))])
-        if channels_last:
+        if channels_last and images.ndim == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), precision.autocast():
             logits = forward(images)
-        ev.update(logits[:n].float().clone(), labels)
-    report = ev.compute()
+        logits = logits.float().clone()
+        if heads:
+            for h, ev in enumerate(evs):
+                ev.update(logits[h, :n], labels)
+        else:
+            evs[0].update(logits[:n], labels)
+    reports = [ev.compute() for ev in evs]
     if classes is not None:
-        report["classes"] = list(classes)
-        for name, row in zip(classes, report["per_class"]):
-            row["class"] = name
-    return report
+        for report in reports:
+            report["classes"] = list(classes)
+            for name, row in zip(classes, report["per_class"]):
+                row["class"] = name
+    return reports if heads else reports[0]

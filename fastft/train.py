@@ -30,12 +30,13 @@ from fastft.data.transforms import spec_from_weights
 from fastft.errors import ConfigError, FastftError
 from fastft.evaluate import run_evaluation
 from fastft.logging import RunLogger
-from fastft.model import build_model, freeze, preset_weights, split_model
+from fastft.model import Split, build_model, freeze, preset_weights, split_model
 from fastft.optim import Schedule, build_optimizer, param_groups
 from fastft.parallel import env as penv
 from fastft.parallel.backend import LocalBackend
 from fastft.precision import resolve_precision
 from fastft.report import format_table, write_report
+from fastft.sweep import HeadBank, bank_param_groups, check_sweep, sweep_grid, sweep_table
 from fastft.timing import StepTimer
 from fastft.unfreeze import unfreeze_module
 
@@ -154,6 +155,13 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         _apply_unfreeze(model, u, optimizer, cfg)
     plan = [u for u in plan if u not in replayed]
     split = split_model(model)
+    grid = sweep_grid(cfg)  # [(lr, wd)] per head when sweeping: the suffix becomes a bank of heads
+    bank = None
+    if grid:
+        check_sweep(cfg, split.kind)
+        bank = HeadBank(split.suffix, len(grid)).to(device)
+        optimizer = build_optimizer(bank_param_groups(bank, grid, cfg.optim), cfg.optim)
+        split = Split(model, split.prefix, bank, "head")
 
     # 4. Loaders, sharded by rank.
     train_loader = build_loader(index.train, spec, cfg.data, train=True, seed=cfg.run.seed, env=env)
@@ -190,6 +198,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
             log.info("fastft: parallel.backend=ddp with one process: running without DDP")
         backend = LocalBackend(clip_grad_norm=cfg.optim.clip_grad_norm, scaler=precision.make_scaler(),
                                ddp=backend_name == "ddp" and env.distributed, device=device, grad_accum=accum)
+        if bank is not None:  # clip each head on its own: heads must not influence each other
+            backend.clip_sets = [list(h.parameters()) for h in bank.heads]
 
     def assemble() -> None:
         """(Re)build what depends on the split: compiled suffix, wrapped module, and the prefix to run."""
@@ -218,6 +228,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         if state["meta"]["classes"] != index.classes:
             raise ConfigError(f"{resume_from}: trained on classes {state['meta']['classes'][:5]}..., data has others")
         ckpt_io.load_model_state(model, state["model"], resume_from)
+        if bank is not None:
+            ckpt_io.load_model_state(bank, state["sweep_bank"], resume_from)
         if backend.owns_optimizer_state:
             backend.load_checkpoint(resume_from.parent, resume_from.stem)
         else:
@@ -239,7 +251,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         backend.save_checkpoint(run_dir, name.removesuffix(".pt"))  # collective for sharded optimizer state
         if env.is_main:
             opt_state = None if backend.owns_optimizer_state else optimizer.state_dict()
-            ckpt_io.atomic_save({"model": model.state_dict(), "optimizer": opt_state,
+            extra = {"sweep_bank": bank.state_dict()} if bank is not None else {}
+            ckpt_io.atomic_save({**extra, "model": model.state_dict(), "optimizer": opt_state,
                                  "scheduler": scheduler.state_dict(), "backend": backend.state_dict(),
                                  "rng": rngs, "epoch": epoch, "batch": batch, "step": step, "best": best,
                                  "meta": meta}, run_dir / name)
@@ -254,9 +267,22 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         if prefix is not None:
             prefix.eval()
         split.suffix.eval()
-        return run_evaluation(forward, val_loader, num_classes=num_classes, device=device, precision=precision,
-                              channels_last=cfg.model.channels_last and prefix is not None, pad_to=eval_bs if target != "none" else 0,
-                              classes=index.classes)
+        out = run_evaluation(forward, val_loader, num_classes=num_classes, device=device, precision=precision,
+                             channels_last=cfg.model.channels_last and prefix is not None,
+                             pad_to=eval_bs if target != "none" else 0, classes=index.classes,
+                             heads=len(grid) if bank is not None else 0)
+        if bank is None:
+            return out
+        # Keep the best head as the run's head (so every checkpoint and export is a plain model).
+        key, sign = cfg.checkpoint.best_metric, 1 if cfg.checkpoint.best_mode == "max" else -1
+        best_i = max(range(len(out)), key=lambda i: sign * out[i][key])
+        model.get_submodule(model.fastft_head).load_state_dict(bank.heads[best_i].state_dict())
+        report = dict(out[best_i])
+        report["sweep"] = [{"head": i, "lr": lr, "weight_decay": wd, "top1": r["top1"], key: r[key],
+                            "loss": r["loss"]} for i, ((lr, wd), r) in enumerate(zip(grid, out))]
+        report["sweep_best"] = best_i
+        report["sweep_table"] = sweep_table(grid, out, key, best_i)
+        return report
 
     # 7. The loop.
     criterion_ls = cfg.optim.label_smoothing
@@ -311,7 +337,12 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
             with backend.no_sync() if not boundary else contextlib.nullcontext():
                 with precision.autocast():
                     logits = train_module(feats)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=criterion_ls)
+                if bank is None:
+                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=criterion_ls)
+                else:  # sum of the heads' mean losses: each head gets exactly its own gradient
+                    per = F.cross_entropy(logits.float().flatten(0, 1), labels.repeat(len(grid)),
+                                          label_smoothing=criterion_ls, reduction="none")
+                    loss = per.view(len(grid), -1).mean(dim=1).sum()
                 if device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on GPU checked below
                     _nonfinite(loss, epoch, step + 1, run_dir)
                 backend.backward(loss)
@@ -382,6 +413,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     if env.is_main:
         from fastft.report import confusion_figure
 
+        sweep_text = report.pop("sweep_table", None)
         paths.update(write_report(report, run_dir))
         logger.figure("val/confusion_matrix", confusion_figure(report), epochs)
         logger.hparams({"model": cfg.model.name, "freeze": str(cfg.model.freeze), "lr": cfg.optim.lr,
@@ -393,6 +425,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         logger.event("end", step=step, best=best, throughput=throughput,
                      skipped_steps=getattr(backend, "skipped_steps", 0))
         print(format_table(report))
+        if sweep_text:
+            print(f"head sweep ({len(grid)} heads, kept by {cfg.checkpoint.best_metric}):\n{sweep_text}")
         print(f"run folder: {run_dir}")
     logger.close()
     penv.barrier(env)

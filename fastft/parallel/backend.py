@@ -55,6 +55,7 @@ class LocalBackend:
         self.module: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.skipped_steps = 0
+        self.clip_sets: list[list[torch.nn.Parameter]] | None = None  # clip these sets separately (head sweep)
 
     def wrap(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         self.optimizer = optimizer
@@ -89,7 +90,8 @@ class LocalBackend:
         if self.scaler is not None:
             self.scaler.unscale_(opt)
         if self.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+            for group in self.clip_sets or [params]:
+                torch.nn.utils.clip_grad_norm_(group, self.clip_grad_norm)
         stepped = True
         if self.scaler is not None:
             scale = self.scaler.get_scale()
