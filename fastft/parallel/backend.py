@@ -59,6 +59,12 @@ class LocalBackend:
 
     def wrap(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         self.optimizer = optimizer
+        if self.ddp and self.module is not None:
+            # Re-wrapping after an unfreeze: free the old reducer (and its autograd hooks) before the new one.
+            import gc
+
+            self.module = None
+            gc.collect()
         if self.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -122,3 +122,30 @@ def test_torchrun_launcher_script(shapes4, tmp_path) -> None:
     _ok(p)
     events = [json.loads(x) for x in (tmp_path / "l" / "events.jsonl").read_text().splitlines()]
     assert events[0]["world_size"] == 2 and (tmp_path / "l" / "metrics.json").is_file()
+
+
+def test_ddp_cached_sweep_equals_single_process_uncached(shapes4, tmp_path) -> None:
+    """Feature cache (each rank computes its shard, all-gathered) + a 2-head sweep under 2 DDP ranks trains the same
+    heads as one uncached process on the same global batch."""
+    common = [f"--data.root={shapes4}", *FAST, "--optim.epochs=2", "--model.freeze=backbone", "--data.augment=false",
+              "--head.sweep_lr=[0.01, 0.1]", f"--run.out_dir={tmp_path}"]
+    _ok(run_cli("train", *common, "--data.batch_size=8", "--run.name=single", "--parallel.backend=none"))
+    _ok(run_torchrun(2, "train", *common, "--data.batch_size=4", "--run.name=ddp", "--features.cache=disk",
+                     "--features.dtype=fp32", f"--features.dir={tmp_path / 'cache'}"))
+    assert len(list((tmp_path / "cache").glob("*/shard-1-of-2.npy"))) == 2  # train and val, rank 1's shards
+    a = torch.load(tmp_path / "single" / "last.pt", weights_only=True)["sweep_bank"]
+    b = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["sweep_bank"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_ddp_gradual_unfreeze_with_cache(shapes4, tmp_path) -> None:
+    p = run_torchrun(2, "train", f"--data.root={shapes4}", *FAST, "--data.batch_size=4", "--optim.epochs=2",
+                     "--model.freeze=backbone", "--features.cache=memory", "--optim.unfreeze=[\"2:layer4:0.1\"]",
+                     f"--run.out_dir={tmp_path}", "--run.name=u")
+    _ok(p)
+    events = [json.loads(x) for x in (tmp_path / "u" / "events.jsonl").read_text().splitlines()]
+    assert [e["module"] for e in events if e["event"] == "unfreeze"] == ["layer4"]
+    saved = torch.load(tmp_path / "u" / "last.pt", weights_only=True)
+    groups = saved["optimizer"]["param_groups"]
+    assert any(g["name"].startswith("layer4:") for g in groups)
