@@ -31,16 +31,26 @@ def load_trained(checkpoint: str | Path, device: torch.device):
     """Rebuild the trained model from a fastft checkpoint (weights_only load). Returns (model, meta)."""
     state = load_checkpoint(checkpoint)
     meta = state["meta"]
-    mcfg = ModelConfig(name=meta["model_name"], weights="none", head_hidden=meta["head_hidden"],
-                       head_dropout=meta["head_dropout"])
+    mcfg = ModelConfig(
+        name=meta["model_name"], weights="none", head_hidden=meta["head_hidden"], head_dropout=meta["head_dropout"]
+    )
     model = build_model(mcfg, meta["num_classes"])
     load_model_state(model, state["model"], checkpoint)
     return model.to(device).eval(), meta
 
 
-def evaluate(checkpoint: str | Path, data: str | Path, *, out_dir: str | Path | None = None, batch_size: int = 64,
-             workers: int = 2, loader: str = "torch", precision: str = "auto", device: str = "auto",
-             print_report: bool = False) -> EvalResult:
+def evaluate(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    out_dir: str | Path | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    loader: str = "torch",
+    precision: str = "auto",
+    device: str = "auto",
+    print_report: bool = False,
+) -> EvalResult:
     """Evaluate a checkpoint on an image folder of class folders (names must be among the trained classes).
 
     Distributed-aware: under torchrun each rank evaluates its shard and the metrics are synced exactly."""
@@ -49,12 +59,14 @@ def evaluate(checkpoint: str | Path, data: str | Path, *, out_dir: str | Path | 
         model, meta = load_trained(checkpoint, env.device)
         samples = index_for_eval(Path(data), meta["classes"])
         spec = TransformSpec.from_dict(meta["transform"])
-        dcfg = DataConfig(root=str(data), batch_size=batch_size, workers=workers, loader=loader,
-                          persistent_workers=False)
+        dcfg = DataConfig(
+            root=str(data), batch_size=batch_size, workers=workers, loader=loader, persistent_workers=False
+        )
         dl = build_loader(samples, spec, dcfg, train=False, seed=0, env=env)
         prec = resolve_precision(PrecisionConfig(dtype=precision), env.device)
-        report = run_evaluation(model, dl, num_classes=meta["num_classes"], device=env.device, precision=prec,
-                                classes=meta["classes"])
+        report = run_evaluation(
+            model, dl, num_classes=meta["num_classes"], device=env.device, precision=prec, classes=meta["classes"]
+        )
         paths: dict[str, Path] = {}
         if out_dir is not None and env.is_main:
             paths = write_report(report, Path(out_dir))
@@ -65,8 +77,15 @@ def evaluate(checkpoint: str | Path, data: str | Path, *, out_dir: str | Path | 
         penv.shutdown(env)
 
 
-def predict(checkpoint: str | Path, inputs: str | Path, out_csv: str | Path, *, batch_size: int = 64,
-            workers: int = 2, device: str = "auto") -> Path:
+def predict(
+    checkpoint: str | Path,
+    inputs: str | Path,
+    out_csv: str | Path,
+    *,
+    batch_size: int = 64,
+    workers: int = 2,
+    device: str = "auto",
+) -> Path:
     """Classify every image under `inputs` (a file or folder, recursively); write path,label,probability rows."""
     dev = penv.resolve_device(device, 0)
     model, meta = load_trained(checkpoint, dev)
@@ -74,8 +93,11 @@ def predict(checkpoint: str | Path, inputs: str | Path, out_csv: str | Path, *, 
     if src.is_file():
         files = [str(src)]
     elif src.is_dir():
-        files = sorted(str(p) for p in src.rglob("*") if p.is_file() and is_image(p.name)
-                       and not any(part.startswith(".") for part in p.relative_to(src).parts))
+        files = sorted(
+            str(p)
+            for p in src.rglob("*")
+            if p.is_file() and is_image(p.name) and not any(part.startswith(".") for part in p.relative_to(src).parts)
+        )
     else:
         raise DataError(f"input not found: {src}")
     if not files:

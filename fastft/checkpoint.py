@@ -24,8 +24,12 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -73,7 +77,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {p}")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         text = str(e)
         if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
             reason = "it contains pickled objects that could run code; only tensors and plain containers are loaded"
@@ -90,8 +94,11 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: str
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} != model {tuple(own[k].shape)}" for k in own
-              if k in state and own[k].shape != state[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} != model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and own[k].shape != state[k].shape
+    ]
     if missing or extra or shapes:
         what = []
         if missing:

@@ -89,14 +89,24 @@ def run(argv: list[str]) -> int:
     if args.command == "eval":
         from fastft.api import evaluate
 
-        evaluate(args.checkpoint, args.data, out_dir=args.out, batch_size=args.batch_size, workers=args.workers,
-                 loader=args.loader, precision=args.precision, device=args.device, print_report=True)
+        evaluate(
+            args.checkpoint,
+            args.data,
+            out_dir=args.out,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            loader=args.loader,
+            precision=args.precision,
+            device=args.device,
+            print_report=True,
+        )
         return 0
     if args.command == "predict":
         from fastft.api import predict
 
-        out = predict(args.checkpoint, args.input, args.out, batch_size=args.batch_size, workers=args.workers,
-                      device=args.device)
+        out = predict(
+            args.checkpoint, args.input, args.out, batch_size=args.batch_size, workers=args.workers, device=args.device
+        )
         print(f"predictions written to {out}")
         return 0
     if args.command == "demo":

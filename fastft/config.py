@@ -183,7 +183,11 @@ class FinetuneConfig:
         parse_unfreeze(self.optim.unfreeze)
         _choice("precision.dtype", self.precision.dtype, ("auto", "bf16", "fp16", "fp32"))
         _choice("compile.target", self.compile.target, ("auto", "none", "head", "all"))
-        _choice("compile.mode", self.compile.mode, ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+        _choice(
+            "compile.mode",
+            self.compile.mode,
+            ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        )
         _choice("parallel.backend", self.parallel.backend, ("auto", "none", "ddp", "deepspeed"))
         _min("parallel.timeout_s", self.parallel.timeout_s, 1)
         _choice("parallel.zero_stage", self.parallel.zero_stage, (0, 1, 2, 3))
@@ -223,8 +227,10 @@ def parse_unfreeze(entries: list[str]) -> list[UnfreezeStep]:
             if epoch < 2 or not module or not factor > 0:
                 raise ValueError
         except ValueError:
-            raise ConfigError(f"optim.unfreeze[{i}]: expected 'EPOCH:module[:lr_factor]' with EPOCH >= 2 and "
-                              f"lr_factor > 0, got {entry!r}") from None
+            raise ConfigError(
+                f"optim.unfreeze[{i}]: expected 'EPOCH:module[:lr_factor]' with EPOCH >= 2 and "
+                f"lr_factor > 0, got {entry!r}"
+            ) from None
         steps.append(UnfreezeStep(epoch, module, factor))
     return sorted(steps, key=lambda s: s.epoch)
 

@@ -24,7 +24,7 @@ def pretrained_available(name: str) -> bool:
     try:
         torchvision.models.get_model(name, weights="DEFAULT")
         return True
-    except Exception:  # noqa: BLE001 — no network and no cache
+    except Exception:
         return False
 
 
@@ -46,7 +46,7 @@ def demo_config(data_root: Path, out_dir: str, *, pretrained: bool, epochs: int 
     else:
         # Random features are not worth probing: train everything, with AdamW.
         cfg.model.weights, cfg.model.freeze = "none", "none"
-        cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.epochs = "adamw", 2e-3, 0.05, epochs or 12
+        cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.epochs = "adamw", 2e-3, 0.05, epochs or 14
     return cfg.validate()
 
 
@@ -55,7 +55,7 @@ def run_demo(*, out_dir: str = "runs", data_dir: str | None = None, epochs: int 
     from fastft.train import finetune
 
     root = Path(data_dir) if data_dir else cache_dir() / "demo-shapes"
-    make_image_folder(root, num_classes=10, train_per_class=60, val_per_class=15, image_size=64, seed=0)
+    make_image_folder(root, num_classes=10, train_per_class=50, val_per_class=15, image_size=64, seed=0)
     pretrained = pretrained_available(DEMO_MODEL)
     if not pretrained:
         print(f"fastft demo: no pretrained {DEMO_MODEL} weights cached or downloadable; starting from random weights")

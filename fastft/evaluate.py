@@ -85,8 +85,12 @@ class StreamingEvaluator:
         report["num_samples"] = int(cm.sum())
         support = cm.sum(dim=1).tolist()
         report["per_class"] = [
-            {"precision": float(out["precision_per_class"][i]), "recall": float(out["recall_per_class"][i]),
-             "f1": float(out["f1_per_class"][i]), "support": int(support[i])}
+            {
+                "precision": float(out["precision_per_class"][i]),
+                "recall": float(out["recall_per_class"][i]),
+                "f1": float(out["f1_per_class"][i]),
+                "support": int(support[i]),
+            }
             for i in range(self.num_classes)
         ]
         report["confusion_matrix"] = cm.tolist()
@@ -100,9 +104,18 @@ class StreamingEvaluator:
 
 
 @torch.no_grad()
-def run_evaluation(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, *, num_classes: int,
-                   device: torch.device, precision: Precision, channels_last: bool = False,
-                   pad_to: int = 0, classes: list[str] | None = None, heads: int = 0) -> dict | list[dict]:
+def run_evaluation(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    loader: Iterable,
+    *,
+    num_classes: int,
+    device: torch.device,
+    precision: Precision,
+    channels_last: bool = False,
+    pad_to: int = 0,
+    classes: list[str] | None = None,
+    heads: int = 0,
+) -> dict | list[dict]:
     """Evaluate `forward` over `loader`; `pad_to` > 0 pads short batches to that size (static shapes for compile).
 
     With `heads` = H > 0, `forward` returns (H, B, classes) and one report per head is returned."""

@@ -61,12 +61,17 @@ class FeatureTable:
         return out
 
 
-def fingerprint(prefix: nn.Module, samples: list[Sample], spec: TransformSpec, *, views: int, dtype: str,
-                train: bool) -> str:
+def fingerprint(
+    prefix: nn.Module, samples: list[Sample], spec: TransformSpec, *, views: int, dtype: str, train: bool
+) -> str:
     """A key over everything that determines the cached features."""
     h = hashlib.sha256()
-    h.update(json.dumps({"spec": spec.to_dict(), "views": views, "dtype": dtype, "train": train,
-                         "prefix": type(prefix).__name__}, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {"spec": spec.to_dict(), "views": views, "dtype": dtype, "train": train, "prefix": type(prefix).__name__},
+            sort_keys=True,
+        ).encode()
+    )
     for name, t in sorted(prefix.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -89,9 +94,20 @@ def _shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _compute_shard(prefix: nn.Module, samples: list[Sample], spec: TransformSpec, *, views: int, env: DistEnv,
-                   precision: Precision, channels_last: bool, batch_size: int, workers: int, seed: int,
-                   out: np.ndarray) -> None:
+def _compute_shard(
+    prefix: nn.Module,
+    samples: list[Sample],
+    spec: TransformSpec,
+    *,
+    views: int,
+    env: DistEnv,
+    precision: Precision,
+    channels_last: bool,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    out: np.ndarray,
+) -> None:
     """Fill out[v, i - lo] with the prefix outputs of this rank's shard of `samples`, view by view."""
     dataset = ImageDataset(samples, spec, train=views > 0, seed=seed)
     sampler = ShardedBatchSampler(len(samples), batch_size, train=False, rank=env.rank, world=env.world_size)
@@ -117,9 +133,24 @@ def _feature_shape(prefix: nn.Module, spec: TransformSpec, env: DistEnv, precisi
         return tuple(prefix(x).shape[1:])
 
 
-def build_features(prefix: nn.Module, samples: list[Sample], spec: TransformSpec, *, mode: str, views: int,
-                   dtype: str, cache_dir: Path, env: DistEnv, precision: Precision, channels_last: bool,
-                   batch_size: int, workers: int, seed: int, train: bool, events=None) -> FeatureTable:
+def build_features(
+    prefix: nn.Module,
+    samples: list[Sample],
+    spec: TransformSpec,
+    *,
+    mode: str,
+    views: int,
+    dtype: str,
+    cache_dir: Path,
+    env: DistEnv,
+    precision: Precision,
+    channels_last: bool,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    train: bool,
+    events=None,
+) -> FeatureTable:
     """Compute (or reuse from disk) the prefix features of `samples`; see the module docstring."""
     n, V = len(samples), max(views, 1)
     labels = torch.tensor([y for _, y in samples], dtype=torch.long)
@@ -128,8 +159,19 @@ def build_features(prefix: nn.Module, samples: list[Sample], spec: TransformSpec
     lo, hi = _shard_bounds(n, env.rank, env.world_size)
     if mode == "memory":
         mine = np.zeros((V, hi - lo, *shape), dtype=np_dtype)
-        _compute_shard(prefix, samples, spec, views=views, env=env, precision=precision, channels_last=channels_last,
-                       batch_size=batch_size, workers=workers, seed=seed, out=mine)
+        _compute_shard(
+            prefix,
+            samples,
+            spec,
+            views=views,
+            env=env,
+            precision=precision,
+            channels_last=channels_last,
+            batch_size=batch_size,
+            workers=workers,
+            seed=seed,
+            out=mine,
+        )
         feats = _all_gather_shards(torch.from_numpy(mine), n, env)
         return FeatureTable([feats], [0], labels, views, "built")
 
@@ -147,12 +189,28 @@ def build_features(prefix: nn.Module, samples: list[Sample], spec: TransformSpec
                 events("feature_cache_invalid", path=str(shard_path), reason=reason)
         meta_path.unlink(missing_ok=True)  # the manifest goes first, so a crash mid-write leaves no valid cache
         arr = np.lib.format.open_memmap(shard_path, mode="w+", dtype=np_dtype, shape=(V, hi - lo, *shape))
-        _compute_shard(prefix, samples, spec, views=views, env=env, precision=precision, channels_last=channels_last,
-                       batch_size=batch_size, workers=workers, seed=seed, out=arr)
+        _compute_shard(
+            prefix,
+            samples,
+            spec,
+            views=views,
+            env=env,
+            precision=precision,
+            channels_last=channels_last,
+            batch_size=batch_size,
+            workers=workers,
+            seed=seed,
+            out=arr,
+        )
         arr.flush()
         del arr
-        meta = {"shape": [V, hi - lo, *shape], "dtype": dtype, "bytes": shard_path.stat().st_size,
-                "sha256": _sha256_file(shard_path), "key": key}
+        meta = {
+            "shape": [V, hi - lo, *shape],
+            "dtype": dtype,
+            "bytes": shard_path.stat().st_size,
+            "sha256": _sha256_file(shard_path),
+            "key": key,
+        }
         tmp = meta_path.with_name(f".{meta_path.name}.tmp")
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, meta_path)
@@ -208,11 +266,21 @@ def _all_gather_shards(mine: torch.Tensor, n: int, env: DistEnv) -> torch.Tensor
 class FeatureLoader:
     """Batches of (features, labels) from a FeatureTable with the same sampling as the image loaders."""
 
-    def __init__(self, table: FeatureTable, batch_size: int, *, train: bool, seed: int, rank: int, world: int,
-                 out_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        table: FeatureTable,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int,
+        rank: int,
+        world: int,
+        out_dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.table = table
-        self.sampler = ShardedBatchSampler(table.num_samples, batch_size, train=train, seed=seed, rank=rank,
-                                           world=world)
+        self.sampler = ShardedBatchSampler(
+            table.num_samples, batch_size, train=train, seed=seed, rank=rank, world=world
+        )
         self.out_dtype = out_dtype
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:

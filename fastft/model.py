@@ -87,7 +87,7 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(p))
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 — any failure to read is the file's fault; say which file
+    except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             msg = "refusing to unpickle objects that could run code (only tensors and plain containers are loaded)"
@@ -115,7 +115,7 @@ def build_model(cfg: ModelConfig, num_classes: int, *, pretrained_ok: bool = Tru
     weights = resolve_weights(cfg.name, cfg.weights) if pretrained_ok else None
     try:
         model = torchvision.models.get_model(cfg.name, weights=weights)
-    except Exception as e:  # noqa: BLE001 — typically no network and no cached weights
+    except Exception as e:
         raise ModelError(f"cannot get {cfg.name} weights {weights}: {str(e).splitlines()[0]}") from None
     if _is_path(cfg.weights):
         state = load_state_file(cfg.weights)
@@ -145,7 +145,11 @@ def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and own[k].shape != state[k].shape]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and own[k].shape != state[k].shape
+    ]
     parts = []
     if missing:
         parts.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
@@ -290,7 +294,7 @@ def freeze(model: nn.Module, policy: str | list[str]) -> tuple[int, int]:
     order = [n for n, _ in model.named_modules()]
     frozen_modules = {n.rpartition(".")[0] for n in frozen}
     last_frozen_idx = max((order.index(m) for m in frozen_modules if m in order), default=-1)
-    for i, (name, m) in enumerate(model.named_modules()):
+    for i, (_, m) in enumerate(model.named_modules()):
         if not isinstance(m, _BN_TYPES):
             continue
         params = list(m.parameters(recurse=False))
@@ -359,8 +363,10 @@ def split_model(model: nn.Module) -> Split:
     try:
         prefix, suffix = _fx_split(model, trainable)
         return Split(model, prefix, suffix, "graph")
-    except Exception as e:  # noqa: BLE001 — an untraceable model still trains correctly, only slower
-        log.warning("fastft: cannot trace %s for a prefix/suffix split (%s); training the whole graph", type(model).__name__, e)
+    except Exception as e:
+        log.warning(
+            "fastft: cannot trace %s for a prefix/suffix split (%s); training the whole graph", type(model).__name__, e
+        )
         return Split(model, None, model, "none")
 
 

@@ -65,8 +65,9 @@ def layer_depths(model: nn.Module, head: str) -> dict[str, int]:
     return depths
 
 
-def param_groups(model: nn.Module, params: list[str], cfg: OptimConfig, *, head: str, lr_factor: float = 1.0,
-                 tag: str = "") -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, params: list[str], cfg: OptimConfig, *, head: str, lr_factor: float = 1.0, tag: str = ""
+) -> list[dict[str, Any]]:
     """Groups for `params` (names): weight decay for weights only (not biases/norms), and lr_scale =
     lr_factor * layer_decay ** depth. Group order is deterministic (an exact resume rebuilds the same groups)."""
     named = dict(model.named_parameters())
@@ -78,8 +79,14 @@ def param_groups(model: nn.Module, params: list[str], cfg: OptimConfig, *, head:
         buckets.setdefault(key, []).append(p)
     groups = []
     for (depth, decay), ps in sorted(buckets.items(), key=lambda kv: (-kv[0][0], not kv[0][1])):
-        groups.append({"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
-                       "lr_scale": lr_factor * cfg.layer_decay**depth, "name": f"{tag}depth{depth}{'' if decay else '-nd'}"})
+        groups.append(
+            {
+                "params": ps,
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+                "lr_scale": lr_factor * cfg.layer_decay**depth,
+                "name": f"{tag}depth{depth}{'' if decay else '-nd'}",
+            }
+        )
     return groups
 
 

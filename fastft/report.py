@@ -6,8 +6,22 @@ import json
 import os
 from pathlib import Path
 
-_SUMMARY = ("top1", "top5", "loss", "precision_macro", "recall_macro", "f1_macro", "precision_micro", "recall_micro",
-            "f1_micro", "precision_weighted", "recall_weighted", "f1_weighted", "auroc", "average_precision")
+_SUMMARY = (
+    "top1",
+    "top5",
+    "loss",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "precision_micro",
+    "recall_micro",
+    "f1_micro",
+    "precision_weighted",
+    "recall_weighted",
+    "f1_weighted",
+    "auroc",
+    "average_precision",
+)
 
 
 def format_table(report: dict) -> str:
@@ -20,8 +34,10 @@ def format_table(report: dict) -> str:
         width = max(12, *(len(str(r.get("class", i))) for i, r in enumerate(rows)))
         lines.append(f"  {'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
         for i, r in enumerate(rows):
-            lines.append(f"  {r.get('class', i)!s:<{width}} {r['precision']:>9.4f} {r['recall']:>9.4f} "
-                         f"{r['f1']:>9.4f} {r['support']:>8d}")
+            lines.append(
+                f"  {r.get('class', i)!s:<{width}} {r['precision']:>9.4f} {r['recall']:>9.4f} "
+                f"{r['f1']:>9.4f} {r['support']:>8d}"
+            )
     return "\n".join(lines)
 
 
@@ -52,8 +68,15 @@ def confusion_figure(report: dict):
         thresh = cm.max() / 2 if cm.size else 0
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if cm[i, j] > thresh else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if cm[i, j] > thresh else "black",
+                )
     ax.set_title(f"confusion matrix ({int(cm.sum())} images)")
     fig.tight_layout()
     return fig
@@ -64,7 +87,10 @@ def write_report(report: dict, out_dir: Path, *, prefix: str = "") -> dict[str, 
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"metrics": out_dir / f"{prefix}metrics.json", "confusion_matrix": out_dir / f"{prefix}confusion_matrix.png"}
+    paths = {
+        "metrics": out_dir / f"{prefix}metrics.json",
+        "confusion_matrix": out_dir / f"{prefix}confusion_matrix.png",
+    }
     atomic_write_text(paths["metrics"], json.dumps(report, indent=2) + "\n")
     fig = confusion_figure(report)
     tmp = paths["confusion_matrix"].with_name(f".{paths['confusion_matrix'].name}.tmp.png")

@@ -56,7 +56,7 @@ def bank_param_groups(bank: HeadBank, grid: list[tuple[float, float]], cfg: Opti
 
 def check_sweep(cfg: FinetuneConfig, split_kind: str) -> None:
     if split_kind != "head":
-        raise ConfigError("head.sweep_lr: a head sweep needs a linear probe (model.freeze = \"backbone\")")
+        raise ConfigError('head.sweep_lr: a head sweep needs a linear probe (model.freeze = "backbone")')
     if cfg.optim.unfreeze:
         raise ConfigError("head.sweep_lr: cannot be combined with optim.unfreeze")
     if cfg.parallel.backend == "deepspeed":

@@ -134,8 +134,14 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     # 2. Model: weights -> new head -> freeze -> device/layout -> frozen prefix + trainable suffix.
     model = build_model(cfg.model, num_classes)
     trainable, total = freeze(model, cfg.model.freeze)
-    log.info("fastft: %s, freeze=%s: %s of %s parameters train (%.2f%%)", cfg.model.name, cfg.model.freeze,
-             f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    log.info(
+        "fastft: %s, freeze=%s: %s of %s parameters train (%.2f%%)",
+        cfg.model.name,
+        cfg.model.freeze,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     spec = spec_from_weights(preset_weights(cfg.model.name, cfg.model.weights), cfg.data.image_size)
@@ -170,8 +176,10 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     accum = cfg.optim.grad_accum
     steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch == 0:
-        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} x grad_accum {accum} x {env.world_size} ranks "
-                          f"is more than the {len(index.train)} training images")
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} x grad_accum {accum} x {env.world_size} ranks "
+            f"is more than the {len(index.train)} training images"
+        )
     epochs = cfg.optim.epochs
     total_steps = epochs * steps_per_epoch
     if cfg.optim.max_steps:
@@ -196,8 +204,13 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     else:
         if backend_name == "ddp" and not env.distributed:
             log.info("fastft: parallel.backend=ddp with one process: running without DDP")
-        backend = LocalBackend(clip_grad_norm=cfg.optim.clip_grad_norm, scaler=precision.make_scaler(),
-                               ddp=backend_name == "ddp" and env.distributed, device=device, grad_accum=accum)
+        backend = LocalBackend(
+            clip_grad_norm=cfg.optim.clip_grad_norm,
+            scaler=precision.make_scaler(),
+            ddp=backend_name == "ddp" and env.distributed,
+            device=device,
+            grad_accum=accum,
+        )
         if bank is not None:  # clip each head on its own: heads must not influence each other
             backend.clip_sets = [list(h.parameters()) for h in bank.heads]
 
@@ -213,16 +226,31 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
 
     suffix = prefix = train_module = None
     assemble()
-    log.info("fastft: precision %s (%s), compile %s, split %s, backend %s, world %d, device %s",
-             precision.name, precision.reason, target, split.kind, backend.name, env.world_size, device)
+    log.info(
+        "fastft: precision %s (%s), compile %s, split %s, backend %s, world %d, device %s",
+        precision.name,
+        precision.reason,
+        target,
+        split.kind,
+        backend.name,
+        env.world_size,
+        device,
+    )
 
     # 6. Resume: model, optimizer, schedule, scaler, RNG, and the position inside the epoch.
     start_epoch, start_batch, step = 0, 0, 0
     best: dict = {"metric": cfg.checkpoint.best_metric, "value": None, "epoch": None}
-    meta = {"format": ckpt_io.FORMAT_VERSION, "model_name": cfg.model.name, "num_classes": num_classes,
-            "classes": index.classes, "transform": spec.to_dict(), "head": model.fastft_head,
-            "head_hidden": cfg.model.head_hidden, "head_dropout": cfg.model.head_dropout,
-            "config": dataclasses.asdict(cfg)}
+    meta = {
+        "format": ckpt_io.FORMAT_VERSION,
+        "model_name": cfg.model.name,
+        "num_classes": num_classes,
+        "classes": index.classes,
+        "transform": spec.to_dict(),
+        "head": model.fastft_head,
+        "head_hidden": cfg.model.head_hidden,
+        "head_dropout": cfg.model.head_dropout,
+        "config": dataclasses.asdict(cfg),
+    }
     if resume_from is not None:
         state = ckpt_io.load_checkpoint(resume_from)
         if state["meta"]["classes"] != index.classes:
@@ -252,14 +280,33 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         if env.is_main:
             opt_state = None if backend.owns_optimizer_state else optimizer.state_dict()
             extra = {"sweep_bank": bank.state_dict()} if bank is not None else {}
-            ckpt_io.atomic_save({**extra, "model": model.state_dict(), "optimizer": opt_state,
-                                 "scheduler": scheduler.state_dict(), "backend": backend.state_dict(),
-                                 "rng": rngs, "epoch": epoch, "batch": batch, "step": step, "best": best,
-                                 "meta": meta}, run_dir / name)
+            ckpt_io.atomic_save(
+                {
+                    **extra,
+                    "model": model.state_dict(),
+                    "optimizer": opt_state,
+                    "scheduler": scheduler.state_dict(),
+                    "backend": backend.state_dict(),
+                    "rng": rngs,
+                    "epoch": epoch,
+                    "batch": batch,
+                    "step": step,
+                    "best": best,
+                    "meta": meta,
+                },
+                run_dir / name,
+            )
 
     logger = RunLogger(run_dir, cfg.log, enabled=env.is_main)
-    logger.event("start", world_size=env.world_size, trainable=trainable, total=total, steps_per_epoch=steps_per_epoch,
-                 total_steps=total_steps, resumed_from=str(resume_from) if resume_from else None)
+    logger.event(
+        "start",
+        world_size=env.world_size,
+        trainable=trainable,
+        total=total,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        resumed_from=str(resume_from) if resume_from else None,
+    )
 
     def evaluate_now() -> dict:
         suffix_eval = suffix
@@ -267,10 +314,17 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         if prefix is not None:
             prefix.eval()
         split.suffix.eval()
-        out = run_evaluation(forward, val_loader, num_classes=num_classes, device=device, precision=precision,
-                             channels_last=cfg.model.channels_last and prefix is not None,
-                             pad_to=eval_bs if target != "none" else 0, classes=index.classes,
-                             heads=len(grid) if bank is not None else 0)
+        out = run_evaluation(
+            forward,
+            val_loader,
+            num_classes=num_classes,
+            device=device,
+            precision=precision,
+            channels_last=cfg.model.channels_last and prefix is not None,
+            pad_to=eval_bs if target != "none" else 0,
+            classes=index.classes,
+            heads=len(grid) if bank is not None else 0,
+        )
         if bank is None:
             return out
         # Keep the best head as the run's head (so every checkpoint and export is a plain model).
@@ -278,8 +332,10 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         best_i = max(range(len(out)), key=lambda i: sign * out[i][key])
         model.get_submodule(model.fastft_head).load_state_dict(bank.heads[best_i].state_dict())
         report = dict(out[best_i])
-        report["sweep"] = [{"head": i, "lr": lr, "weight_decay": wd, "top1": r["top1"], key: r[key],
-                            "loss": r["loss"]} for i, ((lr, wd), r) in enumerate(zip(grid, out))]
+        report["sweep"] = [
+            {"head": i, "lr": lr, "weight_decay": wd, "top1": r["top1"], key: r[key], "loss": r["loss"]}
+            for i, ((lr, wd), r) in enumerate(zip(grid, out))
+        ]
         report["sweep_best"] = best_i
         report["sweep_table"] = sweep_table(grid, out, key, best_i)
         return report
@@ -299,8 +355,9 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
             # recompile and re-wrap; the optimizer gains groups and keeps the old groups' state.
             for u in due:
                 newly = _apply_unfreeze(model, u, optimizer, cfg)
-                log.info("fastft: epoch %d: unfroze %s (%s tensors, lr x%g)", epoch + 1, u.module, len(newly),
-                         u.lr_factor)
+                log.info(
+                    "fastft: epoch %d: unfroze %s (%s tensors, lr x%g)", epoch + 1, u.module, len(newly), u.lr_factor
+                )
                 logger.event("unfreeze", epoch=epoch + 1, module=u.module, tensors=len(newly), lr_factor=u.lr_factor)
             plan = [u for u in plan if u.epoch != epoch + 1]
             scheduler.apply()
@@ -340,8 +397,12 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
                 if bank is None:
                     loss = F.cross_entropy(logits.float(), labels, label_smoothing=criterion_ls)
                 else:  # sum of the heads' mean losses: each head gets exactly its own gradient
-                    per = F.cross_entropy(logits.float().flatten(0, 1), labels.repeat(len(grid)),
-                                          label_smoothing=criterion_ls, reduction="none")
+                    per = F.cross_entropy(
+                        logits.float().flatten(0, 1),
+                        labels.repeat(len(grid)),
+                        label_smoothing=criterion_ls,
+                        reduction="none",
+                    )
                     loss = per.view(len(grid), -1).mean(dim=1).sum()
                 if device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on GPU checked below
                     _nonfinite(loss, epoch, step + 1, run_dir)
@@ -389,18 +450,35 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
             report = evaluate_now()
             key = cfg.checkpoint.best_metric
             if key not in report:
-                raise ConfigError(f"checkpoint.best_metric: {key!r} is not a report key "
-                                  f"({', '.join(k for k, v in report.items() if isinstance(v, float))})")
+                raise ConfigError(
+                    f"checkpoint.best_metric: {key!r} is not a report key "
+                    f"({', '.join(k for k, v in report.items() if isinstance(v, float))})"
+                )
             value = report[key]
-            better = best["value"] is None or (value > best["value"] if cfg.checkpoint.best_mode == "max"
-                                               else value < best["value"])
+            better = best["value"] is None or (
+                value > best["value"] if cfg.checkpoint.best_mode == "max" else value < best["value"]
+            )
             if better:
                 best = {"metric": key, "value": value, "epoch": epoch + 1}
-            logger.event("eval", epoch=epoch + 1, step=step, train_loss=train_loss, img_per_s=img_s,
-                         **{k: v for k, v in report.items() if isinstance(v, float)})
+            logger.event(
+                "eval",
+                epoch=epoch + 1,
+                step=step,
+                train_loss=train_loss,
+                img_per_s=img_s,
+                **{k: v for k, v in report.items() if isinstance(v, float)},
+            )
             logger.scalars(epoch + 1, {k: v for k, v in report.items() if isinstance(v, float)}, prefix="val/")
-            log.info("fastft: epoch %d/%d  train loss %.4f  %s %.4f  top1 %.4f  %.1f img/s", epoch + 1, epochs,
-                     train_loss, key, value, report["top1"], img_s)
+            log.info(
+                "fastft: epoch %d/%d  train loss %.4f  %s %.4f  top1 %.4f  %.1f img/s",
+                epoch + 1,
+                epochs,
+                train_loss,
+                key,
+                value,
+                report["top1"],
+                img_s,
+            )
             if better:
                 save("best.pt", epoch + 1, 0)
         if (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or last_epoch:
@@ -416,22 +494,34 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         sweep_text = report.pop("sweep_table", None)
         paths.update(write_report(report, run_dir))
         logger.figure("val/confusion_matrix", confusion_figure(report), epochs)
-        logger.hparams({"model": cfg.model.name, "freeze": str(cfg.model.freeze), "lr": cfg.optim.lr,
-                        "optim": cfg.optim.name, "batch_size": global_batch, "precision": precision.name},
-                       {k: report.get(k) for k in ("top1", "f1_macro", "loss")})
+        logger.hparams(
+            {
+                "model": cfg.model.name,
+                "freeze": str(cfg.model.freeze),
+                "lr": cfg.optim.lr,
+                "optim": cfg.optim.name,
+                "batch_size": global_batch,
+                "precision": precision.name,
+            },
+            {k: report.get(k) for k in ("top1", "f1_macro", "loss")},
+        )
         head = model.get_submodule(model.fastft_head)
-        paths["model_export"] = ckpt_io.export_safetensors(model, run_dir / "model.safetensors", {**meta, "part": "model"})
+        paths["model_export"] = ckpt_io.export_safetensors(
+            model, run_dir / "model.safetensors", {**meta, "part": "model"}
+        )
         paths["head_export"] = ckpt_io.export_safetensors(head, run_dir / "head.safetensors", {**meta, "part": "head"})
-        logger.event("end", step=step, best=best, throughput=throughput,
-                     skipped_steps=getattr(backend, "skipped_steps", 0))
+        logger.event(
+            "end", step=step, best=best, throughput=throughput, skipped_steps=getattr(backend, "skipped_steps", 0)
+        )
         print(format_table(report))
         if sweep_text:
             print(f"head sweep ({len(grid)} heads, kept by {cfg.checkpoint.best_metric}):\n{sweep_text}")
         print(f"run folder: {run_dir}")
     logger.close()
     penv.barrier(env)
-    return RunResult(run_dir, report, best, paths, throughput, step, timings,
-                     skipped_steps=getattr(backend, "skipped_steps", 0))
+    return RunResult(
+        run_dir, report, best, paths, throughput, step, timings, skipped_steps=getattr(backend, "skipped_steps", 0)
+    )
 
 
 def _peek_position(resume_from: Path | None) -> tuple[int, int] | None:
@@ -453,15 +543,18 @@ def _already_applied(u: UnfreezeStep, pos: tuple[int, int] | None) -> bool:
 def _apply_unfreeze(model, u: UnfreezeStep, optimizer, cfg: FinetuneConfig) -> list[str]:
     newly = unfreeze_module(model, u.module)
     if newly:
-        for g in param_groups(model, newly, cfg.optim, head=model.fastft_head, lr_factor=u.lr_factor,
-                              tag=f"{u.module}:"):
+        for g in param_groups(
+            model, newly, cfg.optim, head=model.fastft_head, lr_factor=u.lr_factor, tag=f"{u.module}:"
+        ):
             optimizer.add_param_group(g)
     return newly
 
 
 def _nonfinite(loss, epoch: int, step: int, run_dir: Path):
-    raise FastftError(f"loss is {float(loss)} at epoch {epoch + 1}, step {step}: stopping; the last good checkpoint "
-                      f"is kept in {run_dir}")
+    raise FastftError(
+        f"loss is {float(loss)} at epoch {epoch + 1}, step {step}: stopping; the last good checkpoint "
+        f"is kept in {run_dir}"
+    )
 
 
 def _cached_loaders(cfg: FinetuneConfig, split, index, spec, env: penv.DistEnv, precision, eval_bs: int):
@@ -473,17 +566,32 @@ def _cached_loaders(cfg: FinetuneConfig, split, index, spec, env: penv.DistEnv, 
     if cfg.data.augment and cfg.features.views == 0:
         log.info("fastft: feature cache with features.views=0 trains on the eval transform (no augmentation)")
     cache_dir = Path(cfg.features.dir) if cfg.features.dir else _default_cache() / "features"
-    common = {"mode": cfg.features.cache, "dtype": cfg.features.dtype, "cache_dir": cache_dir, "env": env,
-              "precision": precision, "channels_last": cfg.model.channels_last, "workers": cfg.data.workers,
-              "seed": cfg.run.seed}
+    common = {
+        "mode": cfg.features.cache,
+        "dtype": cfg.features.dtype,
+        "cache_dir": cache_dir,
+        "env": env,
+        "precision": precision,
+        "channels_last": cfg.model.channels_last,
+        "workers": cfg.data.workers,
+        "seed": cfg.run.seed,
+    }
     t0 = time.perf_counter()
-    train_t = build_features(split.prefix, index.train, spec, views=cfg.features.views, train=True,
-                             batch_size=eval_bs, **common)
+    train_t = build_features(
+        split.prefix, index.train, spec, views=cfg.features.views, train=True, batch_size=eval_bs, **common
+    )
     val_t = build_features(split.prefix, index.val, spec, views=0, train=False, batch_size=eval_bs, **common)
-    log.info("fastft: feature cache (%s, %s): train %s, val %s in %.1fs", cfg.features.cache, cfg.features.dtype,
-             train_t.source, val_t.source, time.perf_counter() - t0)
-    train_loader = FeatureLoader(train_t, cfg.data.batch_size, train=True, seed=cfg.run.seed, rank=env.rank,
-                                 world=env.world_size)
+    log.info(
+        "fastft: feature cache (%s, %s): train %s, val %s in %.1fs",
+        cfg.features.cache,
+        cfg.features.dtype,
+        train_t.source,
+        val_t.source,
+        time.perf_counter() - t0,
+    )
+    train_loader = FeatureLoader(
+        train_t, cfg.data.batch_size, train=True, seed=cfg.run.seed, rank=env.rank, world=env.world_size
+    )
     val_loader = FeatureLoader(val_t, eval_bs, train=False, seed=cfg.run.seed, rank=env.rank, world=env.world_size)
     return train_loader, val_loader
 

@@ -17,8 +17,9 @@ def shapes4(tmp_path_factory) -> Path:
     """4 classes x (12 train + 6 val) JPEGs of 32 px."""
     from fastft.data.synthetic import make_image_folder
 
-    return make_image_folder(tmp_path_factory.mktemp("shapes4"), num_classes=4, train_per_class=12, val_per_class=6,
-                             image_size=32, seed=1)
+    return make_image_folder(
+        tmp_path_factory.mktemp("shapes4"), num_classes=4, train_per_class=12, val_per_class=6, image_size=32, seed=1
+    )
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +27,9 @@ def shapes2(tmp_path_factory) -> Path:
     """A binary task: 2 classes x (16 train + 8 val)."""
     from fastft.data.synthetic import make_image_folder
 
-    return make_image_folder(tmp_path_factory.mktemp("shapes2"), num_classes=2, train_per_class=16, val_per_class=8,
-                             image_size=32, seed=2)
+    return make_image_folder(
+        tmp_path_factory.mktemp("shapes2"), num_classes=2, train_per_class=16, val_per_class=8, image_size=32, seed=2
+    )
 
 
 def tiny_config(root: Path, out: Path, **sections):
@@ -51,8 +53,9 @@ def tiny_config(root: Path, out: Path, **sections):
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
     """Run `python -m fastft ...` in a subprocess; returns CompletedProcess with text output."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "fastft", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", "fastft", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 def free_port() -> int:
@@ -66,14 +69,33 @@ def free_port() -> int:
 def run_torchrun(nproc: int, *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
     """`torchrun --nproc_per_node N -m fastft ...` on CPU (gloo), on a free local port."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "fastft", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "fastft",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
 def run_torchrun_script(nproc: int, script: Path, *args: str, timeout: int = 600, env: dict | None = None):
     """torchrun a script (instead of -m fastft), e.g. the fault-injection wrapper."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(script),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)

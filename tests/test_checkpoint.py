@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, exact RNG resume, loading that refuses code, clear mismatch errors, safetensors export."""
+"""Checkpoints: atomic writes, exact RNG resume, refusing code on load, clear mismatch errors, safetensors export."""
 
 import json
 import os

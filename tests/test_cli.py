@@ -8,11 +8,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
-FAST = ["--model.weights=none", "--data.image_size=32", "--data.batch_size=8", "--data.workers=0",
-        "--precision.dtype=fp32", "--log.progress=false", "--run.device=cpu"]
+FAST = [
+    "--model.weights=none",
+    "--data.image_size=32",
+    "--data.batch_size=8",
+    "--data.workers=0",
+    "--precision.dtype=fp32",
+    "--log.progress=false",
+    "--run.device=cpu",
+]
 
 
 def _one_line_error(proc, *needles: str) -> None:
@@ -47,7 +53,7 @@ def test_unknown_model_name(shapes4, tmp_path) -> None:
 
 def test_unknown_config_key_in_file_and_override(tmp_path) -> None:
     cfg = tmp_path / "run.toml"
-    cfg.write_text('[optim]\nlearning_rate = 0.1\n')
+    cfg.write_text("[optim]\nlearning_rate = 0.1\n")
     _one_line_error(run_cli("train", "--config", str(cfg)), "optim.learning_rate")
     _one_line_error(run_cli("train", "--data.rooot=x"), "data.rooot", "data.root")
 
@@ -76,16 +82,40 @@ def test_train_then_eval_then_predict(shapes4, tmp_path) -> None:
     written = (run_dir / "config.toml").read_text()
     assert 'root = "' + str(shapes4) + '"' in written and "epochs = 1" in written
 
-    p = run_cli("eval", "--checkpoint", str(run_dir / "last.pt"), "--data", str(shapes4 / "val"), "--out",
-                str(tmp_path / "ev"), "--workers", "0", "--precision", "fp32", "--device", "cpu")
+    p = run_cli(
+        "eval",
+        "--checkpoint",
+        str(run_dir / "last.pt"),
+        "--data",
+        str(shapes4 / "val"),
+        "--out",
+        str(tmp_path / "ev"),
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     train_m = json.loads((run_dir / "metrics.json").read_text())
     eval_m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert eval_m["confusion_matrix"] == train_m["confusion_matrix"]
 
     out = tmp_path / "preds.csv"
-    p = run_cli("predict", "--checkpoint", str(run_dir / "last.pt"), "--input", str(shapes4 / "val"), "--out",
-                str(out), "--workers", "0", "--device", "cpu")
+    p = run_cli(
+        "predict",
+        "--checkpoint",
+        str(run_dir / "last.pt"),
+        "--input",
+        str(shapes4 / "val"),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 24 and set(rows[0]) == {"path", "label", "probability"}
@@ -95,8 +125,9 @@ def test_train_then_eval_then_predict(shapes4, tmp_path) -> None:
     assert [sum(r["label"] == c for r in rows) for c in train_m["classes"]] == predicted
 
     # resuming a finished run continues from its saved step and trains no further
-    p = run_cli("train", "--config", str(cfg), *FAST, f"--run.out_dir={tmp_path / 'runs'}", "--resume",
-                str(run_dir / "last.pt"))
+    p = run_cli(
+        "train", "--config", str(cfg), *FAST, f"--run.out_dir={tmp_path / 'runs'}", "--resume", str(run_dir / "last.pt")
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stderr and "at epoch 1" in p.stderr
 

@@ -18,8 +18,14 @@ def _graphs() -> int:
 
 
 def _eval(module, batches, pad_to):
-    return run_evaluation(module, batches, num_classes=5, device=torch.device("cpu"),
-                          precision=Precision(torch.float32, "cpu"), pad_to=pad_to)
+    return run_evaluation(
+        module,
+        batches,
+        num_classes=5,
+        device=torch.device("cpu"),
+        precision=Precision(torch.float32, "cpu"),
+        pad_to=pad_to,
+    )
 
 
 def test_padded_eval_does_not_recompile_on_ragged_batch() -> None:

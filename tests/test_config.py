@@ -216,7 +216,7 @@ def test_override_through_a_non_section_value_errors():
 
 
 def test_override_without_equals_sign_errors():
-    with pytest.raises(ConfigError, match="expected --section.key=value"):
+    with pytest.raises(ConfigError, match=r"expected --section\.key=value"):
         apply_overrides({}, ["--optim.lr"])
 
 

@@ -7,9 +7,9 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
 from fastft.train import finetune
 
 
@@ -21,10 +21,20 @@ def _head(result) -> dict[str, torch.Tensor]:
 def test_cached_training_equals_uncached_without_augmentation(shapes4, tmp_path, freeze) -> None:
     common = {"optim__epochs": 3, "data__augment": False, "model__freeze": freeze}
     plain = finetune(tiny_config(shapes4, tmp_path, run__name="plain", **common))
-    mem = finetune(tiny_config(shapes4, tmp_path, run__name="mem", features__cache="memory", features__dtype="fp32",
-                               **common))
-    disk = finetune(tiny_config(shapes4, tmp_path, run__name="disk", features__cache="disk", features__dtype="fp32",
-                                features__dir=str(tmp_path / "cache"), **common))
+    mem = finetune(
+        tiny_config(shapes4, tmp_path, run__name="mem", features__cache="memory", features__dtype="fp32", **common)
+    )
+    disk = finetune(
+        tiny_config(
+            shapes4,
+            tmp_path,
+            run__name="disk",
+            features__cache="disk",
+            features__dtype="fp32",
+            features__dir=str(tmp_path / "cache"),
+            **common,
+        )
+    )
     for other in (mem, disk):
         for k, v in _head(plain).items():
             # fp32 features: only the order of floating-point operations may differ
@@ -44,8 +54,13 @@ def test_disk_cache_reused_rebuilt_on_change_and_truncation_detected(shapes4, tm
     data = tmp_path / "data"
     shutil.copytree(shapes4, data)
     cache = tmp_path / "cache"
-    common = {"features__cache": "disk", "features__dir": str(cache), "optim__epochs": 1, "data__augment": False,
-              "features__dtype": "fp32"}
+    common = {
+        "features__cache": "disk",
+        "features__dir": str(cache),
+        "optim__epochs": 1,
+        "data__augment": False,
+        "features__dtype": "fp32",
+    }
     caplog.set_level(logging.INFO, logger="fastft")
     first = finetune(tiny_config(data, tmp_path, run__name="a", **common))
     keys = {p.name for p in cache.iterdir()}
@@ -74,12 +89,11 @@ def test_disk_cache_reused_rebuilt_on_change_and_truncation_detected(shapes4, tm
 
 
 def test_views_cycle_augmented_copies(shapes4, tmp_path) -> None:
+    from fastft.config import DataConfig, ModelConfig
+    from fastft.data.folder import index_from_config
     from fastft.data.transforms import TransformSpec
     from fastft.features import FeatureLoader, build_features
     from fastft.model import build_model, freeze, split_model
-    from fastft.config import ModelConfig
-    from fastft.data.folder import index_from_config
-    from fastft.config import DataConfig
     from fastft.parallel.env import DistEnv
     from fastft.precision import Precision
 
@@ -87,9 +101,22 @@ def test_views_cycle_augmented_copies(shapes4, tmp_path) -> None:
     freeze(model, "backbone")
     split = split_model(model)
     index = index_from_config(DataConfig(root=str(shapes4)))
-    table = build_features(split.prefix, index.train, TransformSpec(32, 36), mode="memory", views=3, dtype="fp32",
-                           cache_dir=tmp_path, env=DistEnv(), precision=Precision(torch.float32, "cpu"),
-                           channels_last=False, batch_size=16, workers=0, seed=0, train=True)
+    table = build_features(
+        split.prefix,
+        index.train,
+        TransformSpec(32, 36),
+        mode="memory",
+        views=3,
+        dtype="fp32",
+        cache_dir=tmp_path,
+        env=DistEnv(),
+        precision=Precision(torch.float32, "cpu"),
+        channels_last=False,
+        batch_size=16,
+        workers=0,
+        seed=0,
+        train=True,
+    )
     feats = table.parts[0]
     assert feats.shape == (3, 48, 512)
     assert not torch.allclose(feats[0], feats[1])  # different augmented views

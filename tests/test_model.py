@@ -144,8 +144,8 @@ def test_split_vit_partial() -> None:
 
 
 def test_local_weights_file_backbone_and_safetensors(tmp_path) -> None:
-    from safetensors.torch import save_file
     import torchvision
+    from safetensors.torch import save_file
 
     torch.manual_seed(3)
     src = torchvision.models.resnet18()  # original 1000-class head, like a downloaded backbone
@@ -156,7 +156,7 @@ def test_local_weights_file_backbone_and_safetensors(tmp_path) -> None:
         assert torch.equal(model.conv1.weight, src.conv1.weight)
         assert model.fc.out_features == 4
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
-    with pytest.raises(CheckpointError, match="wrong.pt"):
+    with pytest.raises(CheckpointError, match=r"wrong\.pt"):
         build_model(ModelConfig(weights=str(tmp_path / "wrong.pt")), 4)
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
 from fastft.errors import ConfigError
 from fastft.train import finetune
 
@@ -16,16 +16,41 @@ LRS = [0.003, 0.01, 0.03, 0.1]
 
 
 def test_sweep_of_four_lrs_equals_four_separate_runs(shapes4, tmp_path) -> None:
-    common = {"optim__epochs": 2, "data__augment": True, "model__freeze": "backbone", "optim__weight_decay": 1e-3,
-              "optim__clip_grad_norm": 0.5}
-    sweep = finetune(tiny_config(shapes4, tmp_path, run__name="sweep", head__sweep_lr=LRS,
-                                 features__cache="memory", features__dtype="fp32", features__views=2, **common))
+    common = {
+        "optim__epochs": 2,
+        "data__augment": True,
+        "model__freeze": "backbone",
+        "optim__weight_decay": 1e-3,
+        "optim__clip_grad_norm": 0.5,
+    }
+    sweep = finetune(
+        tiny_config(
+            shapes4,
+            tmp_path,
+            run__name="sweep",
+            head__sweep_lr=LRS,
+            features__cache="memory",
+            features__dtype="fp32",
+            features__views=2,
+            **common,
+        )
+    )
     rows = sweep.metrics["sweep"]
     assert [r["lr"] for r in rows] == LRS
     ckpt = torch.load(sweep.paths["last"], weights_only=True)
     for i, lr in enumerate(LRS):
-        alone = finetune(tiny_config(shapes4, tmp_path, run__name=f"lr{i}", optim__lr=lr, features__cache="memory",
-                                     features__dtype="fp32", features__views=2, **common))
+        alone = finetune(
+            tiny_config(
+                shapes4,
+                tmp_path,
+                run__name=f"lr{i}",
+                optim__lr=lr,
+                features__cache="memory",
+                features__dtype="fp32",
+                features__views=2,
+                **common,
+            )
+        )
         head = load_file(alone.paths["head_export"])
         for k, v in head.items():
             # one einsum over stacked heads vs one matmul: fp32 rounding only
@@ -41,9 +66,21 @@ def test_sweep_of_four_lrs_equals_four_separate_runs(shapes4, tmp_path) -> None:
 
 
 def test_sweep_grid_with_weight_decay_and_refusals(shapes4, tmp_path) -> None:
-    r = finetune(tiny_config(shapes4, tmp_path, run__name="grid", head__sweep_lr=[0.01, 0.1],
-                             head__sweep_weight_decay=[0.0, 0.1], optim__epochs=1))
-    assert [(x["lr"], x["weight_decay"]) for x in r.metrics["sweep"]] == [(0.01, 0.0), (0.01, 0.1), (0.1, 0.0),
-                                                                           (0.1, 0.1)]
+    r = finetune(
+        tiny_config(
+            shapes4,
+            tmp_path,
+            run__name="grid",
+            head__sweep_lr=[0.01, 0.1],
+            head__sweep_weight_decay=[0.0, 0.1],
+            optim__epochs=1,
+        )
+    )
+    assert [(x["lr"], x["weight_decay"]) for x in r.metrics["sweep"]] == [
+        (0.01, 0.0),
+        (0.01, 0.1),
+        (0.1, 0.0),
+        (0.1, 0.1),
+    ]
     with pytest.raises(ConfigError, match="linear probe"):
         finetune(tiny_config(shapes4, tmp_path, run__name="bad", head__sweep_lr=[0.1], model__freeze="until:layer3"))

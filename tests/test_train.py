@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
 from fastft.train import finetune
 
 
@@ -45,8 +45,9 @@ def test_linear_probe_leaves_backbone_and_bn_buffers_bit_identical(shapes4, back
 
 
 def test_until_layer3_trains_exactly_layer4_and_head(shapes4, backbone_file, tmp_path) -> None:
-    cfg = tiny_config(shapes4, tmp_path, model__weights=str(backbone_file), model__freeze="until:layer3",
-                      optim__epochs=1)
+    cfg = tiny_config(
+        shapes4, tmp_path, model__weights=str(backbone_file), model__freeze="until:layer3", optim__epochs=1
+    )
     result = finetune(cfg)
     before = torch.load(backbone_file, weights_only=True)
     after = load_file(result.paths["model_export"])
@@ -60,8 +61,17 @@ def test_until_layer3_trains_exactly_layer4_and_head(shapes4, backbone_file, tmp
 def test_outputs_of_a_run(shapes4, tmp_path) -> None:
     result = finetune(tiny_config(shapes4, tmp_path, optim__epochs=1))
     d = result.run_dir
-    for name in ("config.toml", "events.jsonl", "metrics.json", "confusion_matrix.png", "last.pt", "best.pt",
-                 "model.safetensors", "head.safetensors", "head.json"):
+    for name in (
+        "config.toml",
+        "events.jsonl",
+        "metrics.json",
+        "confusion_matrix.png",
+        "last.pt",
+        "best.pt",
+        "model.safetensors",
+        "head.safetensors",
+        "head.json",
+    ):
         assert (d / name).is_file(), name
     assert list((d / "tensorboard").glob("events.out.tfevents.*"))
     metrics = json.loads((d / "metrics.json").read_text())
@@ -69,9 +79,10 @@ def test_outputs_of_a_run(shapes4, tmp_path) -> None:
     assert [r["class"] for r in metrics["per_class"]] == ["checker", "circle", "cross", "diamond"]
     assert metrics["confusion_matrix"] == result.metrics["confusion_matrix"]
     assert {k: v for k, v in metrics.items() if isinstance(v, float)} == pytest.approx(
-        {k: v for k, v in result.metrics.items() if isinstance(v, float)})
+        {k: v for k, v in result.metrics.items() if isinstance(v, float)}
+    )
     events = [json.loads(line) for line in (d / "events.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events][0] == "start" and events[-1]["event"] == "end"
+    assert events[0]["event"] == "start" and events[-1]["event"] == "end"
     head = load_file(d / "head.safetensors")
     assert set(head) == {"weight", "bias"} and head["weight"].shape == (4, 512)
 
@@ -88,8 +99,9 @@ def test_existing_run_folder_is_refused_before_training(shapes4, tmp_path) -> No
 
 def test_grad_accumulation_matches_the_larger_batch(shapes4, tmp_path) -> None:
     a = finetune(tiny_config(shapes4, tmp_path, run__name="a", data__batch_size=8, optim__epochs=1))
-    b = finetune(tiny_config(shapes4, tmp_path, run__name="b", data__batch_size=4, optim__grad_accum=2,
-                             optim__epochs=1))
+    b = finetune(
+        tiny_config(shapes4, tmp_path, run__name="b", data__batch_size=4, optim__grad_accum=2, optim__epochs=1)
+    )
     wa, wb = load_file(a.paths["head_export"]), load_file(b.paths["head_export"])
     assert a.steps == b.steps == 6
     for k in wa:
@@ -104,8 +116,13 @@ def test_resume_after_interruption_continues_from_saved_step(shapes4, tmp_path, 
     """Interrupt at step 5 (last.pt saved at step 4, mid-epoch); resume; final weights equal an uninterrupted run."""
     from fastft.parallel.backend import LocalBackend
 
-    common = dict(optim__epochs=2, data__augment=True, checkpoint__every_steps=2, model__freeze="until:layer3",
-                  optim__warmup_steps=2)
+    common = dict(
+        optim__epochs=2,
+        data__augment=True,
+        checkpoint__every_steps=2,
+        model__freeze="until:layer3",
+        optim__warmup_steps=2,
+    )
     full = finetune(tiny_config(shapes4, tmp_path, run__name="full", **common))
 
     real_step = LocalBackend.step
@@ -156,8 +173,9 @@ def test_evaluate_api_reproduces_the_run_report(shapes4, tmp_path) -> None:
     from fastft.api import evaluate
 
     result = finetune(tiny_config(shapes4, tmp_path, optim__epochs=1))
-    ev = evaluate(result.paths["last"], shapes4 / "val", out_dir=tmp_path / "ev", workers=0, device="cpu",
-                  precision="fp32")
+    ev = evaluate(
+        result.paths["last"], shapes4 / "val", out_dir=tmp_path / "ev", workers=0, device="cpu", precision="fp32"
+    )
     for k in ("top1", "f1_macro", "loss", "precision_weighted"):
         assert ev.metrics[k] == pytest.approx(result.metrics[k], abs=1e-6), k
     assert ev.metrics["confusion_matrix"] == result.metrics["confusion_matrix"]

@@ -31,8 +31,9 @@ def test_layer_decay_scales_each_stage() -> None:
     depths = layer_depths(model, "fc")
     assert depths["fc.weight"] == 0 and depths["layer4.0.conv1.weight"] == 1 and depths["layer1.1.bn2.bias"] == 4
     assert depths["conv1.weight"] == depths["bn1.weight"] == 5  # the stem is the deepest stage
-    groups = param_groups(model, [n for n, _ in model.named_parameters()], OptimConfig(layer_decay=0.5,
-                                                                                      weight_decay=0.1), head="fc")
+    groups = param_groups(
+        model, [n for n, _ in model.named_parameters()], OptimConfig(layer_decay=0.5, weight_decay=0.1), head="fc"
+    )
     by_param = {id(p): g for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert by_param[id(named["fc.weight"])]["lr_scale"] == 1.0
@@ -59,8 +60,12 @@ def _epoch_states(monkeypatch) -> list[dict]:
 
     def spy(obj, path):
         if Path(path).name == "last.pt":
-            states.append({"model": {k: v.clone() for k, v in obj["model"].items()},
-                           "groups": [dict(g) for g in obj["optimizer"]["param_groups"]]})
+            states.append(
+                {
+                    "model": {k: v.clone() for k, v in obj["model"].items()},
+                    "groups": [dict(g) for g in obj["optimizer"]["param_groups"]],
+                }
+            )
         return real(obj, path)
 
     monkeypatch.setattr(ckpt_io, "atomic_save", spy)
@@ -69,8 +74,14 @@ def _epoch_states(monkeypatch) -> list[dict]:
 
 def test_unfreeze_at_epoch_2_trains_layer4_from_then_on(shapes4, backbone_file, tmp_path, monkeypatch) -> None:
     states = _epoch_states(monkeypatch)
-    cfg = tiny_config(shapes4, tmp_path, model__weights=str(backbone_file), model__freeze="backbone",
-                      optim__epochs=3, optim__unfreeze=["2:layer4:0.1"])
+    cfg = tiny_config(
+        shapes4,
+        tmp_path,
+        model__weights=str(backbone_file),
+        model__freeze="backbone",
+        optim__epochs=3,
+        optim__unfreeze=["2:layer4:0.1"],
+    )
     finetune(cfg)
     init = torch.load(backbone_file, weights_only=True)
     assert len(states) == 3
@@ -88,16 +99,22 @@ def test_unfreeze_at_epoch_2_trains_layer4_from_then_on(shapes4, backbone_file, 
     # The optimizer gained groups for layer4 with the LR factor, keeping the head's groups first.
     assert len(states[0]["groups"]) < len(states[1]["groups"])
     head_lr = states[1]["groups"][0]["lr"]
-    new = states[1]["groups"][len(states[0]["groups"]):]
+    new = states[1]["groups"][len(states[0]["groups"]) :]
     assert all(g["lr"] == pytest.approx(head_lr * 0.1) for g in new)
 
 
 def test_unfreeze_drops_the_cache_and_matches_uncached(shapes4, backbone_file, tmp_path) -> None:
-    common = {"model__weights": str(backbone_file), "model__freeze": "backbone", "optim__epochs": 3,
-              "optim__unfreeze": ["2:layer4:0.1"], "data__augment": False}
+    common = {
+        "model__weights": str(backbone_file),
+        "model__freeze": "backbone",
+        "optim__epochs": 3,
+        "optim__unfreeze": ["2:layer4:0.1"],
+        "data__augment": False,
+    }
     plain = finetune(tiny_config(shapes4, tmp_path, run__name="plain", **common))
-    cached = finetune(tiny_config(shapes4, tmp_path, run__name="cached", features__cache="memory",
-                                  features__dtype="fp32", **common))
+    cached = finetune(
+        tiny_config(shapes4, tmp_path, run__name="cached", features__cache="memory", features__dtype="fp32", **common)
+    )
     a, b = load_file(plain.paths["model_export"]), load_file(cached.paths["model_export"])
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-3, msg=k)
@@ -110,8 +127,13 @@ class _Stop(Exception):
 def test_resume_after_unfreeze_replays_it(shapes4, backbone_file, tmp_path, monkeypatch) -> None:
     from fastft.parallel.backend import LocalBackend
 
-    common = {"model__weights": str(backbone_file), "model__freeze": "backbone", "optim__epochs": 3,
-              "optim__unfreeze": ["2:layer4:0.1"], "checkpoint__every_steps": 1}
+    common = {
+        "model__weights": str(backbone_file),
+        "model__freeze": "backbone",
+        "optim__epochs": 3,
+        "optim__unfreeze": ["2:layer4:0.1"],
+        "checkpoint__every_steps": 1,
+    }
     full = finetune(tiny_config(shapes4, tmp_path, run__name="full", **common))
     real, calls = LocalBackend.step, {"n": 0}
 

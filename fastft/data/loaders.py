@@ -24,39 +24,78 @@ def resolve_loader(cfg: DataConfig, env: DistEnv) -> str:
     return "dali" if dali_available() and env.device.type == "cuda" else "torch"
 
 
-def build_loader(samples: list[Sample], spec: TransformSpec, cfg: DataConfig, *, train: bool, seed: int,
-                 env: DistEnv, batch_size: int | None = None):
+def build_loader(
+    samples: list[Sample],
+    spec: TransformSpec,
+    cfg: DataConfig,
+    *,
+    train: bool,
+    seed: int,
+    env: DistEnv,
+    batch_size: int | None = None,
+):
     """An iterable of (images float32 B3HW, labels int64 B) batches with `len()` and `set_epoch(epoch, start_batch)`."""
     bs = batch_size or cfg.batch_size
     kind = resolve_loader(cfg, env)
     if kind == "synthetic":
-        return SyntheticLoader(samples, spec, batch_size=bs, train=train, seed=seed, rank=env.rank,
-                               world=env.world_size)
+        return SyntheticLoader(
+            samples, spec, batch_size=bs, train=train, seed=seed, rank=env.rank, world=env.world_size
+        )
     if kind == "dali":
         from fastft.data.dali_loader import DaliLoader
 
         cuda = env.device.type == "cuda"
-        return DaliLoader(samples, train=train, augment=cfg.augment, batch_size=bs, crop_size=spec.crop_size,
-                          resize_size=spec.resize_size, mean=spec.mean, std=spec.std, shard_id=env.rank,
-                          num_shards=env.world_size, threads=max(1, cfg.workers), seed=seed,
-                          device="cuda" if cuda else "cpu", device_id=env.device.index if cuda else None,
-                          on_bad_file=cfg.on_bad_file)
+        return DaliLoader(
+            samples,
+            train=train,
+            augment=cfg.augment,
+            batch_size=bs,
+            crop_size=spec.crop_size,
+            resize_size=spec.resize_size,
+            mean=spec.mean,
+            std=spec.std,
+            shard_id=env.rank,
+            num_shards=env.world_size,
+            threads=max(1, cfg.workers),
+            seed=seed,
+            device="cuda" if cuda else "cpu",
+            device_id=env.device.index if cuda else None,
+            on_bad_file=cfg.on_bad_file,
+        )
     from fastft.data.torch_loader import TorchLoader, prescan
 
     if cfg.on_bad_file == "skip":
         samples = prescan(samples, workers=cfg.workers)
-    return TorchLoader(samples, spec, train=train, augment=cfg.augment, batch_size=bs, workers=cfg.workers,
-                       seed=seed, rank=env.rank, world=env.world_size,
-                       pin_memory=cfg.pin_memory and env.device.type == "cuda",
-                       persistent_workers=cfg.persistent_workers)
+    return TorchLoader(
+        samples,
+        spec,
+        train=train,
+        augment=cfg.augment,
+        batch_size=bs,
+        workers=cfg.workers,
+        seed=seed,
+        rank=env.rank,
+        world=env.world_size,
+        pin_memory=cfg.pin_memory and env.device.type == "cuda",
+        persistent_workers=cfg.persistent_workers,
+    )
 
 
 class SyntheticLoader:
     """In-memory batches with the real labels' count and sharding but no decode (throughput benchmarks: it
     measures the model and the loop with data loading removed). One normalised random batch is reused."""
 
-    def __init__(self, samples: list[Sample], spec: TransformSpec, *, batch_size: int, train: bool, seed: int,
-                 rank: int, world: int) -> None:
+    def __init__(
+        self,
+        samples: list[Sample],
+        spec: TransformSpec,
+        *,
+        batch_size: int,
+        train: bool,
+        seed: int,
+        rank: int,
+        world: int,
+    ) -> None:
         import torch
 
         from fastft.data.torch_loader import ShardedBatchSampler

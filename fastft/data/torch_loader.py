@@ -25,7 +25,7 @@ def open_rgb(path: str) -> Image.Image:
                 # 16-bit: scale to 8-bit before RGB conversion (PIL clips instead of scaling)
                 im = im.point(lambda v: v / 256).convert("L")
             return im.convert("RGB")
-    except Exception as e:  # noqa: BLE001 — any decode failure is this file's fault
+    except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"cannot read image {path}: {msg}") from None
 
@@ -33,8 +33,9 @@ def open_rgb(path: str) -> Image.Image:
 class ImageDataset(torch.utils.data.Dataset):
     """Indexed by (sample index, epoch) so augmentation is reproducible under any sharding or worker count."""
 
-    def __init__(self, samples: list[Sample], spec: TransformSpec, *, train: bool, augment: bool = True,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, samples: list[Sample], spec: TransformSpec, *, train: bool, augment: bool = True, seed: int = 0
+    ) -> None:
         self.samples = samples
         self.train = train and augment  # without augmentation, training sees the eval transform
         self.transform = torchvision_transform(spec, train=self.train)
@@ -97,14 +98,31 @@ class ShardedBatchSampler:
 class TorchLoader:
     """DataLoader over an ImageDataset with a ShardedBatchSampler; yields (images float32 B3HW, labels int64 B)."""
 
-    def __init__(self, samples: list[Sample], spec: TransformSpec, *, train: bool, batch_size: int, workers: int = 2,
-                 augment: bool = True, seed: int = 0, rank: int = 0, world: int = 1, pin_memory: bool = False,
-                 persistent_workers: bool = True) -> None:
+    def __init__(
+        self,
+        samples: list[Sample],
+        spec: TransformSpec,
+        *,
+        train: bool,
+        batch_size: int,
+        workers: int = 2,
+        augment: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+    ) -> None:
         self.dataset = ImageDataset(samples, spec, train=train, augment=augment, seed=seed)
         self.sampler = ShardedBatchSampler(len(samples), batch_size, train=train, seed=seed, rank=rank, world=world)
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.sampler, num_workers=workers, pin_memory=pin_memory,
-            persistent_workers=persistent_workers and workers > 0, prefetch_factor=4 if workers > 0 else None)
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers and workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
 
     @property
     def num_samples(self) -> int:

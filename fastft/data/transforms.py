@@ -17,8 +17,13 @@ class TransformSpec:
     interpolation: str = "bilinear"
 
     def to_dict(self) -> dict:
-        return {"crop_size": self.crop_size, "resize_size": self.resize_size, "mean": list(self.mean),
-                "std": list(self.std), "interpolation": self.interpolation}
+        return {
+            "crop_size": self.crop_size,
+            "resize_size": self.resize_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> TransformSpec:
@@ -26,7 +31,7 @@ class TransformSpec:
 
 
 def spec_from_weights(weights, image_size: int = 0) -> TransformSpec:
-    """Read the preset of a torchvision weights enum (None: ImageNet defaults); `image_size` rescales crop and resize."""
+    """Read a torchvision weights enum's preset (None: ImageNet defaults); `image_size` rescales crop and resize."""
     spec = TransformSpec()
     if weights is not None:
         t = weights.transforms()
@@ -47,6 +52,9 @@ def torchvision_transform(spec: TransformSpec, *, train: bool):
     from torchvision.transforms import v2 as T
 
     interp = InterpolationMode(spec.interpolation)
-    head = [T.RandomResizedCrop(spec.crop_size, interpolation=interp, antialias=True), T.RandomHorizontalFlip()] if train else [
-        T.Resize(spec.resize_size, interpolation=interp, antialias=True), T.CenterCrop(spec.crop_size)]
+    head = (
+        [T.RandomResizedCrop(spec.crop_size, interpolation=interp, antialias=True), T.RandomHorizontalFlip()]
+        if train
+        else [T.Resize(spec.resize_size, interpolation=interp, antialias=True), T.CenterCrop(spec.crop_size)]
+    )
     return T.Compose([T.ToImage(), *head, T.ToDtype(torch.float32, scale=True), T.Normalize(spec.mean, spec.std)])

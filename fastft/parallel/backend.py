@@ -43,8 +43,15 @@ class Backend(Protocol):
 class LocalBackend:
     """Single process and DDP share this: DDP only adds the wrapper and no_sync."""
 
-    def __init__(self, *, clip_grad_norm: float = 0.0, scaler: torch.amp.GradScaler | None = None,
-                 ddp: bool = False, device: torch.device | None = None, grad_accum: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        clip_grad_norm: float = 0.0,
+        scaler: torch.amp.GradScaler | None = None,
+        ddp: bool = False,
+        device: torch.device | None = None,
+        grad_accum: int = 1,
+    ) -> None:
         self.name = "ddp" if ddp else "none"
         self.owns_optimizer_state = False
         self.grad_accum = grad_accum
@@ -117,8 +124,10 @@ class LocalBackend:
         pass
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "skipped_steps": self.skipped_steps}
+        return {
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "skipped_steps": self.skipped_steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaler is not None and state.get("scaler"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False  # True when fastft created the process group (and must destroy it)
 
     @property
@@ -60,8 +60,11 @@ def init_distributed(device_name: str = "auto", *, timeout_s: int = 600) -> Dist
         return DistEnv(0, 1, 0, device, owns_group=False)
     rank = int(os.environ["RANK"])
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend=backend,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
     return DistEnv(rank, world, local, device, owns_group=True)
 
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_torchrun, tiny_config
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
@@ -34,8 +33,9 @@ def test_dali_and_torchvision_eval_agree(trained, shapes4) -> None:
     spec = TransformSpec.from_dict(meta["transform"])
     logits = {}
     for kind in ("torch", "dali"):
-        dl = build_loader(samples, spec, DataConfig(loader=kind, workers=1, batch_size=8), train=False, seed=0,
-                          env=DistEnv())
+        dl = build_loader(
+            samples, spec, DataConfig(loader=kind, workers=1, batch_size=8), train=False, seed=0, env=DistEnv()
+        )
         outs, labels = [], []
         with torch.inference_mode():
             for x, y in dl:
@@ -60,10 +60,22 @@ def test_eval_api_with_dali_matches_torch(trained, shapes4) -> None:
 
 @pytest.mark.slow
 def test_train_with_dali_on_two_processes(shapes4, tmp_path) -> None:
-    p = run_torchrun(2, "train", f"--data.root={shapes4}", "--data.loader=dali", "--model.weights=none",
-                     "--data.image_size=32", "--data.batch_size=4", "--data.workers=1", "--precision.dtype=fp32",
-                     "--log.progress=false", "--run.device=cpu", "--optim.epochs=2", f"--run.out_dir={tmp_path}",
-                     "--run.name=d")
+    p = run_torchrun(
+        2,
+        "train",
+        f"--data.root={shapes4}",
+        "--data.loader=dali",
+        "--model.weights=none",
+        "--data.image_size=32",
+        "--data.batch_size=4",
+        "--data.workers=1",
+        "--precision.dtype=fp32",
+        "--log.progress=false",
+        "--run.device=cpu",
+        "--optim.epochs=2",
+        f"--run.out_dir={tmp_path}",
+        "--run.name=d",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     events = [json.loads(x) for x in (tmp_path / "d" / "events.jsonl").read_text().splitlines()]
     assert events[0]["world_size"] == 2 and events[0]["steps_per_epoch"] == 48 // 2 // 4

@@ -13,14 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO, run_cli, run_torchrun, run_torchrun_script
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-FAST = ["--model.weights=none", "--data.image_size=32", "--data.workers=0", "--precision.dtype=fp32",
-        "--log.progress=false", "--run.device=cpu", "--compile.target=none", "--optim.lr=0.05", "--run.seed=7"]
+FAST = [
+    "--model.weights=none",
+    "--data.image_size=32",
+    "--data.workers=0",
+    "--precision.dtype=fp32",
+    "--log.progress=false",
+    "--run.device=cpu",
+    "--compile.target=none",
+    "--optim.lr=0.05",
+    "--run.seed=7",
+]
 INJECT = Path(__file__).with_name("_inject.py")
 
 
@@ -35,8 +43,14 @@ def _head(run: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("world", [2, 3])
 def test_ddp_matches_single_process_on_same_global_batch(shapes4, tmp_path, world) -> None:
     """world x batch 4 under DDP == one process with batch 4*world: the same samples, the same mean gradient."""
-    common = [f"--data.root={shapes4}", *FAST, "--optim.epochs=2", "--model.freeze=backbone", "--model.head_hidden=16",
-              f"--run.out_dir={tmp_path}"]
+    common = [
+        f"--data.root={shapes4}",
+        *FAST,
+        "--optim.epochs=2",
+        "--model.freeze=backbone",
+        "--model.head_hidden=16",
+        f"--run.out_dir={tmp_path}",
+    ]
     _ok(run_cli("train", *common, f"--data.batch_size={4 * world}", "--run.name=single", "--parallel.backend=none"))
     _ok(run_torchrun(world, "train", *common, "--data.batch_size=4", "--run.name=ddp"))
     single, ddp = _head(tmp_path / "single"), _head(tmp_path / "ddp")
@@ -52,13 +66,21 @@ def test_ddp_matches_single_process_on_same_global_batch(shapes4, tmp_path, worl
 def eval_setup(shapes4, tmp_path_factory):
     """A trained checkpoint and folders of 97 and 101 images (uneven over 2 and 3 ranks with batch 8)."""
     base = tmp_path_factory.mktemp("evalsets")
-    p = run_cli("train", f"--data.root={shapes4}", *FAST, "--data.batch_size=8", "--optim.epochs=1",
-                f"--run.out_dir={base}", "--run.name=m")
+    p = run_cli(
+        "train",
+        f"--data.root={shapes4}",
+        *FAST,
+        "--data.batch_size=8",
+        "--optim.epochs=1",
+        f"--run.out_dir={base}",
+        "--run.name=m",
+    )
     _ok(p)
     from fastft.data.synthetic import make_image_folder
 
-    big = make_image_folder(base / "pool", num_classes=4, train_per_class=26, val_per_class=0, image_size=32,
-                            seed=5, layout="flat")
+    big = make_image_folder(
+        base / "pool", num_classes=4, train_per_class=26, val_per_class=0, image_size=32, seed=5, layout="flat"
+    )
     sets = {}
     for n in (97, 101):
         dst = base / f"set{n}"
@@ -73,8 +95,21 @@ def eval_setup(shapes4, tmp_path_factory):
 @pytest.mark.parametrize("n", [97, 101])
 def test_distributed_eval_equals_single_process_exactly(eval_setup, tmp_path, n) -> None:
     ckpt, sets = eval_setup
-    args = ["eval", "--checkpoint", str(ckpt), "--data", str(sets[n]), "--batch-size", "8", "--workers", "0",
-            "--precision", "fp32", "--device", "cpu"]
+    args = [
+        "eval",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(sets[n]),
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+    ]
     _ok(run_cli(*args, "--out", str(tmp_path / "w1")))
     ref = json.loads((tmp_path / "w1" / "metrics.json").read_text())
     assert ref["num_samples"] == n
@@ -90,35 +125,74 @@ def test_distributed_eval_equals_single_process_exactly(eval_setup, tmp_path, n)
 
 
 def test_ddp_resume_continues_from_saved_step(shapes4, tmp_path) -> None:
-    common = [f"--data.root={shapes4}", *FAST, "--data.batch_size=4", "--optim.epochs=2", "--model.freeze=until:layer4",
-              "--checkpoint.every_steps=2", f"--run.out_dir={tmp_path}"]
+    common = [
+        f"--data.root={shapes4}",
+        *FAST,
+        "--data.batch_size=4",
+        "--optim.epochs=2",
+        "--model.freeze=until:layer4",
+        "--checkpoint.every_steps=2",
+        f"--run.out_dir={tmp_path}",
+    ]
     _ok(run_torchrun(2, "train", *common, "--run.name=full"))
     p = run_torchrun_script(2, INJECT, "train", *common, "--run.name=cut", env={"FAIL_STEP": "5"})
     assert p.returncode != 0
     saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert (saved["step"], saved["epoch"], saved["batch"]) == (4, 0, 4) and len(saved["rng"]) == 2
     _ok(run_torchrun(2, "train", *common, "--run.name=cut", "--resume=auto"))
-    full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    full, resumed = (
+        load_file(tmp_path / "full" / "model.safetensors"),
+        load_file(tmp_path / "cut" / "model.safetensors"),
+    )
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
 def test_one_rank_failing_ends_the_job(shapes4, tmp_path) -> None:
     t0 = time.monotonic()
-    p = run_torchrun_script(2, INJECT, "train", f"--data.root={shapes4}", *FAST, "--data.batch_size=4",
-                            "--optim.epochs=3", "--parallel.timeout_s=60", f"--run.out_dir={tmp_path}",
-                            env={"FAIL_STEP": "2", "FAIL_RANK": "1"}, timeout=180)
+    p = run_torchrun_script(
+        2,
+        INJECT,
+        "train",
+        f"--data.root={shapes4}",
+        *FAST,
+        "--data.batch_size=4",
+        "--optim.epochs=3",
+        "--parallel.timeout_s=60",
+        f"--run.out_dir={tmp_path}",
+        env={"FAIL_STEP": "2", "FAIL_RANK": "1"},
+        timeout=180,
+    )
     assert p.returncode != 0
     assert time.monotonic() - t0 < 120  # well within the collective timeout: no hang
     assert "fastft: rank 1 failed: RuntimeError: injected fault at step 2" in p.stderr
 
 
 def test_torchrun_launcher_script(shapes4, tmp_path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "2",
-           "PYTHON": sys.executable, "MASTER_PORT": "29633"}
-    p = subprocess.run(["bash", str(REPO / "launchers" / "torchrun.sh"), f"--data.root={shapes4}", *FAST,
-                        "--data.batch_size=4", "--optim.epochs=1", f"--run.out_dir={tmp_path}", "--run.name=l"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "NPROC_PER_NODE": "2",
+        "PYTHON": sys.executable,
+        "MASTER_PORT": "29633",
+    }
+    p = subprocess.run(
+        [
+            "bash",
+            str(REPO / "launchers" / "torchrun.sh"),
+            f"--data.root={shapes4}",
+            *FAST,
+            "--data.batch_size=4",
+            "--optim.epochs=1",
+            f"--run.out_dir={tmp_path}",
+            "--run.name=l",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     _ok(p)
     events = [json.loads(x) for x in (tmp_path / "l" / "events.jsonl").read_text().splitlines()]
     assert events[0]["world_size"] == 2 and (tmp_path / "l" / "metrics.json").is_file()
@@ -127,11 +201,28 @@ def test_torchrun_launcher_script(shapes4, tmp_path) -> None:
 def test_ddp_cached_sweep_equals_single_process_uncached(shapes4, tmp_path) -> None:
     """Feature cache (each rank computes its shard, all-gathered) + a 2-head sweep under 2 DDP ranks trains the same
     heads as one uncached process on the same global batch."""
-    common = [f"--data.root={shapes4}", *FAST, "--optim.epochs=2", "--model.freeze=backbone", "--data.augment=false",
-              "--head.sweep_lr=[0.01, 0.1]", f"--run.out_dir={tmp_path}"]
+    common = [
+        f"--data.root={shapes4}",
+        *FAST,
+        "--optim.epochs=2",
+        "--model.freeze=backbone",
+        "--data.augment=false",
+        "--head.sweep_lr=[0.01, 0.1]",
+        f"--run.out_dir={tmp_path}",
+    ]
     _ok(run_cli("train", *common, "--data.batch_size=8", "--run.name=single", "--parallel.backend=none"))
-    _ok(run_torchrun(2, "train", *common, "--data.batch_size=4", "--run.name=ddp", "--features.cache=disk",
-                     "--features.dtype=fp32", f"--features.dir={tmp_path / 'cache'}"))
+    _ok(
+        run_torchrun(
+            2,
+            "train",
+            *common,
+            "--data.batch_size=4",
+            "--run.name=ddp",
+            "--features.cache=disk",
+            "--features.dtype=fp32",
+            f"--features.dir={tmp_path / 'cache'}",
+        )
+    )
     assert len(list((tmp_path / "cache").glob("*/shard-1-of-2.npy"))) == 2  # train and val, rank 1's shards
     a = torch.load(tmp_path / "single" / "last.pt", weights_only=True)["sweep_bank"]
     b = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["sweep_bank"]
@@ -140,9 +231,19 @@ def test_ddp_cached_sweep_equals_single_process_uncached(shapes4, tmp_path) -> N
 
 
 def test_ddp_gradual_unfreeze_with_cache(shapes4, tmp_path) -> None:
-    p = run_torchrun(2, "train", f"--data.root={shapes4}", *FAST, "--data.batch_size=4", "--optim.epochs=2",
-                     "--model.freeze=backbone", "--features.cache=memory", "--optim.unfreeze=[\"2:layer4:0.1\"]",
-                     f"--run.out_dir={tmp_path}", "--run.name=u")
+    p = run_torchrun(
+        2,
+        "train",
+        f"--data.root={shapes4}",
+        *FAST,
+        "--data.batch_size=4",
+        "--optim.epochs=2",
+        "--model.freeze=backbone",
+        "--features.cache=memory",
+        '--optim.unfreeze=["2:layer4:0.1"]',
+        f"--run.out_dir={tmp_path}",
+        "--run.name=u",
+    )
     _ok(p)
     events = [json.loads(x) for x in (tmp_path / "u" / "events.jsonl").read_text().splitlines()]
     assert [e["module"] for e in events if e["event"] == "unfreeze"] == ["layer4"]

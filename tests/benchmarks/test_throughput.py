@@ -1,0 +1,274 @@
+"""The throughput harness itself: warm-up is never timed, ratios come from one run's own measurements, and the
+results document keeps a stable schema. Mock timings make the arithmetic exact; one tiny real run checks the wiring."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks import throughput as tp
+from fastft.bench import add_arguments
+
+
+def _args(tmp_path: Path, **kw) -> argparse.Namespace:
+    args = add_arguments(argparse.ArgumentParser()).parse_args(["--out", str(tmp_path / "results")])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Warm-up is excluded
+
+
+def test_time_calls_times_only_after_warmup_and_syncs_around_each_block() -> None:
+    events: list[str] = []
+    calls = {"n": 0}
+
+    def fn() -> None:
+        calls["n"] += 1
+        events.append("call")
+        if calls["n"] <= 2:  # a slow first-call (kernel selection, allocation) that must not be timed
+            time.sleep(0.2)
+
+    secs = tp.time_calls(fn, warmup=2, iters=3, repeats=3, sync=lambda: events.append("sync"))
+    assert len(secs) == 3 and max(secs) < 0.1
+    # Warm-up calls untimed, then sync | iters calls | sync for every repeat: queued device work is never missed.
+    assert events == ["call"] * 2 + (["sync"] + ["call"] * 3 + ["sync"]) * 3
+    calls["n"] = 0
+    assert tp.time_calls(fn, warmup=0, iters=1, repeats=3, sync=lambda: None)[0] > 0.15  # would be caught
+
+
+def _epoch(wall: float, images: int = 32, frozen: float | None = None) -> dict:
+    frozen = wall * 0.8 if frozen is None else frozen
+    return {"data": wall * 0.05, "frozen": frozen, "trainable": wall * 0.1, "optimizer": wall * 0.01, "wall": wall,
+            "images": images}
+
+
+def test_summarise_epochs_excludes_the_warmup_epoch_even_past_ten_epochs() -> None:
+    # Keys inserted out of order, and "epoch10" sorts before "epoch2" as a string: the warm-up is epoch0 by number.
+    walls = {0: 40.0, **{i: 1.0 for i in range(1, 11)}, 2: 2.0, 3: 0.5}
+    timings = {f"epoch{i}": _epoch(walls[i], frozen=0.4) for i in sorted(walls, reverse=True)}
+    timings["epoch0"]["frozen"] = 39.0
+    out = tp.summarise_epochs(timings, warmup=1, batch_size=8)
+    assert out["images_per_s"] == pytest.approx(32.0)  # median of the timed epochs, epoch0 (0.8 img/s) excluded
+    assert out["spread"]["min"] == pytest.approx(16.0) and out["spread"]["max"] == pytest.approx(64.0)
+    assert out["first_epoch_images_per_s"] == pytest.approx(0.8)
+    assert out["epochs_images_per_s"][0] == pytest.approx(0.8) and len(out["epochs_images_per_s"]) == 11
+    # 4 steps per epoch: frozen 0.4 s -> 100 ms per step; epoch0's 39 s never enters the median.
+    assert out["breakdown_ms_per_step"]["frozen"] == pytest.approx(100.0)
+    assert out["steps_per_epoch"] == 4
+    assert set(out["breakdown_ms_per_step"]) == set(tp.BREAKDOWN)
+
+
+def test_summarise_epochs_breakdown_per_step_with_world_size_and_other() -> None:
+    # Two ranks, batch 8 each: 32 global images = 2 steps. `other` is what the four segments do not cover.
+    timings = {f"epoch{i}": {"data": 0.1, "frozen": 0.6, "trainable": 0.2, "optimizer": 0.0, "wall": 1.0,
+                             "images": 32} for i in range(4)}
+    out = tp.summarise_epochs(timings, warmup=1, batch_size=8, world=2, comm_s_per_step=0.003)
+    b = out["breakdown_ms_per_step"]
+    assert b["frozen"] == pytest.approx(300.0) and b["other"] == pytest.approx(50.0)
+    assert b["communication"] == pytest.approx(3.0)
+
+
+def test_summarise_epochs_refuses_when_nothing_is_left_after_warmup() -> None:
+    with pytest.raises(ValueError, match="warm-up"):
+        tp.summarise_epochs({"epoch0": _epoch(1.0)}, warmup=1, batch_size=8)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Ratios come from the same run
+
+
+def _measurement(i: int, rate: float, run_id: str = "run-a", key: str = "m/bf16/bs8/32px") -> dict:
+    return {"id": i, "when": f"m{i}", "key": key, "run_id": run_id, "images_per_s": rate,
+            "repeats_images_per_s": [rate] * 3, "spread": {}}
+
+
+def _doc(measurements: list[dict], case_ids: list[int], *, case_run: str = "run-a") -> dict:
+    case = {"name": "m linear", "status": "ok", "config": {"model": "m"}, "run_id": case_run, "images_per_s": 75.0,
+            "first_epoch_images_per_s": 25.0, "limit_key": "m/bf16/bs8/32px", "limit_ids": case_ids}
+    return {"run_id": "run-a", "limit_measurements": measurements, "limits": [], "headline": None, "cases": [case],
+            "baselines": [{"model": "m", "run_id": "run-a", "images_per_s": 30.0}]}
+
+
+def test_attach_ratios_uses_the_measurements_taken_around_the_mode() -> None:
+    doc = _doc([_measurement(0, 1000.0), _measurement(1, 50.0), _measurement(2, 200.0)], [1, 2])
+    tp.attach_ratios(doc)
+    case = doc["cases"][0]
+    # median of the 6 repeats of measurements 1 and 2 = 125; measurement 0 (taken earlier) is not used.
+    assert case["limit_images_per_s"] == pytest.approx(125.0)
+    assert case["ratio_to_limit"] == pytest.approx(75.0 / 125.0)
+    assert case["first_epoch_ratio_to_limit"] == pytest.approx(25.0 / 125.0)
+    assert case["ratio_to_baseline"] == pytest.approx(75.0 / 30.0)
+    (summary,) = doc["limits"]  # the run's summary of that key: the median over all three measurements' repeats
+    assert summary["images_per_s"] == pytest.approx(200.0) and summary["measurement_ids"] == [0, 1, 2]
+
+
+def test_ratios_refuse_measurements_from_another_run() -> None:
+    with pytest.raises(ValueError, match="across runs"):
+        tp.ratio({"run_id": "a", "images_per_s": 1.0}, {"run_id": "b", "images_per_s": 2.0})
+    doc = _doc([_measurement(0, 100.0), _measurement(1, 100.0)], [0, 1], case_run="run-b")
+    with pytest.raises(ValueError, match="across runs"):
+        tp.attach_ratios(doc)
+    doc = _doc([_measurement(0, 100.0), _measurement(1, 100.0, run_id="run-b")], [0, 1])
+    with pytest.raises(ValueError, match="same"):
+        tp.attach_ratios(doc)
+
+
+def test_ratio_refuses_a_limit_of_another_precision() -> None:
+    doc = _doc([_measurement(0, 100.0, key="m/fp32/bs8/32px"), _measurement(1, 100.0, key="m/fp32/bs8/32px")], [0, 1])
+    with pytest.raises(ValueError, match="compared with"):
+        tp.attach_ratios(doc)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A whole run with mocked timings: bracketing, targets and the schema
+
+
+@pytest.fixture()
+def mocked(monkeypatch, tmp_path):
+    """The harness with fastft, the seed loop and the limit replaced by deterministic fakes."""
+    state = {"limit_calls": 0}
+    suite = tp.Suite("smoke", tp.Settings(batch_size=8, image_size=32, workers=0, train_images=16, val_images=8,
+                                          device="cpu"),
+                     [tp.Block("resnet18", [tp.Case("linear/synthetic", "resnet18"),
+                                            tp.Case("linear/synthetic fp32", "resnet18", precision="fp32"),
+                                            tp.Case("full/synthetic", "resnet18", "full")], baseline_epochs=4)],
+                     tp.Headline("resnet18", epochs=10, train_images=16, val_images=8))
+    monkeypatch.setattr(tp, "make_suite", lambda name: copy.deepcopy(suite))
+    monkeypatch.setattr(tp, "bench_folder", lambda *a, **k: tmp_path)
+    monkeypatch.setattr(tp, "precision_name", lambda dtype, device: "fp32" if dtype == "fp32" else "bf16")
+
+    def measure_limit(model, *, precision, s, device, run_id):
+        state["limit_calls"] += 1
+        rate = 100.0 * state["limit_calls"]  # every measurement differs: which ones a ratio uses is visible
+        return {"key": tp.limit_key(model, tp.precision_name(precision, device), s.batch_size, 32), "run_id": run_id,
+                "model": model, "precision": precision, "batch_size": s.batch_size, "image_size": 32,
+                "channels_last": True, "images_per_s": rate, "spread": {"min": rate, "max": rate, "rel": 0.0},
+                "repeats_images_per_s": [rate] * 3, "warmup_iters": 1, "iters_per_repeat": 1}
+
+    def finetune_quiet(cfg):
+        n = cfg.optim.epochs
+        timings = {f"epoch{i}": _epoch(10.0 if i == 0 else 0.5, images=16) for i in range(n)}
+        lines = ["fastft: precision bf16 (auto), compile none, split head, backend none, world 1, device cpu"]
+        if cfg.features.cache != "off":
+            lines.append("fastft: feature cache (memory, fp16): train built, val built in 3.0s")
+        return SimpleNamespace(timings=timings, metrics={"top1": 0.5}), lines, 4.0 + sum(t["wall"] for t in
+                                                                                       timings.values())
+
+    def run_seed(root, *, model_name, epochs, batch_size, workers, image_size, device):
+        return {"total_s": 100.0 * epochs / 10, "epochs": [{"seconds": 10.0, "images": 16, "images_per_s": 1.6}] * epochs,
+                "top1": 0.25, "images_per_epoch": 16, "model": model_name, "batch_size": batch_size,
+                "workers": workers, "image_size": 32, "settings": {}}
+
+    monkeypatch.setattr(tp, "measure_limit", measure_limit)
+    monkeypatch.setattr(tp, "finetune_quiet", finetune_quiet)
+    monkeypatch.setattr(tp, "run_seed", run_seed)
+    return state
+
+
+def test_mocked_run_brackets_every_mode_with_its_own_limit_measurements(mocked, tmp_path) -> None:
+    doc = tp.run(_args(tmp_path))
+    m = {x["id"]: x for x in doc["limit_measurements"]}
+    bf16, fp32, full = doc["cases"]
+    # bf16 mode: before (#0) and after (#1); fp32 needs its own (#2, #3); full reuses nothing fp32: (#4, #5).
+    assert bf16["limit_ids"] == [0, 1] and fp32["limit_ids"] == [2, 3] and full["limit_ids"] == [4, 5]
+    assert m[2]["key"].split("/")[1] == "fp32" and fp32["limit_key"] == m[2]["key"]
+    assert bf16["ratio_to_limit"] == pytest.approx(32.0 / 150.0)  # 16 images / 0.5 s vs median(100, 200)
+    assert full["ratio_to_limit"] == pytest.approx(32.0 / 550.0)
+    assert bf16["ratio_to_baseline"] == pytest.approx(32.0 / 1.6)
+    assert all(c["run_id"] == doc["run_id"] for c in doc["cases"])
+    assert all(x["run_id"] == doc["run_id"] for x in doc["limit_measurements"])
+    # Headline: the first epoch (16 images in 10 s) against the measurements just around it, reusing #5 (same key).
+    first = doc["headline"]["first_epoch"]
+    assert first["limit_ids"] == [5, 6]
+    assert first["ratio_to_limit"] == pytest.approx(1.6 / 650.0)
+    assert doc["headline"]["time_ratio_fastft_over_baseline"] == pytest.approx((4.0 + 10.0 + 9 * 0.5) / 100.0)
+
+
+def test_mocked_run_reports_targets_honestly(mocked, tmp_path) -> None:
+    doc = tp.run(_args(tmp_path))
+    t = {x["name"]: x for x in doc["targets"]}
+    assert t["first_epoch_vs_limit"]["met"] is False and "epoch 0 split" in t["first_epoch_vs_limit"]["why"]
+    assert t["cached_probe_time_vs_baseline"]["value"] == pytest.approx(0.185)
+    assert t["cached_probe_time_vs_baseline"]["met"] is False
+    assert "cache build 3.0s" in t["cached_probe_time_vs_baseline"]["why"]
+    md = next(p for p in (tmp_path / "results").glob("*.md") if p.name != "LATEST.md").read_text()
+    assert "**MISSED**" in md and "0.185" in md
+
+
+def test_results_files_follow_the_schema(mocked, tmp_path) -> None:
+    doc = tp.run(_args(tmp_path))
+    out = tmp_path / "results"
+    (json_path,) = out.glob("*.json")
+    stem = f"{tp.hardware_slug(doc['hardware'])}-{doc['date'][:10].replace('-', '')}"
+    assert json_path.name == f"{stem}.json" and (out / f"{stem}.md").is_file() and (out / "LATEST.md").is_file()
+    on_disk = json.loads(json_path.read_text())
+    assert on_disk["schema_version"] == tp.SCHEMA_VERSION == 1
+    tp.validate(on_disk)
+    for kind, keys in (("document", on_disk), ("hardware", on_disk["hardware"])):
+        assert set(tp.REQUIRED_KEYS[kind]) <= set(keys)
+    for case in on_disk["cases"]:
+        assert set(tp.REQUIRED_KEYS["case"]) | set(tp.REQUIRED_KEYS["case_ok"]) <= set(case)
+    # Stamped: config, versions, CPU/GPU model and count, in both files.
+    assert {"torch", "torchvision", "fastft", "python"} <= set(on_disk["versions"])
+    assert on_disk["settings"]["batch_size"] == 8 and on_disk["command"].startswith("python -m benchmarks.throughput")
+    md = (out / f"{stem}.md").read_text()
+    assert on_disk["hardware"]["cpu_model"] in md and on_disk["versions"]["torch"] in md and on_disk["run_id"] in md
+    assert "| model | mode | input |" in (out / "LATEST.md").read_text()
+
+
+@pytest.mark.parametrize("breakage", ["version", "top", "case", "limit"])
+def test_validate_rejects_documents_that_break_the_schema(mocked, tmp_path, breakage) -> None:
+    doc = tp.run(_args(tmp_path))
+    tp.validate(doc)
+    bad = copy.deepcopy(doc)
+    if breakage == "version":
+        bad["schema_version"] = 2
+    elif breakage == "top":
+        del bad["targets"]
+    elif breakage == "case":
+        del bad["cases"][0]["breakdown_ms_per_step"]
+    else:
+        del bad["limits"][0]["images_per_s"]
+    with pytest.raises(ValueError):
+        tp.validate(bad)
+
+
+def test_time_budget_skips_modes_but_keeps_the_document_valid(mocked, tmp_path) -> None:
+    doc = tp.run(_args(tmp_path, time_budget=1e-9))
+    assert [c["status"] for c in doc["cases"]] == ["skipped"] * 3 and doc["headline"] is None
+    assert all(t["met"] is None for t in doc["targets"])
+    tp.validate(doc)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One real, tiny run through fastft and the seed loop
+
+
+def test_real_smoke_run_writes_consistent_results(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # data_bench's generated JPEGs
+    suite = tp.Suite("smoke", tp.Settings(batch_size=4, image_size=32, workers=0, train_images=8, val_images=4,
+                                          limit_warmup=1, limit_iters=1, device="cpu"),
+                     [tp.Block("resnet18", [tp.Case("linear/cache", "resnet18", loader="torch", cache="memory")],
+                               baseline_epochs=2)],
+                     tp.Headline("resnet18", epochs=2, train_images=8, val_images=4, first_epoch_loader="torch"))
+    monkeypatch.setattr(tp, "make_suite", lambda name: suite)
+    doc = tp.run(_args(tmp_path))
+    (case,) = doc["cases"]
+    assert case["status"] == "ok", case.get("reason")
+    assert len(case["epochs_images_per_s"]) == 4 and case["cache_build_s"] is not None
+    # The ratio in the file is this run's figure over this run's limit measurements.
+    lim = tp.combine_limits([doc["limit_measurements"][i] for i in case["limit_ids"]])
+    assert case["ratio_to_limit"] == pytest.approx(case["images_per_s"] / lim["images_per_s"])
+    h = doc["headline"]
+    assert h["time_ratio_fastft_over_baseline"] == pytest.approx(h["fastft_cached"]["wall_s"] / h["baseline"]["wall_s"])
+    assert len(h["baseline"]["epoch_wall_s"]) == 2 and len(h["fastft_cached"]["epoch_wall_s"]) == 2
+    tp.validate(json.loads(next((tmp_path / "results").glob("*.json")).read_text()))
