@@ -190,7 +190,7 @@ class FinetuneConfig:
         )
         _choice("parallel.backend", self.parallel.backend, ("auto", "none", "ddp", "deepspeed"))
         _min("parallel.timeout_s", self.parallel.timeout_s, 1)
-        _choice("parallel.zero_stage", self.parallel.zero_stage, (0, 1, 2, 3))
+        _choice("parallel.zero_stage", self.parallel.zero_stage, (0, 1, 2))  # params stay whole for export
         _choice("features.cache", self.features.cache, ("off", "memory", "disk"))
         _min("features.views", self.features.views, 0)
         _choice("features.dtype", self.features.dtype, ("fp16", "fp32"))

@@ -27,7 +27,7 @@ from fastft.config import FinetuneConfig, UnfreezeStep, parse_unfreeze, to_toml
 from fastft.data.folder import index_from_config
 from fastft.data.loaders import build_loader
 from fastft.data.transforms import spec_from_weights
-from fastft.errors import ConfigError, FastftError
+from fastft.errors import CheckpointError, ConfigError, FastftError
 from fastft.evaluate import run_evaluation
 from fastft.logging import RunLogger
 from fastft.model import Split, build_model, freeze, preset_weights, split_model
@@ -260,6 +260,9 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
             ckpt_io.load_model_state(bank, state["sweep_bank"], resume_from)
         if backend.owns_optimizer_state:
             backend.load_checkpoint(resume_from.parent, resume_from.stem)
+        elif state["optimizer"] is None:
+            raise CheckpointError(f"{resume_from}: saved by the DeepSpeed backend; resume it with "
+                                  f"--parallel.backend=deepspeed")
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -122,6 +122,7 @@ def test_freeze_accepts_a_pattern_list():
         ({"optim": {"grad_accum": 0}}, "optim.grad_accum"),
         ({"optim": {"momentum": 1.0}}, "optim.momentum"),
         ({"parallel": {"zero_stage": 4}}, "parallel.zero_stage"),
+        ({"parallel": {"zero_stage": 3}}, "parallel.zero_stage"),
         ({"checkpoint": {"best_mode": "up"}}, "checkpoint.best_mode"),
     ],
 )
@@ -138,7 +139,7 @@ def test_out_of_range_value_names_the_key(data, key):
         {"model": {"freeze": "none"}},
         {"run": {"device": "cuda:1"}},
         {"optim": {"betas": [0.0, 0.5]}},
-        {"parallel": {"zero_stage": 3}},
+        {"parallel": {"zero_stage": 2}},
     ],
 )
 def test_boundary_values_inside_the_range_are_accepted(data):

@@ -1,0 +1,348 @@
+"""DeepSpeed backend: the trainable suffix inside a DeepSpeed engine, its config generated from fastft's config.
+
+fastft keeps what it owns: the optimizer (built over the trainable parameters only), the LR schedule (set by
+train.py once per optimizer step, in the same param_group dicts DeepSpeed's wrapped optimizer reads), the data
+loaders, autocast and the checkpoint file. DeepSpeed owns gradient reduction, ZeRO partitioning of optimizer state
+(stage 1) and gradients (stage 2), fp16 loss scaling, clipping, and the optimizer-state part of a checkpoint.
+
+ZeRO stage 3 is refused: it partitions the parameters themselves, but only the suffix trains and train.py reads
+and exports the whole model as a plain state dict on rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastft.errors import CheckpointError, ConfigError, FastftError
+from fastft.parallel.env import DistEnv
+from fastft.precision import Precision
+
+# Keys fastft derives from its own config: a user JSON may repeat them with the same value (or "auto"), never another.
+_DERIVED_KEYS = {
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "optim.grad_accum",
+    "train_batch_size": "data.batch_size x optim.grad_accum x world size",
+    "gradient_clipping": "optim.clip_grad_norm",
+}
+# fastft passes its optimizer and steps its own schedule; a DeepSpeed section would silently replace them.
+_OWNED_SECTIONS = {"optimizer": "[optim]", "scheduler": "optim.schedule and optim.warmup_steps"}
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ImportError(f"parallel.backend=deepspeed needs DeepSpeed: pip install 'fastft[deepspeed]' ({e})") from e
+    return deepspeed
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` wins; nested dicts are merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_user_config(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"parallel.deepspeed_config: no such file {p}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"parallel.deepspeed_config: {p} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"parallel.deepspeed_config: {p} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def build_config(cfg, env: DistEnv, precision: Precision) -> dict[str, Any]:
+    """The DeepSpeed config of a run: generated from fastft's config, then the user's JSON merged over it.
+
+    Args:
+        cfg: the FinetuneConfig; only cfg.parallel, cfg.optim and cfg.data.batch_size are read.
+        env: the distributed environment (its world size fixes train_batch_size).
+        precision: the resolved precision; it selects DeepSpeed's bf16 or fp16 section.
+    Returns:
+        A plain dict for ``deepspeed.initialize(config=...)``.
+    Raises:
+        ConfigError: ZeRO stage 3; a missing or invalid user JSON; a user key that contradicts the batch size,
+            accumulation, clipping, precision, optimizer or schedule fastft configures (naming key and file).
+    """
+    micro, accum = cfg.data.batch_size, cfg.optim.grad_accum
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * env.world_size,
+        # Written even when off: DeepSpeed's default is 1.0, which would silently clip every run.
+        "gradient_clipping": float(cfg.optim.clip_grad_norm),
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        # fastft passes its own torch SGD / AdamW; DeepSpeed calls optimizers outside its Adam family "untested".
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # fastft logs; DeepSpeed's progress lines would interleave with them
+        "wall_clock_breakdown": False,
+    }
+    if precision.dtype == torch.bfloat16:
+        ds["bf16"] = {"enabled": True}
+    elif precision.dtype == torch.float16:
+        # loss_scale 0 = dynamic loss scaling, as torch's GradScaler: start at 2**16, halve on overflow, skip the step.
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+
+    source = cfg.parallel.deepspeed_config
+    if source:
+        user = _read_user_config(source)
+        for key, fastft_key in _DERIVED_KEYS.items():
+            if user.get(key) == "auto":
+                del user[key]  # the HF-style placeholder: fastft fills it in
+            elif key in user and user[key] != ds[key]:
+                raise ConfigError(
+                    f"parallel.deepspeed_config: {key} is {user[key]!r} in {source} but fastft's config "
+                    f"gives {ds[key]} ({fastft_key}); remove it from the JSON or change {fastft_key}"
+                )
+        for key, fastft_key in _OWNED_SECTIONS.items():
+            if key in user:
+                raise ConfigError(
+                    f"parallel.deepspeed_config: {source} has a {key!r} section, but fastft sets the "
+                    f"{key} ({fastft_key}); remove it from the JSON"
+                )
+        ds = _deep_merge(ds, user)
+        for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            section = ds.get(key)
+            enabled = isinstance(section, dict) and bool(section.get("enabled", False))
+            if enabled != (precision.dtype == dtype):
+                raise ConfigError(
+                    f"parallel.deepspeed_config: {key}.enabled={enabled} in {source} contradicts "
+                    f"precision.dtype={precision.name} (resolved); choose the precision with "
+                    f"precision.dtype, autocast follows it"
+                )
+    stage = ds["zero_optimization"].get("stage", 0) if isinstance(ds.get("zero_optimization"), dict) else 0
+    if stage not in (0, 1, 2):
+        where = "parallel.zero_stage" if stage == cfg.parallel.zero_stage else f"zero_optimization.stage in {source}"
+        raise ConfigError(
+            f"{where}: ZeRO stage {stage} is not supported, use 0, 1 or 2 (stage 3 partitions the "
+            f"parameters; fastft trains only the suffix and exports whole weights)"
+        )
+    return ds
+
+
+class DeepSpeedBackend:
+    """The Backend protocol (fastft.parallel.backend.Backend) on a DeepSpeed engine."""
+
+    name = "deepspeed"
+    owns_optimizer_state = True
+
+    def __init__(self, cfg, env: DistEnv, precision: Precision) -> None:
+        self.env = env
+        self.timeout_s = cfg.parallel.timeout_s
+        self.config = build_config(cfg, env, precision)  # config errors surface before any process group work
+        self.engine = None
+        self.skipped_steps = 0
+        self._saved: dict[str, str] = {}  # fastft tag ("last", "best") -> DeepSpeed tag its checkpoint file names
+        self._last_tag: str | None = None  # the DeepSpeed tag of the checkpoint file being written right now
+
+    # -- wrap ---------------------------------------------------------------------------------------------------------
+
+    def _ensure_process_group(self) -> None:
+        """DeepSpeed always needs a process group: adopt the existing one, or create a one-rank group."""
+        os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))  # DeepSpeed asserts that it is set
+        if dist.is_initialized():
+            return  # fastft's (torchrun / deepspeed launcher) or an embedding job's: DeepSpeed adopts it
+        backend = "nccl" if self.env.device.type == "cuda" else "gloo"
+        # An in-memory store: one process needs no MASTER_ADDR or port. fastft created it, so penv.shutdown ends it.
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=self.timeout_s)
+        )
+        self.env.owns_group = True
+
+    def wrap(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        deepspeed = _import_deepspeed()
+        self._ensure_process_group()
+        _forget_dead_deepspeed_groups()
+        params = [p for p in module.parameters() if p.requires_grad]  # the optimizer holds exactly these
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, model_parameters=params, config=self.config
+        )
+        # train.py's schedule (fastft.optim.Schedule) writes "lr" into optimizer.param_groups. DeepSpeed's wrappers
+        # (ZeRO 1/2, bf16, fp16) keep that torch optimizer and its group dicts, swapping only their "params" for fp32
+        # (partition) copies, and step it: the schedule reaches the update. Copied groups would break this silently.
+        groups = getattr(ds_optimizer, "param_groups", None)
+        if (
+            groups is None
+            or len(groups) != len(optimizer.param_groups)
+            or any(a is not b for a, b in zip(groups, optimizer.param_groups))
+        ):
+            raise FastftError(
+                f"DeepSpeed {deepspeed.__version__} ({type(ds_optimizer).__name__}) copied the "
+                f"optimizer's param groups: fastft's LR schedule would not reach the update"
+            )
+        _load_checkpoints_without_code(engine)
+        self.engine = engine
+        return engine
+
+    # -- one micro-batch ----------------------------------------------------------------------------------------------
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed reduces gradients at its own accumulation boundary
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps (and applies the fp16 loss scale)
+
+    def step(self, boundary: bool) -> bool:
+        engine = self.engine
+        ds_boundary = engine.is_gradient_accumulation_boundary()  # ask before step(): it advances the micro-step
+        if ds_boundary != boundary:
+            raise RuntimeError(
+                f"DeepSpeed's accumulation boundary ({ds_boundary}) disagrees with fastft's "
+                f"({boundary}) at micro-step {engine.micro_steps}"
+            )
+        engine.step()  # between boundaries it only counts the micro-step
+        if not boundary:
+            return True
+        applied = engine.was_step_applied()  # False only when an fp16 overflow skipped the update
+        self.skipped_steps += not applied
+        return applied
+
+    # -- checkpoints --------------------------------------------------------------------------------------------------
+    # The optimizer state (ZeRO: one file per rank) goes to run_dir/deepspeed/<tag>-step<N>/, a new folder per step;
+    # the checkpoint file train.py writes right after records that folder (state_dict()["deepspeed_tag"]). A run
+    # killed between the two writes resumes from a consistent pair: the folder the old file names is kept until the
+    # next save, when that file has been replaced.
+
+    def save_checkpoint(self, run_dir: Path, tag: str) -> None:
+        ds_tag = f"{tag}-step{self.engine.global_steps}"
+        self._last_tag = ds_tag
+        if self._saved.get(tag) == ds_tag:
+            return  # the same step again (every_steps, then the epoch end): identical state, already on disk
+        save_dir = Path(run_dir) / "deepspeed"
+        # The folder the current <tag>.pt names (this process saved or loaded it, or a resumed run's file says so).
+        previous = self._saved.get(tag) or _backend_state(Path(run_dir) / f"{tag}.pt").get("deepspeed_tag")
+        self.engine.save_checkpoint(str(save_dir), tag=ds_tag, client_state={"fastft_tag": tag}, save_latest=False)
+        self._saved[tag] = ds_tag
+        if self.env.local_rank == 0:  # one process per node: the folder may be node-local
+            pattern = re.compile(rf"{re.escape(tag)}-step\d+")
+            for old in save_dir.iterdir():
+                if old.is_dir() and pattern.fullmatch(old.name) and old.name not in (ds_tag, previous):
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, run_dir: Path, tag: str) -> None:
+        path = Path(run_dir) / f"{tag}.pt"
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        state = _backend_state(path)
+        ds_tag = state.get("deepspeed_tag")
+        if not ds_tag:
+            raise CheckpointError(
+                f"{path} holds no DeepSpeed state (it was saved with another parallel.backend); "
+                f"resume it with that backend"
+            )
+        stage = self.config["zero_optimization"]["stage"]
+        saved = (state.get("world_size"), state.get("zero_stage"))
+        if (stage or saved[1]) and saved != (self.env.world_size, stage):
+            raise CheckpointError(
+                f"{path}: saved by {saved[0]} processes with ZeRO stage {saved[1]}, resumed by "
+                f"{self.env.world_size} with stage {stage}; partitioned optimizer state only loads "
+                f"with the same world size and stage"
+            )
+        load_dir = Path(run_dir) / "deepspeed"
+        if not (load_dir / ds_tag).is_dir():
+            raise CheckpointError(f"{path} needs the DeepSpeed state {load_dir / ds_tag}, which is missing")
+        # Module, optimizer state and fp32 master weights; the LR schedule is fastft's and comes from the file.
+        loaded, _ = self.engine.load_checkpoint(
+            str(load_dir),
+            tag=ds_tag,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+            load_module_strict=True,
+        )
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load {load_dir / ds_tag}")
+        self._saved[tag] = self._last_tag = ds_tag
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "skipped_steps": self.skipped_steps,
+            "deepspeed_tag": self._last_tag,
+            "world_size": self.env.world_size,
+            "zero_stage": self.config["zero_optimization"]["stage"],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+def _backend_state(path: Path) -> dict[str, Any]:
+    """The backend entry of a fastft checkpoint file ({} when there is no file); mmap reads no model tensors."""
+    if not path.is_file():
+        return {}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("backend") or {}
+    except Exception as e:  # train.py read this file a moment ago: name it if it fails now
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def _forget_dead_deepspeed_groups() -> None:
+    """DeepSpeed caches process groups in module globals (deepspeed.utils.groups). After an earlier run in this
+    process destroyed its group (fastft does at the end of finetune), those handles are dead and the next
+    deepspeed.initialize fails with "Group ... is not registered": drop them so DeepSpeed derives new ones."""
+    from deepspeed.utils import groups
+
+    def dead(group) -> bool:
+        if group is None:
+            return False
+        try:
+            dist.get_process_group_ranks(group)
+        except (KeyError, ValueError, RuntimeError):
+            return True
+        return False
+
+    names = ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP")
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None and any(dead(getattr(groups, n, None)) for n in names):
+        release(None)
+
+
+def _load_checkpoints_without_code(engine) -> None:
+    """DeepSpeed's TorchCheckpointEngine reads with torch.load(weights_only=False), which runs code a file carries.
+    fastft loads nothing that way: read with weights_only=True, allowing only the plain DeepSpeed classes its
+    checkpoints hold (loss scaler, ZeRO stage enum, fragment address)."""
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    if type(ckpt_engine).__name__ != "TorchCheckpointEngine":
+        return  # another engine chosen in the user's JSON (Nebula, decoupled, ...) keeps its own loading
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                found = re.search(r"GLOBAL [\w.]+", str(e))
+                raise CheckpointError(
+                    f"cannot load DeepSpeed state {path}: it holds objects that could run code "
+                    f"({found.group(0) if found else 'not tensors and plain containers'})"
+                ) from None
+
+    ckpt_engine.load = load
