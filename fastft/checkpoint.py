@@ -89,8 +89,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Strict load that names the file and the first mismatching keys/shapes instead of a traceback wall."""
+def describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """None when `state` fits `model` exactly; otherwise the first missing/unexpected keys and shape mismatch."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
@@ -99,15 +99,21 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: str
         for k in own
         if k in state and own[k].shape != state[k].shape
     ]
-    if missing or extra or shapes:
-        what = []
-        if missing:
-            what.append(f"missing keys {missing[:3]}")
-        if extra:
-            what.append(f"unexpected keys {extra[:3]}")
-        if shapes:
-            what.append(f"shape mismatch {shapes[0]}")
-        raise CheckpointError(f"{path} does not match the model: {'; '.join(what)}")
+    what = []
+    if missing:
+        what.append(f"missing keys {missing[:3]}")
+    if extra:
+        what.append(f"unexpected keys {extra[:3]}")
+    if shapes:
+        what.append(f"shape mismatch {shapes[0]}")
+    return "; ".join(what) or None
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Strict load that names the file and the first mismatching keys/shapes instead of a traceback wall."""
+    problem = describe_mismatch(model, state)
+    if problem:
+        raise CheckpointError(f"{path} does not match the model: {problem}")
     model.load_state_dict(state, strict=True)
 
 

@@ -157,8 +157,8 @@ def build_features(
     shape = _feature_shape(prefix, spec, env, precision)
     np_dtype = _NP_DTYPES[dtype]
     lo, hi = _shard_bounds(n, env.rank, env.world_size)
-    if mode == "memory":
-        mine = np.zeros((V, hi - lo, *shape), dtype=np_dtype)
+
+    def compute(out: np.ndarray) -> None:
         _compute_shard(
             prefix,
             samples,
@@ -170,8 +170,12 @@ def build_features(
             batch_size=batch_size,
             workers=workers,
             seed=seed,
-            out=mine,
+            out=out,
         )
+
+    if mode == "memory":
+        mine = np.zeros((V, hi - lo, *shape), dtype=np_dtype)
+        compute(mine)
         feats = _all_gather_shards(torch.from_numpy(mine), n, env)
         return FeatureTable([feats], [0], labels, views, "built")
 
@@ -189,19 +193,7 @@ def build_features(
                 events("feature_cache_invalid", path=str(shard_path), reason=reason)
         meta_path.unlink(missing_ok=True)  # the manifest goes first, so a crash mid-write leaves no valid cache
         arr = np.lib.format.open_memmap(shard_path, mode="w+", dtype=np_dtype, shape=(V, hi - lo, *shape))
-        _compute_shard(
-            prefix,
-            samples,
-            spec,
-            views=views,
-            env=env,
-            precision=precision,
-            channels_last=channels_last,
-            batch_size=batch_size,
-            workers=workers,
-            seed=seed,
-            out=arr,
-        )
+        compute(arr)
         arr.flush()
         del arr
         meta = {

@@ -125,39 +125,22 @@ def build_model(cfg: ModelConfig, num_classes: int, *, pretrained_ok: bool = Tru
             return model
         replace_head(model, num_classes, hidden=cfg.head_hidden, dropout=cfg.head_dropout)
         if not _try_load(model, state):
+            from fastft.checkpoint import describe_mismatch
             from fastft.errors import CheckpointError
 
-            raise CheckpointError(f"{cfg.weights}: does not match {cfg.name} ({_mismatch(model, state)})")
+            raise CheckpointError(f"{cfg.weights}: does not match {cfg.name} ({describe_mismatch(model, state)})")
         return model
     replace_head(model, num_classes, hidden=cfg.head_hidden, dropout=cfg.head_dropout)
     return model
 
 
 def _try_load(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    own = model.state_dict()
-    if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
+    from fastft.checkpoint import describe_mismatch
+
+    if describe_mismatch(model, state):
         return False
     model.load_state_dict(state, strict=True)
     return True
-
-
-def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and own[k].shape != state[k].shape
-    ]
-    parts = []
-    if missing:
-        parts.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
-    if extra:
-        parts.append(f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
-    if shapes:
-        parts.append(f"shape {shapes[0]}")
-    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------------------------
