@@ -15,7 +15,7 @@ from fastft.data.loaders import build_loader
 from fastft.data.transforms import TransformSpec
 from fastft.errors import DataError
 from fastft.evaluate import run_evaluation
-from fastft.model import build_model
+from fastft.model import build_model, load_state_file
 from fastft.parallel import env as penv
 from fastft.precision import resolve_precision
 from fastft.report import format_table, write_report
@@ -28,8 +28,13 @@ class EvalResult:
 
 
 def load_trained(checkpoint: str | Path, device: torch.device):
-    """Rebuild the trained model from a fastft checkpoint (weights_only load). Returns (model, meta)."""
-    state = load_checkpoint(checkpoint)
+    """Rebuild the trained model from a fastft checkpoint (weights_only load) or its `model.safetensors` export.
+
+    Returns (model, meta)."""
+    if str(checkpoint).endswith(".safetensors"):
+        state = {"model": load_state_file(checkpoint), "meta": _export_meta(Path(checkpoint))}
+    else:
+        state = load_checkpoint(checkpoint)
     meta = state["meta"]
     mcfg = ModelConfig(
         name=meta["model_name"], weights="none", head_hidden=meta["head_hidden"], head_dropout=meta["head_dropout"]
@@ -37,6 +42,24 @@ def load_trained(checkpoint: str | Path, device: torch.device):
     model = build_model(mcfg, meta["num_classes"])
     load_model_state(model, state["model"], checkpoint)
     return model.to(device).eval(), meta
+
+
+def _export_meta(path: Path) -> dict:
+    """The metadata fastft embeds in its safetensors exports (model name, classes, transform, head)."""
+    import json
+
+    from safetensors import safe_open
+
+    from fastft.errors import CheckpointError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["fastft"])
+    except Exception:
+        raise CheckpointError(f"{path}: not a fastft model export (no fastft metadata)") from None
+    if meta.get("part") != "model":
+        raise CheckpointError(f"{path}: a {meta.get('part')} export; evaluate the full model.safetensors")
+    return meta
 
 
 def evaluate(

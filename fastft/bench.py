@@ -18,14 +18,22 @@ SUITES = ("cpu", "gpu", "smoke")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--suite", choices=SUITES, default="cpu",
-                   help="cpu: resnet18 + resnet50 sized for a 2-core machine (< 15 min); gpu: resnet50 @224 bf16 on "
-                        "one GPU (< 8 min); smoke: seconds, for the harness's own tests")
+    p.add_argument(
+        "--suite",
+        choices=SUITES,
+        default="cpu",
+        help="cpu: resnet18 + resnet50 sized for a 2-core machine (< 15 min); gpu: resnet50 @224 bf16 on "
+        "one GPU (< 8 min); smoke: seconds, for the harness's own tests",
+    )
     p.add_argument("--out", default="benchmarks/results", help="folder for <hardware>-<date>.json/.md and LATEST.md")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--workers", type=int, default=0, help="data workers / DALI threads (0 = the suite's default)")
-    p.add_argument("--time-budget", type=float, default=0.0,
-                   help="seconds; cases that would start after it are recorded as skipped (0 = no limit)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=0.0,
+        help="seconds; cases that would start after it are recorded as skipped (0 = no limit)",
+    )
     p.add_argument("--only", default="", help="comma-separated substrings: run only the cases whose name matches")
     p.add_argument("--no-latest", action="store_true", help="do not (re)write LATEST.md in --out")
     return p
@@ -33,8 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Register `fastft bench` on the CLI's subparsers."""
-    p = subparsers.add_parser("bench", help="throughput benchmark: images/s, per-step breakdown, ratios to the "
-                                            "forward-only limit and to the naive baseline")
+    p = subparsers.add_parser(
+        "bench",
+        help="throughput benchmark: images/s, per-step breakdown, ratios to the "
+        "forward-only limit and to the naive baseline",
+    )
     return add_arguments(p)
 
 

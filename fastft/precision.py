@@ -62,7 +62,7 @@ def resolve_precision(cfg: PrecisionConfig, device: torch.device) -> Precision:
     if dtype == torch.bfloat16 and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("precision.dtype: bf16 is not supported on this GPU; use fp16 or fp32")
     if dtype == torch.float16 and kind == "cpu":
-        raise ConfigError("precision.dtype: fp16 autocast is not supported on CPU; use bf16 or fp32")
+        log.warning("fastft: fp16 on CPU is emulated and slow; bf16 (or fp32) is the better choice there")
     if dtype == torch.bfloat16 and kind == "cpu" and not cpu_has_native_bf16():
         log.warning("fastft: bf16 on a CPU without native bf16 is emulated and several times slower than fp32")
     return Precision(dtype, kind, f"requested {cfg.dtype}")

@@ -79,9 +79,13 @@ def prepare_run_dir(cfg: FinetuneConfig, env: penv.DistEnv) -> tuple[Path, Path 
     if resume == "auto" and (run_dir / "last.pt").is_file():
         return run_dir, run_dir / "last.pt"
     if env.is_main:
-        if run_dir.exists() and any(run_dir.iterdir()) and not cfg.run.overwrite:
-            raise ConfigError(f"run folder {run_dir} already exists: pass --run.overwrite=true or another --run.name")
         try:
+            if run_dir.exists() and any(run_dir.iterdir()):
+                if not cfg.run.overwrite:
+                    raise ConfigError(
+                        f"run folder {run_dir} already exists: pass --run.overwrite=true or another --run.name"
+                    )
+                _clear_outputs(run_dir)  # fastft's own outputs only: a stale last.pt must never be resumed
             run_dir.mkdir(parents=True, exist_ok=True)
             probe = run_dir / ".write-test"
             probe.write_bytes(b"0" * 4096)
@@ -93,6 +97,49 @@ def prepare_run_dir(cfg: FinetuneConfig, env: penv.DistEnv) -> tuple[Path, Path 
 
 # --------------------------------------------------------------------------------------------------------------------
 # The run
+
+
+_OUTPUTS = (
+    "last.pt",
+    "best.pt",
+    "events.jsonl",
+    "metrics.json",
+    "confusion_matrix.png",
+    "model.safetensors",
+    "model.json",
+    "head.safetensors",
+    "head.json",
+    "config.toml",
+    "skipped_files.txt",
+)
+
+
+def _clear_outputs(run_dir: Path) -> None:
+    import shutil
+
+    for name in _OUTPUTS:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in ("tensorboard", "deepspeed"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for tmp in run_dir.glob(".*.tmp*"):
+        tmp.unlink(missing_ok=True)
+
+
+def check_free_space(run_dir: Path, model: torch.nn.Module) -> None:
+    """Refuse to start when the run folder cannot hold a checkpoint (model + optimizer state, written via a temp
+    file next to the previous one) and the exports: better now than after an hour of training."""
+    import shutil
+
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    need = 3 * (params + buffers + 2 * trainable) + (params + buffers)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise ConfigError(
+            f"run folder {run_dir}: not enough free space ({free / 2**20:.0f} MiB free, about "
+            f"{need / 2**20:.0f} MiB needed for checkpoints and exports)"
+        )
 
 
 def finetune(cfg: FinetuneConfig) -> RunResult:
@@ -128,8 +175,6 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     if num_classes != index.num_classes:
         raise ConfigError(f"model.num_classes: {num_classes} but the data has {index.num_classes} classes")
     run_dir, resume_from = prepare_run_dir(cfg, env)
-    if env.is_main:
-        (run_dir / "config.toml").write_text(to_toml(cfg))
 
     # 2. Model: weights -> new head -> freeze -> device/layout -> frozen prefix + trainable suffix.
     model = build_model(cfg.model, num_classes)
@@ -191,6 +236,10 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     #    prefix outputs and the loop skips decode and backbone.
     precision = resolve_precision(cfg.precision, device)
     image_loaders = (train_loader, val_loader)
+    skipped = sorted(set(getattr(train_loader, "skipped", [])) | set(getattr(val_loader, "skipped", [])))
+    if skipped:  # the feature cache reads the index: keep it to the files the loaders use
+        index.train = [s for s in index.train if s[0] not in set(skipped)]
+        index.val = [s for s in index.val if s[0] not in set(skipped)]
     if cfg.features.cache != "off" and not replayed:  # after an unfreeze the original run went uncached too
         train_loader, val_loader = _cached_loaders(cfg, split, index, spec, env, precision, eval_bs)
     target = resolve_target(cfg.compile, device)
@@ -238,6 +287,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     )
 
     # 6. Resume: model, optimizer, schedule, scaler, RNG, and the position inside the epoch.
+    resumed_stats = None
     start_epoch, start_batch, step = 0, 0, 0
     best: dict = {"metric": cfg.checkpoint.best_metric, "value": None, "epoch": None}
     meta = {
@@ -250,35 +300,50 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         "head_hidden": cfg.model.head_hidden,
         "head_dropout": cfg.model.head_dropout,
         "config": dataclasses.asdict(cfg),
+        "world_size": env.world_size,
     }
     if resume_from is not None:
         state = ckpt_io.load_checkpoint(resume_from)
         if state["meta"]["classes"] != index.classes:
             raise ConfigError(f"{resume_from}: trained on classes {state['meta']['classes'][:5]}..., data has others")
+        _check_resumable(state, cfg, env, resume_from)
         ckpt_io.load_model_state(model, state["model"], resume_from)
         if bank is not None:
             ckpt_io.load_model_state(bank, state["sweep_bank"], resume_from)
         if backend.owns_optimizer_state:
             backend.load_checkpoint(resume_from.parent, resume_from.stem)
         elif state["optimizer"] is None:
-            raise CheckpointError(f"{resume_from}: saved by the DeepSpeed backend; resume it with "
-                                  f"--parallel.backend=deepspeed")
+            raise CheckpointError(
+                f"{resume_from}: saved by the DeepSpeed backend; resume it with --parallel.backend=deepspeed"
+            )
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         backend.load_state_dict(state["backend"])
         ckpt_io.set_rng_state(state["rng"][min(env.rank, len(state["rng"]) - 1)])
         start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
+        saved_stats = state.get("epoch_stats") or [None]
+        resumed_stats = saved_stats[min(env.rank, len(saved_stats) - 1)] if start_batch else None
         best = state["best"]
         log.info("fastft: resumed from %s at epoch %d, batch %d, step %d", resume_from, start_epoch, start_batch, step)
+
+    if env.is_main:  # only now: a refused resume leaves the run folder as it was
+        if skipped:
+            (run_dir / "skipped_files.txt").write_text("".join(f"{p}\n" for p in skipped))
+            log.info("fastft: skipped %d unreadable files (listed in %s)", len(skipped), run_dir / "skipped_files.txt")
+        check_free_space(run_dir, model)
+        for tmp in run_dir.glob(".*.tmp*"):  # left by a process killed mid-save
+            tmp.unlink(missing_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
 
     def save(name: str, epoch: int, batch: int) -> None:
         # Every rank contributes its RNG state (gathered); rank 0 writes.
         rngs = [ckpt_io.rng_state()]
+        stats = [{"loss_sum": float(loss_sum), "loss_n": loss_n, "seen": seen} if batch else None]
         if env.distributed:
             gathered: list = [None] * env.world_size
-            torch.distributed.all_gather_object(gathered, rngs[0])
-            rngs = gathered
+            torch.distributed.all_gather_object(gathered, (rngs[0], stats[0]))
+            rngs, stats = [g[0] for g in gathered], [g[1] for g in gathered]
         backend.save_checkpoint(run_dir, name.removesuffix(".pt"))  # collective for sharded optimizer state
         if env.is_main:
             opt_state = None if backend.owns_optimizer_state else optimizer.state_dict()
@@ -291,6 +356,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
                     "scheduler": scheduler.state_dict(),
                     "backend": backend.state_dict(),
                     "rng": rngs,
+                    "epoch_stats": stats,  # the partial epoch's loss sums, so its logged mean stays right
                     "epoch": epoch,
                     "batch": batch,
                     "step": step,
@@ -374,6 +440,11 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         bar = _progress(cfg, env, len(train_loader) - start_batch, f"epoch {epoch + 1}/{epochs}")
         t0, seen, loss_n = time.perf_counter(), 0, 0
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        if resumed_stats is not None:  # continuing a partial epoch: its first batches count in the epoch mean
+            loss_sum += resumed_stats["loss_sum"]
+            loss_n, seen = resumed_stats["loss_n"], resumed_stats["seen"]
+            resumed_stats = None
+        seen0 = seen
         timer = StepTimer(device, enabled=cfg.log.step_timing)
         usable = steps_per_epoch * accum  # trailing micro-batches that cannot fill a step are dropped
         timer.start()
@@ -408,7 +479,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
                     )
                     loss = per.view(len(grid), -1).mean(dim=1).sum()
                 if device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on GPU checked below
-                    _nonfinite(loss, epoch, step + 1, run_dir)
+                    _nonfinite(loss.detach(), epoch, step + 1, run_dir)
                 backend.backward(loss)
             timer.mark("trainable")
             loss_sum += loss.detach()
@@ -420,6 +491,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
             timer.mark("optimizer")
             if not boundary:
                 continue
+            if device.type == "cpu" and not backend.grads_finite():  # on GPU: checked below, before any save
+                _nonfinite(float("nan"), epoch, step + 1, run_dir, what="gradient norm")
             scheduler.step()
             step += 1
             saving = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
@@ -427,6 +500,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
                 mean_loss = loss_sum.item() / loss_n  # one host sync per log interval
                 if not math.isfinite(mean_loss):  # before any save: the last good checkpoint is never overwritten
                     _nonfinite(mean_loss, epoch, step, run_dir)
+                if not backend.grads_finite():
+                    _nonfinite(float("nan"), epoch, step, run_dir, what="gradient norm")
                 if env.is_main:
                     lr = optimizer.param_groups[0]["lr"]
                     logger.event("step", epoch=epoch, step=step, loss=mean_loss, lr=lr)
@@ -440,9 +515,9 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         elapsed = time.perf_counter() - t0
         if bar is not None:
             bar.close()
-        img_s = seen * env.world_size / elapsed if elapsed > 0 else 0.0
+        img_s = (seen - seen0) * env.world_size / elapsed if elapsed > 0 else 0.0
         throughput[f"epoch{epoch}"] = img_s
-        timings[f"epoch{epoch}"] = {**timer.result(), "wall": elapsed, "images": seen * env.world_size}
+        timings[f"epoch{epoch}"] = {**timer.result(), "wall": elapsed, "images": (seen - seen0) * env.world_size}
         train_loss = loss_sum.item() / max(loss_n, 1)
         if not math.isfinite(train_loss):
             _nonfinite(train_loss, epoch, step, run_dir)
@@ -513,6 +588,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
             model, run_dir / "model.safetensors", {**meta, "part": "model"}
         )
         paths["head_export"] = ckpt_io.export_safetensors(head, run_dir / "head.safetensors", {**meta, "part": "head"})
+        if getattr(backend, "skipped_steps", 0):
+            log.warning("fastft: the fp16 loss scaler skipped %d of %d steps (overflow)", backend.skipped_steps, step)
         logger.event(
             "end", step=step, best=best, throughput=throughput, skipped_steps=getattr(backend, "skipped_steps", 0)
         )
@@ -525,6 +602,25 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     return RunResult(
         run_dir, report, best, paths, throughput, step, timings, skipped_steps=getattr(backend, "skipped_steps", 0)
     )
+
+
+def _check_resumable(state: dict, cfg: FinetuneConfig, env: penv.DistEnv, path: Path) -> None:
+    """The saved position (epoch, batch) only means the same samples under the same batching and world size."""
+    saved = state["meta"].get("config", {})
+    now = dataclasses.asdict(cfg)
+    for section, key in (("data", "batch_size"), ("optim", "grad_accum"), ("run", "seed"), ("model", "name")):
+        before = saved.get(section, {}).get(key)
+        if before is not None and before != now[section][key]:
+            raise ConfigError(
+                f"{path}: saved with {section}.{key}={before!r}, this run has {now[section][key]!r}; "
+                f"resume with the same value (or start a new run)"
+            )
+    world = state["meta"].get("world_size")
+    if world is not None and world != env.world_size and state["batch"]:
+        raise ConfigError(
+            f"{path}: saved mid-epoch by {world} processes, resumed by {env.world_size}; resume with "
+            f"{world} processes (the position in the epoch depends on it)"
+        )
 
 
 def _peek_position(resume_from: Path | None) -> tuple[int, int] | None:
@@ -553,7 +649,12 @@ def _apply_unfreeze(model, u: UnfreezeStep, optimizer, cfg: FinetuneConfig) -> l
     return newly
 
 
-def _nonfinite(loss, epoch: int, step: int, run_dir: Path):
+def _nonfinite(loss, epoch: int, step: int, run_dir: Path, what: str = "loss"):
+    if what != "loss":
+        raise FastftError(
+            f"{what} is not finite at epoch {epoch + 1}, step {step}: stopping; the last good checkpoint is kept in "
+            f"{run_dir}"
+        )
     raise FastftError(
         f"loss is {float(loss)} at epoch {epoch + 1}, step {step}: stopping; the last good checkpoint "
         f"is kept in {run_dir}"

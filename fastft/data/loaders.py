@@ -8,6 +8,7 @@ import logging
 from fastft.config import DataConfig
 from fastft.data.folder import Sample
 from fastft.data.transforms import TransformSpec
+from fastft.errors import DataError
 from fastft.parallel.env import DistEnv
 
 log = logging.getLogger("fastft")
@@ -45,7 +46,7 @@ def build_loader(
         from fastft.data.dali_loader import DaliLoader
 
         cuda = env.device.type == "cuda"
-        return DaliLoader(
+        dali = DaliLoader(
             samples,
             train=train,
             augment=cfg.augment,
@@ -62,12 +63,24 @@ def build_loader(
             device_id=env.device.index if cuda else None,
             on_bad_file=cfg.on_bad_file,
         )
-    from fastft.data.torch_loader import TorchLoader, prescan
+        for path in dali.skipped:
+            log.warning("fastft: skipping unreadable image %s", path)
+        return dali
+    from fastft.data.dali_loader import scan_images
+    from fastft.data.torch_loader import TorchLoader
 
-    if cfg.on_bad_file == "skip":
-        samples = prescan(samples, workers=cfg.workers)
-    return TorchLoader(
-        samples,
+    # Check every file before training starts (headers, JPEG end markers, a full decode where they are missing):
+    # a broken file stops the run now, naming it, instead of mid-epoch.
+    bad = scan_images([p for p, _ in samples], threads=max(2, cfg.workers))
+    if bad and cfg.on_bad_file == "error":
+        path, reason = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"unreadable image file {path}: {reason}{more}; set data.on_bad_file=skip to drop such files")
+    skipped = {p for p, _ in bad}
+    for path, reason in bad:
+        log.warning("fastft: skipping unreadable image %s: %s", path, reason)
+    loader = TorchLoader(
+        [s for s in samples if s[0] not in skipped],
         spec,
         train=train,
         augment=cfg.augment,
@@ -79,6 +92,8 @@ def build_loader(
         pin_memory=cfg.pin_memory and env.device.type == "cuda",
         persistent_workers=cfg.persistent_workers,
     )
+    loader.skipped = sorted(skipped)
+    return loader
 
 
 class SyntheticLoader:

@@ -30,6 +30,9 @@ class Backend(Protocol):
     # partitions it (DeepSpeed ZeRO) sets owns_optimizer_state and writes/reads it itself, on every rank.
     owns_optimizer_state: bool
 
+    def grads_finite(self) -> bool:
+        """False once a step saw a non-finite gradient (checked by the loop before any checkpoint is written)."""
+
     def save_checkpoint(self, run_dir: Path, tag: str) -> None: ...
 
     def load_checkpoint(self, run_dir: Path, tag: str) -> None: ...
@@ -63,6 +66,7 @@ class LocalBackend:
         self.optimizer: torch.optim.Optimizer | None = None
         self.skipped_steps = 0
         self.clip_sets: list[list[torch.nn.Parameter]] | None = None  # clip these sets separately (head sweep)
+        self._bad: torch.Tensor | None = None
 
     def wrap(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         self.optimizer = optimizer
@@ -102,9 +106,18 @@ class LocalBackend:
         params = [p for g in opt.param_groups for p in g["params"]]
         if self.scaler is not None:
             self.scaler.unscale_(opt)
+        grads = [p.grad for p in params if p.grad is not None]
         if self.clip_grad_norm > 0:
-            for group in self.clip_sets or [params]:
-                torch.nn.utils.clip_grad_norm_(group, self.clip_grad_norm)
+            norms = [torch.nn.utils.clip_grad_norm_(group, self.clip_grad_norm) for group in self.clip_sets or [params]]
+        elif self.scaler is None and grads:
+            norms = [torch.nn.utils.get_total_norm(grads)]
+        else:
+            norms = []
+        if self.scaler is None and norms:
+            # Non-finite gradients with a finite loss: flagged on the device (no sync); the loop checks the flag
+            # before any save, so a corrupted step never reaches a checkpoint. (fp16: the scaler skips such steps.)
+            bad = ~torch.isfinite(torch.stack([n.float() for n in norms])).all()
+            self._bad = bad if self._bad is None else (self._bad | bad)
         stepped = True
         if self.scaler is not None:
             scale = self.scaler.get_scale()
@@ -116,6 +129,10 @@ class LocalBackend:
             opt.step()
         opt.zero_grad(set_to_none=True)
         return stepped
+
+    def grads_finite(self) -> bool:
+        """False once any step saw a non-finite gradient norm (one host sync)."""
+        return self._bad is None or not bool(self._bad)
 
     def save_checkpoint(self, run_dir: Path, tag: str) -> None:
         pass  # everything is in the checkpoint file

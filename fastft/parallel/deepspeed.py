@@ -228,6 +228,11 @@ class DeepSpeedBackend:
     # killed between the two writes resumes from a consistent pair: the folder the old file names is kept until the
     # next save, when that file has been replaced.
 
+    def grads_finite(self) -> bool:
+        return (
+            True  # DeepSpeed's own overflow handling (fp16) applies; fp32/bf16 non-finite losses are caught by the loop
+        )
+
     def save_checkpoint(self, run_dir: Path, tag: str) -> None:
         ds_tag = f"{tag}-step{self.engine.global_steps}"
         self._last_tag = ds_tag

@@ -1,0 +1,176 @@
+"""Bad and unusual image files, for both loaders: `data.on_bad_file = error` stops the run naming the file; `skip`
+drops it, logs it and lists it in the run folder; valid-but-unusual images (CMYK, grayscale, alpha, 16-bit, very
+large) are converted to RGB and trained on."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from _reliability import FAST, cli, error_line, events
+
+from fastft.data.loaders import dali_available
+from fastft.data.synthetic import make_image_folder, write_corrupt_files, write_unusual_images
+
+BROKEN = ("truncated", "zero_byte", "not_image")
+UNUSUAL = ("cmyk", "gray", "rgba_png", "png16", "large")
+GOOD_TRAIN = 2 * 4  # the base folder: 2 classes x 4 train images
+
+_needs_dali = [pytest.mark.dali, pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")]
+LATE_CHECK = (
+    "MISSING: with data.loader=torch and on_bad_file=error, a broken file is found only when a batch reaches it "
+    "(mid-epoch, possibly hours in); DALI checks every file up front (scan_images)"
+)
+LOADERS = [pytest.param("torch", id="torch"), pytest.param("dali", id="dali", marks=_needs_dali)]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return make_image_folder(
+        tmp_path_factory.mktemp("tiny2"), num_classes=2, train_per_class=4, val_per_class=2, image_size=32, seed=5
+    )
+
+
+def _data(base: Path, dst: Path, *, broken: tuple[str, ...] = (), unusual: bool = False) -> tuple[Path, dict]:
+    """A copy of `base` with the chosen broken files (and the unusual images) in the train folder of one class."""
+    shutil.copytree(base, dst)
+    target = dst / "train" / "checker"
+    files: dict[str, Path] = {}
+    for kind, path in (write_corrupt_files(target) if broken else {}).items():
+        if kind in broken:
+            files[kind] = path
+        else:
+            path.unlink()
+    if unusual:
+        files.update(write_unusual_images(target))
+    return dst, files
+
+
+def _train(data: Path, out: Path, loader: str, mode: str) -> tuple[int, str]:
+    # batch 1: steps_per_epoch is the number of training images the loader kept
+    return cli(
+        "train",
+        f"--data.root={data}",
+        *FAST,
+        "--data.workers=0",
+        "--data.batch_size=1",
+        "--model.freeze=backbone",
+        "--optim.epochs=1",
+        f"--data.loader={loader}",
+        f"--data.on_bad_file={mode}",
+        f"--run.out_dir={out}",
+        "--run.name=r",
+    )
+
+
+def _steps_per_epoch(run_dir: Path) -> int:
+    return next(e for e in events(run_dir) if e["event"] == "start")["steps_per_epoch"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# error
+
+
+@pytest.mark.parametrize("kind", BROKEN)
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_broken_file_stops_the_run_naming_it(base, tmp_path, loader, kind) -> None:
+    data, files = _data(base, tmp_path / "data", broken=(kind,))
+    rc, err = _train(data, tmp_path / "runs", loader, "error")
+    assert rc == 2 and str(files[kind]) in error_line(err)
+    assert not (tmp_path / "runs" / "r" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [
+        pytest.param(
+            "torch",
+            id="torch",
+        ),
+        pytest.param("dali", id="dali", marks=_needs_dali),
+    ],
+)
+def test_broken_files_stop_the_run_before_training_starts(base, tmp_path, loader) -> None:
+    data, _ = _data(base, tmp_path / "data", broken=BROKEN)
+    rc, err = _train(data, tmp_path / "runs", loader, "error")
+    assert rc == 2, err[-2000:]
+    assert [e for e in events(tmp_path / "runs" / "r") if e["event"] in ("start", "step")] == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# skip
+
+
+@pytest.fixture(scope="module", params=LOADERS)
+def skipped_run(request, base, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp(f"skip-{request.param}")
+    data, files = _data(base, tmp / "data", broken=BROKEN, unusual=True)
+    rc, err = _train(data, tmp / "runs", request.param, "skip")
+    return {
+        "loader": request.param,
+        "rc": rc,
+        "log": err,
+        "run_dir": tmp / "runs" / "r",
+        "broken": sorted(str(files[k]) for k in BROKEN),
+    }
+
+
+def test_skip_mode_trains_on_every_readable_file(skipped_run) -> None:
+    assert skipped_run["rc"] == 0, skipped_run["log"][-3000:]
+    assert _steps_per_epoch(skipped_run["run_dir"]) == GOOD_TRAIN + len(UNUSUAL)  # broken dropped, unusual kept
+    assert (skipped_run["run_dir"] / "model.safetensors").is_file()
+
+
+def test_skip_mode_logs_each_skipped_file(skipped_run) -> None:
+    logged = [p for p in skipped_run["broken"] if p in skipped_run["log"]]
+    assert logged == skipped_run["broken"], skipped_run["log"][-3000:]
+
+
+def test_skip_mode_lists_the_skipped_files_in_the_run_folder(skipped_run) -> None:
+    listed = skipped_run["run_dir"] / "skipped_files.txt"
+    assert sorted(listed.read_text().splitlines()) == skipped_run["broken"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# unusual but valid
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_unusual_images_are_converted_and_trained_on(base, tmp_path, loader) -> None:
+    data, _ = _data(base, tmp_path / "data", unusual=True)
+    rc, err = _train(data, tmp_path / "runs", loader, "error")  # the strict mode: none of them counts as broken
+    assert rc == 0, err[-3000:]
+    assert _steps_per_epoch(tmp_path / "runs" / "r") == GOOD_TRAIN + len(UNUSUAL)
+
+
+@pytest.mark.parametrize("loader", [pytest.param("dali", marks=_needs_dali)])
+def test_dali_decodes_unusual_images_like_the_torchvision_path(tmp_path, loader) -> None:
+    """Each unusual file comes out of open_rgb as RGB, and DALI's eval pipeline gives the same pixels as the
+    torchvision path within one 8-bit level (the same contract as for ordinary JPEGs)."""
+    from fastft.data.dali_loader import DaliLoader
+    from fastft.data.torch_loader import TorchLoader, open_rgb
+    from fastft.data.transforms import TransformSpec
+
+    files = write_unusual_images(tmp_path)
+    samples = [(str(files[k]), i) for i, k in enumerate(UNUSUAL)]
+    assert {k: open_rgb(str(p)).mode for k, p in files.items()} == dict.fromkeys(files, "RGB")
+    spec = TransformSpec(crop_size=32, resize_size=37)
+    ref = next(iter(TorchLoader(samples, spec, train=False, batch_size=len(samples), workers=0)))[0]
+    got = next(
+        iter(
+            DaliLoader(
+                samples,
+                train=False,
+                batch_size=len(samples),
+                crop_size=32,
+                resize_size=37,
+                mean=spec.mean,
+                std=spec.std,
+                threads=1,
+            )
+        )
+    )[0]
+    levels = ((got - ref) * torch.tensor(spec.std).view(3, 1, 1) * 255).abs().amax(dim=(1, 2, 3))
+    assert dict(zip(UNUSUAL, levels.tolist())) == pytest.approx(dict.fromkeys(UNUSUAL, 0.0), abs=1.01)

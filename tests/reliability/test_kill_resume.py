@@ -1,0 +1,167 @@
+"""Exact resume after SIGKILL: a real child (`python -m fastft train`, and a 2-process torchrun job) is killed
+mid-epoch, restarted with `--resume`, and must end with the same weights and metrics as an uninterrupted run.
+
+Deterministic CPU mode, fp32, one intra-op thread per process. Tolerance: none. Resume restores model, optimizer
+(momentum), schedule, RNG and the batch position, and augmentation is a function of (seed, epoch, sample), so the
+resumed run repeats exactly the arithmetic of the uninterrupted one and the weights must be bit-identical. (Were a
+kernel ever to pick another algorithm after a restart, the honest bound would be fp32 rounding, ~1e-6 relative; we
+do not loosen to that unless it is shown to happen.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from _reliability import FAST, descendants, events, kill_job, start_fastft, wait_for_step, wait_gone
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+
+def _common(root: Path, out: Path, *, batch: int, workers: int) -> list[str]:
+    return [
+        "train",
+        f"--data.root={root}",
+        *FAST,
+        "--model.freeze=until:layer3",
+        f"--data.batch_size={batch}",
+        f"--data.workers={workers}",
+        "--run.deterministic=true",
+        "--checkpoint.every_steps=1",
+        "--optim.epochs=2",
+        "--optim.warmup_steps=3",
+        "--optim.lr=0.02",
+        "--run.seed=3",
+        f"--run.out_dir={out}",
+    ]
+
+
+def _run(args: list[str], log: Path, nproc: int) -> None:
+    proc = start_fastft(args, log, nproc=nproc)
+    try:
+        rc = proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        kill_job(proc)
+        raise
+    assert rc == 0, log.read_text()[-4000:]
+
+
+def _kill_and_resume(
+    root: Path, out: Path, *, nproc: int, batch: int, workers: int, kill_at: int, steps_per_epoch: int, by_path: bool
+) -> dict:
+    """Reference run, killed run, resumed run (`--resume auto`, or `--resume <path>` when by_path); returns what the
+    tests compare."""
+    common = _common(root, out, batch=batch, workers=workers)
+    # The reference runs while the victim starts: the two overlap, and the victim is killed on its own schedule.
+    ref = start_fastft([*common, "--run.name=full"], out / "full.log", nproc=nproc)
+    victim_log = out / "cut.log"
+    victim = start_fastft([*common, "--run.name=cut"], victim_log, nproc=nproc)
+    try:
+        wait_for_step(victim, out / "cut" / "last.pt", kill_at, victim_log)
+        pids = descendants(victim.pid)
+        kill_job(victim)
+        wait_gone(pids)
+        assert victim.returncode == -9, victim_log.read_text()[-3000:]
+        assert ref.wait(timeout=600) == 0, (out / "full.log").read_text()[-4000:]
+    finally:
+        for proc in (victim, ref):  # never leave a child behind when something above failed
+            if proc.poll() is None:
+                kill_job(proc)
+    killed = torch.load(out / "cut" / "last.pt", map_location="cpu", weights_only=True)
+    resume = f"--resume={out / 'cut' / 'last.pt'}" if by_path else "--resume=auto"
+    _run([*common, "--run.name=cut", resume], out / "resume.log", nproc)
+    return {
+        "out": out,
+        "steps_per_epoch": steps_per_epoch,
+        "killed_at": {k: killed[k] for k in ("epoch", "batch", "step")},
+        "killed_model": killed["model"],
+        "full": out / "full",
+        "cut": out / "cut",
+        "resume_log": (out / "resume.log").read_text(),
+    }
+
+
+@pytest.fixture(scope="module")
+def single(shapes4, tmp_path_factory) -> dict:
+    # 48 images / batch 4 = 12 steps per epoch, 2 epochs; one DataLoader worker (killed with the group too).
+    return _kill_and_resume(
+        shapes4,
+        tmp_path_factory.mktemp("kill1"),
+        nproc=1,
+        batch=4,
+        workers=1,
+        kill_at=3,
+        steps_per_epoch=12,
+        by_path=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def ddp(shapes4, tmp_path_factory) -> dict:
+    # 2 ranks x batch 4: 48 / 8 = 6 steps per epoch, 2 epochs; the launcher and both workers are killed; resumed
+    # with an explicit checkpoint path.
+    return _kill_and_resume(
+        shapes4,
+        tmp_path_factory.mktemp("kill2"),
+        nproc=2,
+        batch=4,
+        workers=0,
+        kill_at=2,
+        steps_per_epoch=6,
+        by_path=True,
+    )
+
+
+CASES = ["single", "ddp"]
+
+
+@pytest.fixture(params=CASES)
+def case(request) -> dict:
+    return request.getfixturevalue(request.param)
+
+
+def test_the_kill_landed_mid_epoch(case) -> None:
+    k = case["killed_at"]
+    assert k["epoch"] == 0 and 0 < k["batch"] < case["steps_per_epoch"] and k["step"] == k["batch"], k
+
+
+def test_resumed_weights_equal_the_uninterrupted_run_bit_for_bit(case) -> None:
+    full, resumed = load_file(case["full"] / "model.safetensors"), load_file(case["cut"] / "model.safetensors")
+    assert set(full) == set(resumed)
+    differ = [k for k in full if not torch.equal(full[k], resumed[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    # and the resumed run did train: the weights moved on from those in the checkpoint it resumed from
+    assert not torch.equal(resumed["fc.weight"], case["killed_model"]["fc.weight"])
+    assert not torch.equal(resumed["layer4.1.bn2.running_mean"], case["killed_model"]["layer4.1.bn2.running_mean"])
+
+
+def test_resumed_metrics_equal_the_uninterrupted_run(case) -> None:
+    full = json.loads((case["full"] / "metrics.json").read_text())
+    resumed = json.loads((case["cut"] / "metrics.json").read_text())
+    assert resumed == full
+
+
+def test_events_show_the_resume_and_no_step_is_repeated_or_skipped(case) -> None:
+    ev = events(case["cut"])
+    starts = [i for i, e in enumerate(ev) if e["event"] == "start"]
+    assert len(starts) == 2 and ev[starts[0]]["resumed_from"] is None
+    assert ev[starts[1]]["resumed_from"] == str(case["cut"] / "last.pt")
+    resumed_line = f"resumed from {case['cut'] / 'last.pt'} at epoch 0, batch {case['killed_at']['batch']}"
+    assert resumed_line in case["resume_log"]
+    after = [e["step"] for e in ev[starts[1] :] if e["event"] == "step"]
+    total = 2 * case["steps_per_epoch"]
+    assert ev[starts[1]]["steps_per_epoch"] == case["steps_per_epoch"]
+    assert after == list(range(case["killed_at"]["step"] + 1, total + 1))  # every_steps=1: one event per step
+    assert ev[-1]["event"] == "end" and ev[-1]["step"] == total
+
+
+@pytest.mark.parametrize("which", CASES)
+def test_resumed_epoch_train_loss_equals_the_uninterrupted_run(request, which) -> None:
+    c = request.getfixturevalue(which)
+    ref = [e["train_loss"] for e in events(c["full"]) if e["event"] == "eval"]
+    got = [e["train_loss"] for e in events(c["cut"]) if e["event"] == "eval"]
+    assert got == pytest.approx(ref, rel=1e-6, abs=1e-7)
