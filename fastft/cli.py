@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out-dir", default="runs")
     d.add_argument("--data-dir", default=None, help="where the generated dataset is cached")
     d.add_argument("--epochs", type=int, default=None)
+    from fastft.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 
@@ -109,6 +112,10 @@ def run(argv: list[str]) -> int:
         )
         print(f"predictions written to {out}")
         return 0
+    if args.command == "bench":
+        from fastft.bench import run_bench
+
+        return run_bench(args)
     if args.command == "demo":
         from fastft.demo import run_demo
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -68,12 +69,14 @@ def check_image(path: str) -> str | None:
     from PIL import Image
 
     try:
-        size = os.path.getsize(path)
-        if size == 0:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return None  # a pipe or device: reading it here would consume or block it; the loader reads it
+        if st.st_size == 0:
             return "empty file"
         with open(path, "rb") as f:
             head = f.read(3)
-            f.seek(max(0, size - 64))
+            f.seek(max(0, st.st_size - 64))
             tail = f.read().rstrip(b"\x00\r\n\t ")
         if head == b"\xff\xd8\xff":
             if not tail.endswith(b"\xff\xd9"):
@@ -270,7 +273,8 @@ class DaliLoader:
             self._num_samples = self._len * batch_size
             if self._len == 0:
                 raise DataError(
-                    f"{n} training samples over {num_shards} shard(s) give less than one batch of {batch_size} per shard"
+                    f"{n} training samples over {num_shards} shard(s) give less than one batch of {batch_size} "
+                    "per shard"
                 )
         else:
             # Shards differ by at most one sample; every rank iterates as often as the largest needs.
@@ -362,7 +366,8 @@ class DaliLoader:
         files = [p for p, _ in self.samples]
         labels = [y for _, y in self.samples]
         cuda = self.device == "cuda"
-        # Shuffling uses `seed` on every rank (shards must partition one permutation); augmentation draws differ by shard.
+        # Shuffling uses `seed` on every rank (shards must partition one permutation); augmentation draws differ
+        # by shard.
         pipe = Pipeline(
             batch_size=self.batch_size,
             num_threads=self.threads,

@@ -141,16 +141,19 @@ def mocked(monkeypatch, tmp_path):
                      [tp.Block("resnet18", [tp.Case("linear/synthetic", "resnet18"),
                                             tp.Case("linear/synthetic fp32", "resnet18", precision="fp32"),
                                             tp.Case("full/synthetic", "resnet18", "full")], baseline_epochs=4)],
-                     tp.Headline("resnet18", epochs=10, train_images=16, val_images=8))
+                     tp.Headline("resnet18", epochs=10, train_images=16, val_images=8, first_epoch_repeats=3,
+                                 dali_first_epoch=False))
     monkeypatch.setattr(tp, "make_suite", lambda name: copy.deepcopy(suite))
     monkeypatch.setattr(tp, "bench_folder", lambda *a, **k: tmp_path)
     monkeypatch.setattr(tp, "precision_name", lambda dtype, device: "fp32" if dtype == "fp32" else "bf16")
+    monkeypatch.setattr(tp, "decode_ms_per_image", lambda *a, **k: 2.0)
 
     def measure_limit(model, *, precision, s, device, run_id):
         state["limit_calls"] += 1
         rate = 100.0 * state["limit_calls"]  # every measurement differs: which ones a ratio uses is visible
-        return {"key": tp.limit_key(model, tp.precision_name(precision, device), s.batch_size, 32), "run_id": run_id,
-                "model": model, "precision": precision, "batch_size": s.batch_size, "image_size": 32,
+        size = tp.crop_size(model, s.image_size)
+        return {"key": tp.limit_key(model, tp.precision_name(precision, device), s.batch_size, size), "run_id": run_id,
+                "model": model, "precision": precision, "batch_size": s.batch_size, "image_size": size,
                 "channels_last": True, "images_per_s": rate, "spread": {"min": rate, "max": rate, "rel": 0.0},
                 "repeats_images_per_s": [rate] * 3, "warmup_iters": 1, "iters_per_repeat": 1}
 
@@ -164,7 +167,8 @@ def mocked(monkeypatch, tmp_path):
                                                                                        timings.values())
 
     def run_seed(root, *, model_name, epochs, batch_size, workers, image_size, device):
-        return {"total_s": 100.0 * epochs / 10, "epochs": [{"seconds": 10.0, "images": 16, "images_per_s": 1.6}] * epochs,
+        epoch = {"seconds": 10.0, "images": 16, "images_per_s": 1.6}
+        return {"total_s": 100.0 * epochs / 10, "epochs": [epoch] * epochs,
                 "top1": 0.25, "images_per_epoch": 16, "model": model_name, "batch_size": batch_size,
                 "workers": workers, "image_size": 32, "settings": {}}
 
@@ -176,27 +180,41 @@ def mocked(monkeypatch, tmp_path):
 
 def test_mocked_run_brackets_every_mode_with_its_own_limit_measurements(mocked, tmp_path) -> None:
     doc = tp.run(_args(tmp_path))
-    m = {x["id"]: x for x in doc["limit_measurements"]}
+    m = {x["id"]: x for x in doc["limit_measurements"]}  # measurement #i reads 100 * (i + 1) img/s
+    # The side-by-side run comes first. Each first-epoch variant is 3 fresh runs, each between two measurements
+    # (limit, run, limit, run, limit, run, limit); the in-memory variant at the same size starts from the JPEG one's
+    # last measurement (#3); the preset-size (224 px) variant needs its own.
+    jpeg, synthetic, preset = doc["headline"]["first_epochs"]
+    assert [r["limit_ids"] for r in jpeg["repeats"]] == [[0, 1], [1, 2], [2, 3]]
+    assert [r["limit_ids"] for r in synthetic["repeats"]] == [[3, 4], [4, 5], [5, 6]]
+    assert [r["limit_ids"] for r in preset["repeats"]] == [[7, 8], [8, 9], [9, 10]]
+    assert preset["image_size"] == 224 and m[7]["key"].endswith("/224px") and m[6]["key"].endswith("/32px")
+    # Per-run ratios 1.6 / (150, 250, 350): the median is the middle run's, against its own bracketing limits.
+    assert [r["ratio_to_limit"] for r in jpeg["repeats"]] == pytest.approx([1.6 / 150, 1.6 / 250, 1.6 / 350])
+    assert jpeg["ratio_to_limit"] == pytest.approx(1.6 / 250.0)
+    assert preset["ratio_to_limit"] == pytest.approx(1.6 / 950.0)
+    # Then every mode between its own measurements: bf16 (#11, #12), fp32 needs fp32 ones (#13, #14), full (#15, #16).
     bf16, fp32, full = doc["cases"]
-    # bf16 mode: before (#0) and after (#1); fp32 needs its own (#2, #3); full reuses nothing fp32: (#4, #5).
-    assert bf16["limit_ids"] == [0, 1] and fp32["limit_ids"] == [2, 3] and full["limit_ids"] == [4, 5]
-    assert m[2]["key"].split("/")[1] == "fp32" and fp32["limit_key"] == m[2]["key"]
-    assert bf16["ratio_to_limit"] == pytest.approx(32.0 / 150.0)  # 16 images / 0.5 s vs median(100, 200)
-    assert full["ratio_to_limit"] == pytest.approx(32.0 / 550.0)
-    assert bf16["ratio_to_baseline"] == pytest.approx(32.0 / 1.6)
+    assert bf16["limit_ids"] == [11, 12] and fp32["limit_ids"] == [13, 14] and full["limit_ids"] == [15, 16]
+    assert m[13]["key"].split("/")[1] == "fp32" and fp32["limit_key"] == m[13]["key"]
+    assert bf16["ratio_to_limit"] == pytest.approx(32.0 / 1250.0)  # 16 images / 0.5 s vs median(1200, 1300)
+    assert full["ratio_to_limit"] == pytest.approx(32.0 / 1650.0)
+    assert bf16["ratio_to_baseline"] == pytest.approx(32.0 / 1.6)  # the seed loop of the side-by-side run
     assert all(c["run_id"] == doc["run_id"] for c in doc["cases"])
     assert all(x["run_id"] == doc["run_id"] for x in doc["limit_measurements"])
-    # Headline: the first epoch (16 images in 10 s) against the measurements just around it, reusing #5 (same key).
-    first = doc["headline"]["first_epoch"]
-    assert first["limit_ids"] == [5, 6]
-    assert first["ratio_to_limit"] == pytest.approx(1.6 / 650.0)
-    assert doc["headline"]["time_ratio_fastft_over_baseline"] == pytest.approx((4.0 + 10.0 + 9 * 0.5) / 100.0)
+    # fastft's cached run, timed before and after the seed loop: (4 s + 10 s warm-up epoch + 9 x 0.5 s) / 100 s.
+    cached = doc["headline"]["fastft_cached"]
+    assert len(cached["runs"]) == 2 and cached["wall_s"] == pytest.approx(18.5)
+    assert doc["headline"]["time_ratio_fastft_over_baseline"] == pytest.approx(18.5 / 100.0)
 
 
 def test_mocked_run_reports_targets_honestly(mocked, tmp_path) -> None:
     doc = tp.run(_args(tmp_path))
+    firsts = [x for x in doc["targets"] if x["name"].startswith("first_epoch_vs_limit")]
+    assert len(firsts) == 3 and all(x["met"] is False and "epoch 0 split" in x["why"] for x in firsts)
+    # JPEG input: the decode cost the limit leaves out, as a ceiling (2 ms vs 1000 * cores / limit); in memory: not.
+    assert "2.0 CPU-ms per image" in firsts[0]["why"] and "CPU-ms" not in firsts[1]["why"]
     t = {x["name"]: x for x in doc["targets"]}
-    assert t["first_epoch_vs_limit"]["met"] is False and "epoch 0 split" in t["first_epoch_vs_limit"]["why"]
     assert t["cached_probe_time_vs_baseline"]["value"] == pytest.approx(0.185)
     assert t["cached_probe_time_vs_baseline"]["met"] is False
     assert "cache build 3.0s" in t["cached_probe_time_vs_baseline"]["why"]
@@ -244,8 +262,11 @@ def test_validate_rejects_documents_that_break_the_schema(mocked, tmp_path, brea
 
 def test_time_budget_skips_modes_but_keeps_the_document_valid(mocked, tmp_path) -> None:
     doc = tp.run(_args(tmp_path, time_budget=1e-9))
-    assert [c["status"] for c in doc["cases"]] == ["skipped"] * 3 and doc["headline"] is None
-    assert all(t["met"] is None for t in doc["targets"])
+    assert [c["status"] for c in doc["cases"]] == ["skipped"] * 3
+    assert doc["headline"] is not None  # the side-by-side run goes first and is never cut
+    tp.validate(doc)
+    doc = tp.run(_args(tmp_path, only="nothing matches"))
+    assert doc["cases"] == [] and doc["headline"] is None and all(t["met"] is None for t in doc["targets"])
     tp.validate(doc)
 
 
@@ -259,7 +280,8 @@ def test_real_smoke_run_writes_consistent_results(monkeypatch, tmp_path) -> None
                                           limit_warmup=1, limit_iters=1, device="cpu"),
                      [tp.Block("resnet18", [tp.Case("linear/cache", "resnet18", loader="torch", cache="memory")],
                                baseline_epochs=2)],
-                     tp.Headline("resnet18", epochs=2, train_images=8, val_images=4, first_epoch_loader="torch"))
+                     tp.Headline("resnet18", epochs=2, train_images=8, val_images=4, preset_first_epoch=False,
+                                 first_epoch_repeats=1, dali_first_epoch=False))
     monkeypatch.setattr(tp, "make_suite", lambda name: suite)
     doc = tp.run(_args(tmp_path))
     (case,) = doc["cases"]
@@ -270,5 +292,24 @@ def test_real_smoke_run_writes_consistent_results(monkeypatch, tmp_path) -> None
     assert case["ratio_to_limit"] == pytest.approx(case["images_per_s"] / lim["images_per_s"])
     h = doc["headline"]
     assert h["time_ratio_fastft_over_baseline"] == pytest.approx(h["fastft_cached"]["wall_s"] / h["baseline"]["wall_s"])
-    assert len(h["baseline"]["epoch_wall_s"]) == 2 and len(h["fastft_cached"]["epoch_wall_s"]) == 2
+    assert len(h["baseline"]["epoch_wall_s"]) == 2
+    assert [len(r["epoch_wall_s"]) for r in h["fastft_cached"]["runs"]] == [2, 2]
+    for first in h["first_epochs"]:
+        (run,) = first["repeats"]
+        lim = tp.combine_limits([doc["limit_measurements"][i] for i in run["limit_ids"]])
+        assert first["ratio_to_limit"] == pytest.approx(run["images_per_s"] / lim["images_per_s"])
     tp.validate(json.loads(next((tmp_path / "results").glob("*.json")).read_text()))
+
+
+def test_fastft_bench_subcommand_drives_the_same_harness(monkeypatch, tmp_path) -> None:
+    from fastft import bench
+
+    seen = {}
+    monkeypatch.setattr(tp, "run", lambda args: seen.setdefault("args", args))
+    parser = argparse.ArgumentParser(prog="fastft")
+    bench.add_bench_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--suite", "smoke", "--out", str(tmp_path), "--time-budget", "5"])
+    assert bench.run_bench(args) == 0
+    assert (seen["args"].suite, seen["args"].out, seen["args"].time_budget) == ("smoke", str(tmp_path), 5.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--suite", "nope"])

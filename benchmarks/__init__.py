@@ -1,0 +1,1 @@
+"""Benchmarks: throughput harness (`throughput`), naive seed baseline (`baseline_seed`), data loaders (`data_bench`)."""
