@@ -171,7 +171,8 @@ def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
             "",
             f"**DALI / torchvision = {result['ratio_dali_over_torchvision']:.2f}x**",
             "",
-            f"Hardware: {hw['cpu_model']}, {hw['cpu_count']} cores ({hw['cores_available']} available to this process).",
+            f"Hardware: {hw['cpu_model']}, {hw['cpu_count']} cores "
+            f"({hw['cores_available']} available to this process).",
             (
                 f"Versions: Python {v['python']}, torch {v['torch']}, torchvision {v['torchvision']}, "
                 f"DALI {v['dali']}, Pillow {v['pillow']}."
@@ -231,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
             "epochs": args.epochs,
             "warmup_epochs": 1,
             "dali_prefetch": args.dali_prefetch,
-            "transform": "RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + HorizontalFlip + Normalize, float32 CHW",
+            "transform": "RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + HorizontalFlip + Normalize, "
+            "float32 CHW",
         },
         "dali": dali,
         "torchvision": tv,

@@ -6,11 +6,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+# benchmarks/ is not part of the installed package: import it from the checkout even under a bare `pytest`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks import throughput as tp
 from fastft.bench import add_arguments
@@ -43,6 +47,13 @@ def test_time_calls_times_only_after_warmup_and_syncs_around_each_block() -> Non
     assert events == ["call"] * 2 + (["sync"] + ["call"] * 3 + ["sync"]) * 3
     calls["n"] = 0
     assert tp.time_calls(fn, warmup=0, iters=1, repeats=3, sync=lambda: None)[0] > 0.15  # would be caught
+
+
+def test_time_calls_warmup_seconds_extends_the_untimed_calls() -> None:
+    calls = []
+    fn = lambda: (calls.append(1), time.sleep(0.01))
+    tp.time_calls(fn, warmup=1, iters=1, repeats=2, sync=lambda: None, warmup_s=0.1)
+    assert len(calls) - 2 >= 9  # ~0.1 s of warm-up calls before the 2 timed ones
 
 
 def _epoch(wall: float, images: int = 32, frozen: float | None = None) -> dict:
@@ -148,8 +159,9 @@ def mocked(monkeypatch, tmp_path):
     monkeypatch.setattr(tp, "precision_name", lambda dtype, device: "fp32" if dtype == "fp32" else "bf16")
     monkeypatch.setattr(tp, "decode_ms_per_image", lambda *a, **k: 2.0)
 
-    def measure_limit(model, *, precision, s, device, run_id):
+    def measure_limit(model, *, precision, s, device, run_id, warmup_s=0.0):
         state["limit_calls"] += 1
+        state.setdefault("warmups", []).append(warmup_s)
         rate = 100.0 * state["limit_calls"]  # every measurement differs: which ones a ratio uses is visible
         size = tp.crop_size(model, s.image_size)
         return {"key": tp.limit_key(model, tp.precision_name(precision, device), s.batch_size, size), "run_id": run_id,
@@ -198,6 +210,8 @@ def test_mocked_run_brackets_every_mode_with_its_own_limit_measurements(mocked, 
     assert bf16["limit_ids"] == [11, 12] and fp32["limit_ids"] == [13, 14] and full["limit_ids"] == [15, 16]
     assert m[13]["key"].split("/")[1] == "fp32" and fp32["limit_key"] == m[13]["key"]
     assert bf16["ratio_to_limit"] == pytest.approx(32.0 / 1250.0)  # 16 images / 0.5 s vs median(1200, 1300)
+    # The first measurement of each key (32 px bf16 #0, 224 px #7, fp32 #13) warms up longer; no other does.
+    assert [i for i, w in enumerate(mocked["warmups"]) if w > 0] == [0, 7, 13]
     assert full["ratio_to_limit"] == pytest.approx(32.0 / 1650.0)
     assert bf16["ratio_to_baseline"] == pytest.approx(32.0 / 1.6)  # the seed loop of the side-by-side run
     assert all(c["run_id"] == doc["run_id"] for c in doc["cases"])
@@ -277,7 +291,7 @@ def test_time_budget_skips_modes_but_keeps_the_document_valid(mocked, tmp_path) 
 def test_real_smoke_run_writes_consistent_results(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # data_bench's generated JPEGs
     suite = tp.Suite("smoke", tp.Settings(batch_size=4, image_size=32, workers=0, train_images=8, val_images=4,
-                                          limit_warmup=1, limit_iters=1, device="cpu"),
+                                          limit_warmup=1, limit_iters=1, limit_first_warmup_s=0.0, device="cpu"),
                      [tp.Block("resnet18", [tp.Case("linear/cache", "resnet18", loader="torch", cache="memory")],
                                baseline_epochs=2)],
                      tp.Headline("resnet18", epochs=2, train_images=8, val_images=4, preset_first_epoch=False,
