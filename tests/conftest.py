@@ -66,10 +66,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(nproc: int, *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
-    """`torchrun --nproc_per_node N -m fastft ...` on CPU (gloo), on a free local port."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [
+def torchrun_cmd(nproc: int, *target: str) -> list[str]:
+    """`torchrun --nproc_per_node N <target...>` on a free local port (target: `-m fastft ...` or a script)."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -77,25 +76,28 @@ def run_torchrun(nproc: int, *args: str, cwd: Path | None = None, timeout: int =
         f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
-        "-m",
-        "fastft",
-        *args,
+        *target,
     ]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def _dist_env(env: dict | None) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def run_torchrun(nproc: int, *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
+    """`torchrun --nproc_per_node N -m fastft ...` on CPU (gloo)."""
+    return subprocess.run(
+        torchrun_cmd(nproc, "-m", "fastft", *args),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_dist_env(env),
+    )
 
 
 def run_torchrun_script(nproc: int, script: Path, *args: str, timeout: int = 600, env: dict | None = None):
     """torchrun a script (instead of -m fastft), e.g. the fault-injection wrapper."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        str(script),
-        *args,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(
+        torchrun_cmd(nproc, str(script), *args), capture_output=True, text=True, timeout=timeout, env=_dist_env(env)
+    )

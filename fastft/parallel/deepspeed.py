@@ -327,7 +327,7 @@ def _forget_dead_deepspeed_groups() -> None:
 
 
 def _load_checkpoints_without_code(engine) -> None:
-    """DeepSpeed's TorchCheckpointEngine reads with torch.load(weights_only=False), which runs code a file carries.
+    """DeepSpeed's TorchCheckpointEngine unpickles whole files (weights_only off), which runs code a file carries.
     fastft loads nothing that way: read with weights_only=True, allowing only the plain DeepSpeed classes its
     checkpoints hold (loss scaler, ZeRO stage enum, fragment address)."""
     ckpt_engine = getattr(engine, "checkpoint_engine", None)

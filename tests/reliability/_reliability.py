@@ -112,20 +112,9 @@ def finite_state(state: dict[str, torch.Tensor]) -> bool:
 def start_fastft(args: list[str], log: Path, *, nproc: int = 1) -> subprocess.Popen:
     """Start `python -m fastft ...` (or `torchrun --nproc_per_node N -m fastft ...`) in a new session."""
     if nproc > 1:
-        from conftest import free_port
+        from conftest import torchrun_cmd
 
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes=1",
-            f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            "-m",
-            "fastft",
-            *args,
-        ]
+        cmd = torchrun_cmd(nproc, "-m", "fastft", *args)
     else:
         cmd = [sys.executable, "-m", "fastft", *args]
     with open(log, "w") as f:
