@@ -117,11 +117,14 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: str
     model.load_state_dict(state, strict=True)
 
 
-def export_safetensors(module: nn.Module, path: Path, meta: dict[str, Any]) -> Path:
-    """Save a module's state dict as safetensors (+ `<path>.json` with the metadata needed to rebuild it)."""
+def export_safetensors(
+    module: nn.Module, path: Path, meta: dict[str, Any], state: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Save a module's state dict (or `state`, the same keys) as safetensors (+ `<path>.json` with the metadata
+    needed to rebuild it)."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state or module.state_dict()).items()}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(state, str(tmp), metadata={"fastft": json.dumps(meta)})
     os.replace(tmp, path)

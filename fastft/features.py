@@ -93,37 +93,81 @@ def _shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return rank * n // world, (rank + 1) * n // world
 
 
-@torch.no_grad()
+class ImageSource:
+    """The images one rank computes features from: its contiguous shard of `samples`, in order, view by view (view v
+    is the training augmentation seeded as epoch v; views = 0: one pass of the eval transform).
+
+    Its workers persist across views, and `start()` begins decoding view 0 right away, so the decode of the first
+    batches overlaps whatever the caller does before the compute (building the model)."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        spec: TransformSpec,
+        *,
+        views: int,
+        env: DistEnv,
+        batch_size: int,
+        workers: int,
+        seed: int,
+    ) -> None:
+        self.samples, self.spec, self.views = samples, spec, views
+        self.dataset = ImageDataset(samples, spec, train=views > 0, seed=seed)
+        self.sampler = ShardedBatchSampler(len(samples), batch_size, train=False, rank=env.rank, world=env.world_size)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+            generator=torch.Generator().manual_seed(seed),  # never draws from the global RNG
+        )
+        self._started = None
+
+    def start(self) -> None:
+        if self._started is None:
+            self.sampler.set_epoch(0)
+            self._started = iter(self.loader)
+
+    def batches(self):
+        """(view, images) for every batch of this rank's shard, view by view; then the workers are released."""
+        for v in range(max(self.views, 1)):
+            if v == 0 and self._started is not None:
+                it, self._started = self._started, None
+            else:
+                self.sampler.set_epoch(v)  # the view id plays the epoch's role in the per-sample augmentation seed
+                it = iter(self.loader)
+            for images, _ in it:
+                yield v, images
+        self.loader = None  # persistent workers end with their loader
+
+
 def _compute_shard(
     prefix: nn.Module,
-    samples: list[Sample],
-    spec: TransformSpec,
+    source: ImageSource,
     *,
-    views: int,
     env: DistEnv,
     precision: Precision,
     channels_last: bool,
-    batch_size: int,
-    workers: int,
-    seed: int,
-    out: np.ndarray,
-) -> None:
-    """Fill out[v, i - lo] with the prefix outputs of this rank's shard of `samples`, view by view."""
-    dataset = ImageDataset(samples, spec, train=views > 0, seed=seed)
-    sampler = ShardedBatchSampler(len(samples), batch_size, train=False, rank=env.rank, world=env.world_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
+    allocate,
+) -> np.ndarray | None:
+    """Fill allocate(feature shape)[v, i - lo] with the prefix outputs of this rank's shard, view by view; the array
+    is allocated when the first batch's features give their shape (None when the shard is empty)."""
     prefix.eval()
-    for v in range(max(views, 1)):
-        sampler.set_epoch(v)  # the view id plays the epoch's role in the per-sample augmentation seed
-        pos = 0
-        for images, _ in loader:
-            images = images.to(env.device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), precision.autocast():
-                f = prefix(images)
-            out[v, pos : pos + f.shape[0]] = f.float().cpu().numpy().astype(out.dtype)
-            pos += f.shape[0]
+    out, pos, view = None, 0, 0
+    for v, images in source.batches():
+        if v != view:
+            view, pos = v, 0
+        images = images.to(env.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), precision.autocast():
+            f = prefix(images)
+        if out is None:
+            out = allocate(tuple(f.shape[1:]))
+        out[v, pos : pos + f.shape[0]] = f.float().cpu().numpy()
+        pos += f.shape[0]
+    return out
 
 
 def _feature_shape(prefix: nn.Module, spec: TransformSpec, env: DistEnv, precision: Precision) -> tuple[int, ...]:
@@ -135,47 +179,31 @@ def _feature_shape(prefix: nn.Module, spec: TransformSpec, env: DistEnv, precisi
 
 def build_features(
     prefix: nn.Module,
-    samples: list[Sample],
-    spec: TransformSpec,
+    source: ImageSource,
     *,
     mode: str,
-    views: int,
     dtype: str,
     cache_dir: Path,
     env: DistEnv,
     precision: Precision,
     channels_last: bool,
-    batch_size: int,
-    workers: int,
-    seed: int,
     train: bool,
     events=None,
 ) -> FeatureTable:
-    """Compute (or reuse from disk) the prefix features of `samples`; see the module docstring."""
+    """Compute (or reuse from disk) the prefix features of `source`'s images; see the module docstring."""
+    samples, spec, views = source.samples, source.spec, source.views
     n, V = len(samples), max(views, 1)
     labels = torch.tensor([y for _, y in samples], dtype=torch.long)
-    shape = _feature_shape(prefix, spec, env, precision)
     np_dtype = _NP_DTYPES[dtype]
     lo, hi = _shard_bounds(n, env.rank, env.world_size)
-
-    def compute(out: np.ndarray) -> None:
-        _compute_shard(
-            prefix,
-            samples,
-            spec,
-            views=views,
-            env=env,
-            precision=precision,
-            channels_last=channels_last,
-            batch_size=batch_size,
-            workers=workers,
-            seed=seed,
-            out=out,
-        )
+    common = {"env": env, "precision": precision, "channels_last": channels_last}
 
     if mode == "memory":
-        mine = np.zeros((V, hi - lo, *shape), dtype=np_dtype)
-        compute(mine)
+        mine = _compute_shard(
+            prefix, source, allocate=lambda shape: np.zeros((V, hi - lo, *shape), dtype=np_dtype), **common
+        )
+        if mine is None:  # an empty shard (more ranks than images) still has the table's shape
+            mine = np.zeros((V, 0, *_feature_shape(prefix, spec, env, precision)), dtype=np_dtype)
         feats = _all_gather_shards(torch.from_numpy(mine), n, env)
         return FeatureTable([feats], [0], labels, views, "built")
 
@@ -184,6 +212,7 @@ def build_features(
     folder.mkdir(parents=True, exist_ok=True)
     shard_path = folder / f"shard-{env.rank}-of-{env.world_size}.npy"
     meta_path = shard_path.with_suffix(".json")
+    shape = _feature_shape(prefix, spec, env, precision)
     reason = _check_shard(shard_path, meta_path, (V, hi - lo, *shape), np_dtype)
     built = reason is not None
     if built:
@@ -193,7 +222,7 @@ def build_features(
                 events("feature_cache_invalid", path=str(shard_path), reason=reason)
         meta_path.unlink(missing_ok=True)  # the manifest goes first, so a crash mid-write leaves no valid cache
         arr = np.lib.format.open_memmap(shard_path, mode="w+", dtype=np_dtype, shape=(V, hi - lo, *shape))
-        compute(arr)
+        _compute_shard(prefix, source, allocate=lambda _: arr, **common)
         arr.flush()
         del arr
         meta = {

@@ -1,8 +1,10 @@
 """The fine-tuning run: one loop, read top to bottom.
 
 Order of construction (each a verb from its own module):
-    data index -> build model (weights, new head) -> freeze -> device + channels_last -> split prefix/suffix
-    -> optimizer + schedule -> precision -> compile suffix -> backend.wrap(suffix) -> loaders -> resume
+    data index -> resume checkpoint read and checked -> loaders (every file checked; the first epoch's loading, or
+    the feature cache's decode, starts here and overlaps the rest of the set-up) -> build model (weights, new head)
+    -> freeze -> device + channels_last -> split prefix/suffix -> optimizer + schedule -> precision -> feature cache
+    -> compile suffix -> backend.wrap(suffix) -> resume state
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class RunResult:
     steps: int = 0
     timings: dict = field(default_factory=dict)  # per epoch: seconds per segment (log.step_timing), wall, images
     skipped_steps: int = 0  # fp16 steps skipped by the loss scaler (overflow)
+    feature_cache: dict = field(default_factory=dict)  # {wall_s, images, train, val}: the cache build (or reuse)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -175,8 +178,41 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     if num_classes != index.num_classes:
         raise ConfigError(f"model.num_classes: {num_classes} but the data has {index.num_classes} classes")
     run_dir, resume_from = prepare_run_dir(cfg, env)
+    # The checkpoint to resume from is read once, here, and refused before anything is built when it cannot
+    # continue this run.
+    state = None
+    if resume_from is not None:
+        state = ckpt_io.load_checkpoint(resume_from)
+        if state["meta"]["classes"] != index.classes:
+            raise ConfigError(f"{resume_from}: trained on classes {state['meta']['classes'][:5]}..., data has others")
+        _check_resumable(state, cfg, env, resume_from)
+    resume_pos = (state["epoch"], state["batch"]) if state is not None else None
+    plan = parse_unfreeze(cfg.optim.unfreeze)
+    if plan and cfg.parallel.backend == "deepspeed":
+        raise ConfigError("optim.unfreeze: gradual unfreezing is not supported with parallel.backend=deepspeed")
+    # Unfreezes before the resume position are replayed (so the optimizer groups match the saved state).
+    replayed = [u for u in plan if _already_applied(u, resume_pos)]
+    plan = [u for u in plan if u not in replayed]
+    cached = cfg.features.cache != "off" and not replayed  # after an unfreeze the original run went uncached too
 
-    # 2. Model: weights -> new head -> freeze -> device/layout -> frozen prefix + trainable suffix.
+    # 2. Loaders, sharded by rank; every file is checked here, before the model is built. Without a feature cache
+    #    the first epoch's loading starts now (workers spawn and decode ahead) and overlaps building the model.
+    spec = spec_from_weights(preset_weights(cfg.model.name, cfg.model.weights), cfg.data.image_size)
+    train_loader = build_loader(index.train, spec, cfg.data, train=True, seed=cfg.run.seed, env=env)
+    eval_bs = cfg.data.eval_batch_size or cfg.data.batch_size
+    val_loader = build_loader(index.val, spec, cfg.data, train=False, seed=cfg.run.seed, env=env, batch_size=eval_bs)
+    skipped = sorted(set(getattr(train_loader, "skipped", [])) | set(getattr(val_loader, "skipped", [])))
+    if skipped:  # the feature cache reads the index: keep it to the files the loaders use
+        index.train = [s for s in index.train if s[0] not in set(skipped)]
+        index.val = [s for s in index.val if s[0] not in set(skipped)]
+    start_epoch, start_batch = resume_pos or (0, 0)
+    sources = None
+    if cached:
+        sources = _feature_sources(cfg, index, spec, env, eval_bs)
+    else:
+        train_loader.start(start_epoch, start_batch)
+
+    # 3. Model: weights -> new head -> freeze -> device/layout -> frozen prefix + trainable suffix.
     model = build_model(cfg.model, num_classes)
     trainable, total = freeze(model, cfg.model.freeze)
     log.info(
@@ -189,22 +225,14 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     )
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
-    spec = spec_from_weights(preset_weights(cfg.model.name, cfg.model.weights), cfg.data.image_size)
 
-    # 3. Optimizer over the trainable parameters only. Groups carry weight decay and LR scales (layer-wise decay);
-    #    gradual unfreezing appends groups later. On resume the unfreezes already done are replayed first so the
-    #    groups match the saved optimizer state.
+    # 4. Optimizer over the trainable parameters only. Groups carry weight decay and LR scales (layer-wise decay);
+    #    gradual unfreezing appends groups later.
     head = model.fastft_head
-    plan = parse_unfreeze(cfg.optim.unfreeze)
-    if plan and cfg.parallel.backend == "deepspeed":
-        raise ConfigError("optim.unfreeze: gradual unfreezing is not supported with parallel.backend=deepspeed")
-    resume_pos = _peek_position(resume_from)
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(param_groups(model, trainable_names, cfg.optim, head=head), cfg.optim)
-    replayed = [u for u in plan if _already_applied(u, resume_pos)]
     for u in replayed:
         _apply_unfreeze(model, u, optimizer, cfg)
-    plan = [u for u in plan if u not in replayed]
     split = split_model(model)
     grid = sweep_grid(cfg)  # [(lr, wd)] per head when sweeping: the suffix becomes a bank of heads
     bank = None
@@ -214,10 +242,6 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         optimizer = build_optimizer(bank_param_groups(bank, grid, cfg.optim), cfg.optim)
         split = Split(model, split.prefix, bank, "head")
 
-    # 4. Loaders, sharded by rank.
-    train_loader = build_loader(index.train, spec, cfg.data, train=True, seed=cfg.run.seed, env=env)
-    eval_bs = cfg.data.eval_batch_size or cfg.data.batch_size
-    val_loader = build_loader(index.val, spec, cfg.data, train=False, seed=cfg.run.seed, env=env, batch_size=eval_bs)
     accum = cfg.optim.grad_accum
     steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch == 0:
@@ -236,12 +260,10 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     #    prefix outputs and the loop skips decode and backbone.
     precision = resolve_precision(cfg.precision, device)
     image_loaders = (train_loader, val_loader)
-    skipped = sorted(set(getattr(train_loader, "skipped", [])) | set(getattr(val_loader, "skipped", [])))
-    if skipped:  # the feature cache reads the index: keep it to the files the loaders use
-        index.train = [s for s in index.train if s[0] not in set(skipped)]
-        index.val = [s for s in index.val if s[0] not in set(skipped)]
-    if cfg.features.cache != "off" and not replayed:  # after an unfreeze the original run went uncached too
-        train_loader, val_loader = _cached_loaders(cfg, split, index, spec, env, precision, eval_bs)
+    feature_cache: dict = {}
+    if cached:
+        train_loader, val_loader, feature_cache = _cached_loaders(cfg, split, sources, env, precision, eval_bs)
+        sources = None
     target = resolve_target(cfg.compile, device)
     backend_name = cfg.parallel.backend
     if backend_name == "auto":
@@ -288,7 +310,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
 
     # 6. Resume: model, optimizer, schedule, scaler, RNG, and the position inside the epoch.
     resumed_stats = None
-    start_epoch, start_batch, step = 0, 0, 0
+    step = 0
     best: dict = {"metric": cfg.checkpoint.best_metric, "value": None, "epoch": None}
     meta = {
         "format": ckpt_io.FORMAT_VERSION,
@@ -302,11 +324,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         "config": dataclasses.asdict(cfg),
         "world_size": env.world_size,
     }
-    if resume_from is not None:
-        state = ckpt_io.load_checkpoint(resume_from)
-        if state["meta"]["classes"] != index.classes:
-            raise ConfigError(f"{resume_from}: trained on classes {state['meta']['classes'][:5]}..., data has others")
-        _check_resumable(state, cfg, env, resume_from)
+    if state is not None:
         ckpt_io.load_model_state(model, state["model"], resume_from)
         if bank is not None:
             ckpt_io.load_model_state(bank, state["sweep_bank"], resume_from)
@@ -321,10 +339,11 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         scheduler.load_state_dict(state["scheduler"])
         backend.load_state_dict(state["backend"])
         ckpt_io.set_rng_state(state["rng"][min(env.rank, len(state["rng"]) - 1)])
-        start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
+        step = state["step"]
         saved_stats = state.get("epoch_stats") or [None]
         resumed_stats = saved_stats[min(env.rank, len(saved_stats) - 1)] if start_batch else None
         best = state["best"]
+        state = None  # the model and optimizer hold their copies now
         log.info("fastft: resumed from %s at epoch %d, batch %d, step %d", resume_from, start_epoch, start_batch, step)
 
     if env.is_main:  # only now: a refused resume leaves the run folder as it was
@@ -336,6 +355,17 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
             tmp.unlink(missing_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
 
+    def model_state() -> dict[str, torch.Tensor]:
+        """The model's state dict with full-precision weights: where the backend trains a bf16/fp16 copy (DeepSpeed),
+        its fp32 masters replace the copy and the rest is cast back to fp32. Collective: every rank calls it."""
+        masters = backend.master_weights()
+        state = model.state_dict()
+        if masters:
+            names = {id(p): n for n, p in model.named_parameters()}
+            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+            state.update({names[i]: t for i, t in masters.items() if i in names})
+        return state
+
     def save(name: str, epoch: int, batch: int) -> None:
         # Every rank contributes its RNG state (gathered); rank 0 writes.
         rngs = [ckpt_io.rng_state()]
@@ -345,13 +375,14 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
             torch.distributed.all_gather_object(gathered, (rngs[0], stats[0]))
             rngs, stats = [g[0] for g in gathered], [g[1] for g in gathered]
         backend.save_checkpoint(run_dir, name.removesuffix(".pt"))  # collective for sharded optimizer state
+        weights = model_state()
         if env.is_main:
             opt_state = None if backend.owns_optimizer_state else optimizer.state_dict()
             extra = {"sweep_bank": bank.state_dict()} if bank is not None else {}
             ckpt_io.atomic_save(
                 {
                     **extra,
-                    "model": model.state_dict(),
+                    "model": weights,
                     "optimizer": opt_state,
                     "scheduler": scheduler.state_dict(),
                     "backend": backend.state_dict(),
@@ -566,6 +597,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     paths: dict[str, Path] = {"run_dir": run_dir, "last": run_dir / "last.pt", "best": run_dir / "best.pt"}
     if not report:
         report = evaluate_now()
+    final_state = model_state()
     if env.is_main:
         from fastft.report import confusion_figure
 
@@ -584,10 +616,14 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
             {k: report.get(k) for k in ("top1", "f1_macro", "loss")},
         )
         head = model.get_submodule(model.fastft_head)
+        head_prefix = f"{model.fastft_head}."
+        head_state = {k.removeprefix(head_prefix): v for k, v in final_state.items() if k.startswith(head_prefix)}
         paths["model_export"] = ckpt_io.export_safetensors(
-            model, run_dir / "model.safetensors", {**meta, "part": "model"}
+            model, run_dir / "model.safetensors", {**meta, "part": "model"}, final_state
         )
-        paths["head_export"] = ckpt_io.export_safetensors(head, run_dir / "head.safetensors", {**meta, "part": "head"})
+        paths["head_export"] = ckpt_io.export_safetensors(
+            head, run_dir / "head.safetensors", {**meta, "part": "head"}, head_state
+        )
         if getattr(backend, "skipped_steps", 0):
             log.warning("fastft: the fp16 loss scaler skipped %d of %d steps (overflow)", backend.skipped_steps, step)
         logger.event(
@@ -600,7 +636,15 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     logger.close()
     penv.barrier(env)
     return RunResult(
-        run_dir, report, best, paths, throughput, step, timings, skipped_steps=getattr(backend, "skipped_steps", 0)
+        run_dir,
+        report,
+        best,
+        paths,
+        throughput,
+        step,
+        timings,
+        skipped_steps=getattr(backend, "skipped_steps", 0),
+        feature_cache=feature_cache,
     )
 
 
@@ -621,14 +665,6 @@ def _check_resumable(state: dict, cfg: FinetuneConfig, env: penv.DistEnv, path: 
             f"{path}: saved mid-epoch by {world} processes, resumed by {env.world_size}; resume with "
             f"{world} processes (the position in the epoch depends on it)"
         )
-
-
-def _peek_position(resume_from: Path | None) -> tuple[int, int] | None:
-    """(epoch, batch) of the checkpoint to resume from (read early: unfreezes before it must be replayed)."""
-    if resume_from is None:
-        return None
-    state = ckpt_io.load_checkpoint(resume_from)
-    return state["epoch"], state["batch"]
 
 
 def _already_applied(u: UnfreezeStep, pos: tuple[int, int] | None) -> bool:
@@ -661,8 +697,22 @@ def _nonfinite(loss, epoch: int, step: int, run_dir: Path, what: str = "loss"):
     )
 
 
-def _cached_loaders(cfg: FinetuneConfig, split, index, spec, env: penv.DistEnv, precision, eval_bs: int):
-    """Build (or reuse) the train and val feature tables and loaders over them."""
+def _feature_sources(cfg: FinetuneConfig, index, spec, env: penv.DistEnv, eval_bs: int):
+    """The images the train and val feature tables are computed from. A memory cache is always built, so its
+    decode starts now, before the model is built; a disk cache may be reused and starts only when it is not."""
+    from fastft.features import ImageSource
+
+    common = {"env": env, "batch_size": eval_bs, "workers": cfg.data.workers, "seed": cfg.run.seed}
+    train = ImageSource(index.train, spec, views=cfg.features.views, **common)
+    val = ImageSource(index.val, spec, views=0, **common)
+    if cfg.features.cache == "memory":
+        train.start()
+        val.start()
+    return train, val
+
+
+def _cached_loaders(cfg: FinetuneConfig, split, sources, env: penv.DistEnv, precision, eval_bs: int):
+    """Build (or reuse) the train and val feature tables: (train loader, val loader, build info)."""
     from fastft.features import FeatureLoader, build_features
 
     if split.prefix is None:
@@ -677,27 +727,30 @@ def _cached_loaders(cfg: FinetuneConfig, split, index, spec, env: penv.DistEnv, 
         "env": env,
         "precision": precision,
         "channels_last": cfg.model.channels_last,
-        "workers": cfg.data.workers,
-        "seed": cfg.run.seed,
     }
     t0 = time.perf_counter()
-    train_t = build_features(
-        split.prefix, index.train, spec, views=cfg.features.views, train=True, batch_size=eval_bs, **common
-    )
-    val_t = build_features(split.prefix, index.val, spec, views=0, train=False, batch_size=eval_bs, **common)
+    train_t = build_features(split.prefix, sources[0], train=True, **common)
+    val_t = build_features(split.prefix, sources[1], train=False, **common)
+    build_s = time.perf_counter() - t0
     log.info(
         "fastft: feature cache (%s, %s): train %s, val %s in %.1fs",
         cfg.features.cache,
         cfg.features.dtype,
         train_t.source,
         val_t.source,
-        time.perf_counter() - t0,
+        build_s,
     )
     train_loader = FeatureLoader(
         train_t, cfg.data.batch_size, train=True, seed=cfg.run.seed, rank=env.rank, world=env.world_size
     )
     val_loader = FeatureLoader(val_t, eval_bs, train=False, seed=cfg.run.seed, rank=env.rank, world=env.world_size)
-    return train_loader, val_loader
+    info = {
+        "wall_s": build_s,
+        "images": train_t.num_samples + val_t.num_samples,
+        "train": train_t.source,
+        "val": val_t.source,
+    }
+    return train_loader, val_loader, info
 
 
 def _default_cache() -> Path:

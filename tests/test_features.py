@@ -92,7 +92,7 @@ def test_views_cycle_augmented_copies(shapes4, tmp_path) -> None:
     from fastft.config import DataConfig, ModelConfig
     from fastft.data.folder import index_from_config
     from fastft.data.transforms import TransformSpec
-    from fastft.features import FeatureLoader, build_features
+    from fastft.features import FeatureLoader, ImageSource, build_features
     from fastft.model import build_model, freeze, split_model
     from fastft.parallel.env import DistEnv
     from fastft.precision import Precision
@@ -101,20 +101,16 @@ def test_views_cycle_augmented_copies(shapes4, tmp_path) -> None:
     freeze(model, "backbone")
     split = split_model(model)
     index = index_from_config(DataConfig(root=str(shapes4)))
+    source = ImageSource(index.train, TransformSpec(32, 36), views=3, env=DistEnv(), batch_size=16, workers=0, seed=0)
     table = build_features(
         split.prefix,
-        index.train,
-        TransformSpec(32, 36),
+        source,
         mode="memory",
-        views=3,
         dtype="fp32",
         cache_dir=tmp_path,
         env=DistEnv(),
         precision=Precision(torch.float32, "cpu"),
         channels_last=False,
-        batch_size=16,
-        workers=0,
-        seed=0,
         train=True,
     )
     feats = table.parts[0]

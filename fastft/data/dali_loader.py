@@ -302,6 +302,12 @@ class DaliLoader:
         self.epoch = epoch
         self.start_batch = start_batch
 
+    def start(self, epoch: int, start_batch: int = 0) -> None:
+        """Build the pipeline now: DALI decodes its first `prefetch` batches while the caller does other set-up
+        work (and a file DALI cannot decode in them fails here, before training)."""
+        self.set_epoch(epoch, start_batch)
+        self._get_iterator()
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         it = self._get_iterator()
         if self._consumed:  # the previous epoch was abandoned part-way: finish it so the next one starts clean
@@ -376,31 +382,23 @@ class DaliLoader:
             prefetch_queue_depth=self.prefetch,
         )
         with pipe:
-            if self.train:
-                # shuffle_after_epoch re-deals one global permutation (first epoch included, same seed on all
-                # ranks) into shards every epoch; random_shuffle would only mix samples inside each rank's
-                # `initial_fill` buffer while the same shard chunks rotate between ranks.
-                jpegs, labels_out = fn.readers.file(
-                    files=files,
-                    labels=labels,
-                    name=_READER,
-                    shard_id=self.shard_id,
-                    num_shards=self.num_shards,
-                    shuffle_after_epoch=True,
-                    shuffle_after_epoch_seed=self.seed,
-                    pad_last_batch=True,
-                )
-            else:
-                jpegs, labels_out = fn.readers.file(
-                    files=files,
-                    labels=labels,
-                    name=_READER,
-                    shard_id=self.shard_id,
-                    num_shards=self.num_shards,
-                    random_shuffle=False,
-                    stick_to_shard=True,
-                    pad_last_batch=True,
-                )
+            # Training: shuffle_after_epoch re-deals one global permutation (first epoch included, same seed on all
+            # ranks) into shards every epoch; random_shuffle would only mix samples inside each rank's `initial_fill`
+            # buffer while the same shard chunks rotate between ranks. Evaluation: each rank keeps its own shard.
+            order = (
+                {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": self.seed}
+                if self.train
+                else {"random_shuffle": False, "stick_to_shard": True}
+            )
+            jpegs, labels_out = fn.readers.file(
+                files=files,
+                labels=labels,
+                name=_READER,
+                shard_id=self.shard_id,
+                num_shards=self.num_shards,
+                pad_last_batch=True,
+                **order,
+            )
             if cuda:
                 images = fn.decoders.image(
                     jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=self.hw_decoder_load

@@ -122,7 +122,11 @@ class TorchLoader:
             pin_memory=pin_memory,
             persistent_workers=persistent_workers and workers > 0,
             prefetch_factor=4 if workers > 0 else None,
+            # Worker seeds come from the loader's own generator: starting an epoch never draws from the global
+            # RNG, so when the loading starts (early, or after a resume) does not change the model's random stream.
+            generator=torch.Generator().manual_seed(seed * 1_000_003 + rank),
         )
+        self._started: tuple[tuple[int, int], Iterator] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -130,13 +134,23 @@ class TorchLoader:
         return len(s._indices()) if not s.train else len(s) * s.batch_size
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if self._started is not None and self._started[0] != (epoch, start_batch):
+            self._started = None  # started for another epoch: that iterator is dropped
         self.sampler.set_epoch(epoch, start_batch)
+
+    def start(self, epoch: int, start_batch: int = 0) -> None:
+        """Begin loading this epoch now: workers spawn and decode up to `prefetch_factor` batches each while the
+        caller does other set-up work; the next iteration over this epoch continues from there."""
+        self.set_epoch(epoch, start_batch)
+        self._started = ((epoch, start_batch), iter(self.loader))
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self):
-        for images, labels in self.loader:
+        it = self._started[1] if self._started is not None else iter(self.loader)
+        self._started = None
+        for images, labels in it:
             yield images, labels.long()
 
 

@@ -33,6 +33,11 @@ class Backend(Protocol):
     def grads_finite(self) -> bool:
         """False once a step saw a non-finite gradient (checked by the loop before any checkpoint is written)."""
 
+    def master_weights(self) -> dict[int, torch.Tensor]:
+        """id(parameter) -> its full-precision value where the wrapped module holds a lower-precision copy (DeepSpeed
+        bf16/fp16 keep fp32 masters in the optimizer); {} when the module's own parameters are the weights. A
+        collective under sharded optimizers: every rank calls it."""
+
     def save_checkpoint(self, run_dir: Path, tag: str) -> None: ...
 
     def load_checkpoint(self, run_dir: Path, tag: str) -> None: ...
@@ -133,6 +138,9 @@ class LocalBackend:
     def grads_finite(self) -> bool:
         """False once any step saw a non-finite gradient norm (one host sync)."""
         return self._bad is None or not bool(self._bad)
+
+    def master_weights(self) -> dict[int, torch.Tensor]:
+        return {}  # the module trains in its own (fp32) parameters; autocast only lowers the compute
 
     def save_checkpoint(self, run_dir: Path, tag: str) -> None:
         pass  # everything is in the checkpoint file

@@ -233,6 +233,22 @@ class DeepSpeedBackend:
             True  # DeepSpeed's own overflow handling (fp16) applies; fp32/bf16 non-finite losses are caught by the loop
         )
 
+    def master_weights(self) -> dict[int, torch.Tensor]:
+        """The fp32 masters of the trainable parameters when DeepSpeed trains a bf16/fp16 copy of the module (so
+        saves and exports hold the weights training converged to, not their rounding). Under ZeRO 1/2 each master is
+        assembled from the ranks' partitions: a collective."""
+        if self.engine is None or not any(self.config.get(k, {}).get("enabled") for k in ("bf16", "fp16")):
+            return {}
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for p in self.engine.module.parameters():
+            if p.requires_grad:
+                master = safe_get_full_fp32_param(p)
+                if master is not None:
+                    out[id(p)] = master.detach().to("cpu", copy=True)
+        return out
+
     def save_checkpoint(self, run_dir: Path, tag: str) -> None:
         ds_tag = f"{tag}-step{self.engine.global_steps}"
         self._last_tag = ds_tag

@@ -173,10 +173,9 @@ def mocked(monkeypatch, tmp_path):
         n = cfg.optim.epochs
         timings = {f"epoch{i}": _epoch(10.0 if i == 0 else 0.5, images=16) for i in range(n)}
         lines = ["fastft: precision bf16 (auto), compile none, split head, backend none, world 1, device cpu"]
-        if cfg.features.cache != "off":
-            lines.append("fastft: feature cache (memory, fp16): train built, val built in 3.0s")
-        return SimpleNamespace(timings=timings, metrics={"top1": 0.5}), lines, 4.0 + sum(t["wall"] for t in
-                                                                                       timings.values())
+        cache = {"wall_s": 3.0, "images": 24, "train": "built", "val": "built"} if cfg.features.cache != "off" else {}
+        return (SimpleNamespace(timings=timings, metrics={"top1": 0.5}, feature_cache=cache), lines,
+                4.0 + sum(t["wall"] for t in timings.values()))
 
     def run_seed(root, *, model_name, epochs, batch_size, workers, image_size, device):
         epoch = {"seconds": 10.0, "images": 16, "images_per_s": 1.6}

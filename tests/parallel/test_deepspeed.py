@@ -436,6 +436,23 @@ def test_three_ranks_with_accumulation_match_single_process(runs) -> None:
     assert _events(run)[0]["total_steps"] == 4
 
 
+@pytest.mark.slow
+def test_bf16_runs_save_and_export_the_fp32_master_weights(runs) -> None:
+    """DeepSpeed bf16 trains a bf16 copy of the head; checkpoints and exports hold its fp32 masters (assembled from
+    the ZeRO 1 partitions of 2 ranks), which stay close to fp32 training and carry more than bf16's 8 bits."""
+    single = load_file(runs(8) / "head.safetensors")
+    run = runs.deepspeed(2, 1, "--data.batch_size=4", "--precision.dtype=bf16")
+    head = load_file(run / "head.safetensors")
+    assert {v.dtype for v in head.values()} == {torch.float32}
+    assert any((v != v.to(torch.bfloat16).float()).any() for v in head.values()), "exported a bf16-rounded head"
+    assert _max_diff(head, single) < 2e-2  # bf16 autocast vs fp32: close, not equal
+    saved = torch.load(run / "last.pt", weights_only=True)["model"]
+    for k, v in head.items():
+        assert torch.equal(saved[f"fc.{k}"], v), k
+    model = load_file(run / "model.safetensors")
+    assert {v.dtype for v in model.values() if v.is_floating_point()} == {torch.float32}
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
