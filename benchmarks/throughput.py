@@ -696,6 +696,10 @@ def _why(target: dict, h: dict) -> str:
                     "(on a GPU host the decode runs on other cores or on the GPU's decoder)")
         else:
             why += "; the first run's start-up (loader, first batches) counts in the epoch"
+        rs = e.get("ratio_spread") or {}
+        if rs.get("max") is not None and rs["max"] >= 0.9 > rs["min"]:
+            why += (f"; its {len(e['repeats'])} runs range {rs['min']:.2f} - {rs['max']:.2f}, across the target: "
+                    "the miss is within run-to-run variation on this machine")
         return why
     f = h["fastft_cached"]
     return (f"fastft {f['wall_s']:.1f}s = cache build {f['cache_build_s'] or 0:.1f}s + {h['epochs']} epochs "
