@@ -12,12 +12,14 @@
 #    JPEGs it generates (4096 train + 512 val): the forward-only limit, linear probe (in-memory synthetic input, DALI
 #    and torchvision JPEG input, compile on/off), linear probe from the feature cache, partial and full fine-tune
 #    (compile on/off), the naive seed loop, and the 10-epoch cached-probe vs seed-loop comparison.
-# 3. Writes <hardware>-<date>.json/.md, LATEST.md, gpu_check.log and env.txt into the output folder.
+# 3. Runs the CUDA tests (tests/test_gpu.py) when pytest is available (or installs from the wheels).
+# 4. Writes <hardware>-<date>.json/.md, LATEST.md, gpu_check.log, gpu_tests.log and env.txt into the output folder.
 #
 # Environment: WHEELS (wheels folder), OUT (output folder, default benchmarks/results/gpu), PYTHON (default python),
 # GPU_CHECK_BUDGET_S (modes that would start after this many seconds are recorded as skipped; default 300),
-# GPU_CHECK_TIMEOUT_S (hard stop of the harness, which still writes what it measured; default 400). With installs
-# (~1 min at most from local wheels) the whole check stays under 8 minutes.
+# GPU_CHECK_TIMEOUT_S (hard stop of the harness, which still writes what it measured; default 360),
+# GPU_CHECK_TESTS (1: also run tests/test_gpu.py after the suite; 0: skip), GPU_CHECK_TESTS_TIMEOUT_S (default 90).
+# With installs (~1 min at most from local wheels) the whole check stays under 8 minutes.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,7 +27,9 @@ OUT="${1:-${OUT:-$REPO/benchmarks/results/gpu}}"
 PY="${PYTHON:-python}"
 WHEELS="${WHEELS:-}"
 BUDGET="${GPU_CHECK_BUDGET_S:-300}"
-HARD_STOP="${GPU_CHECK_TIMEOUT_S:-400}"
+HARD_STOP="${GPU_CHECK_TIMEOUT_S:-360}"
+RUN_TESTS="${GPU_CHECK_TESTS:-1}"
+TESTS_TIMEOUT="${GPU_CHECK_TESTS_TIMEOUT_S:-90}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/gpu_check.log"
@@ -88,6 +92,16 @@ timeout --signal=INT --kill-after=20 "$HARD_STOP" \
     || status=$?
 if [ "$status" -ne 0 ]; then
     log "the harness exited with status $status (124: the hard stop was reached; what it had measured is written); see $LOG"
-    exit "$status"
 fi
+
+# The CUDA tests (tests/test_gpu.py: auto precision, device-resident batches, DALI GPU decode vs CPU, a whole run
+# with DALI + compiled head), when pytest is there or installs from the wheels; their result goes to gpu_tests.log.
+if [ "$RUN_TESTS" = 1 ] && { has pytest || pip_wheels pytest; }; then
+    log "running the GPU tests (hard stop ${TESTS_TIMEOUT}s)"
+    tests=0
+    timeout --kill-after=10 "$TESTS_TIMEOUT" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py \
+        > "$OUT/gpu_tests.log" 2>&1 || tests=$?
+    log "GPU tests: $(tail -n 1 "$OUT/gpu_tests.log") (status $tests)"
+fi
+[ "$status" -eq 0 ] || exit "$status"
 log "done in $((SECONDS - START))s: $(ls "$OUT"/*.json)"

@@ -41,7 +41,14 @@ def build_loader(
     kind = resolve_loader(cfg, env)
     if kind == "synthetic":
         return SyntheticLoader(
-            samples, spec, batch_size=bs, train=train, seed=seed, rank=env.rank, world=env.world_size
+            samples,
+            spec,
+            batch_size=bs,
+            train=train,
+            seed=seed,
+            rank=env.rank,
+            world=env.world_size,
+            device=env.device,
         )
     if kind == "dali":
         from fastft.data.dali_loader import DaliLoader
@@ -99,7 +106,8 @@ def build_loader(
 
 class SyntheticLoader:
     """In-memory batches with the real labels' count and sharding but no decode (throughput benchmarks: it
-    measures the model and the loop with data loading removed). One normalised random batch is reused."""
+    measures the model and the loop with data loading removed). One normalised random batch is reused; it and the
+    labels live on `device`, so a GPU run copies nothing from the host per step (as the forward-only limit)."""
 
     def __init__(
         self,
@@ -111,15 +119,16 @@ class SyntheticLoader:
         seed: int,
         rank: int,
         world: int,
+        device=None,
     ) -> None:
         import torch
 
         from fastft.data.torch_loader import ShardedBatchSampler
 
         self.sampler = ShardedBatchSampler(len(samples), batch_size, train=train, seed=seed, rank=rank, world=world)
-        self.labels = torch.tensor([y for _, y in samples], dtype=torch.long)
+        self.labels = torch.tensor([y for _, y in samples], dtype=torch.long, device=device)
         g = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(batch_size, 3, spec.crop_size, spec.crop_size, generator=g)
+        self.images = torch.randn(batch_size, 3, spec.crop_size, spec.crop_size, generator=g).to(device)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch)
@@ -135,5 +144,5 @@ class SyntheticLoader:
         import torch
 
         for batch in self.sampler:
-            idx = torch.tensor([i for i, _ in batch], dtype=torch.long)
+            idx = torch.tensor([i for i, _ in batch], dtype=torch.long).to(self.labels.device, non_blocking=True)
             yield self.images[: len(idx)], self.labels[idx]
