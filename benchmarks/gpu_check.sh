@@ -16,9 +16,9 @@
 # 4. Writes <hardware>-<date>.json/.md, LATEST.md, gpu_check.log, gpu_tests.log and env.txt into the output folder.
 #
 # Environment: WHEELS (wheels folder), OUT (output folder, default benchmarks/results/gpu), PYTHON (default python),
-# GPU_CHECK_BUDGET_S (modes that would start after this many seconds are recorded as skipped; default 300),
-# GPU_CHECK_TIMEOUT_S (hard stop of the harness, which still writes what it measured; default 360),
-# GPU_CHECK_TESTS (1: also run tests/test_gpu.py after the suite; 0: skip), GPU_CHECK_TESTS_TIMEOUT_S (default 90).
+# GPU_CHECK_BUDGET_S (modes that would start after this many seconds are recorded as skipped; default 270),
+# GPU_CHECK_TIMEOUT_S (hard stop of the harness, which still writes what it measured; default 320),
+# GPU_CHECK_TESTS (1: also run tests/test_gpu.py after the suite; 0: skip), GPU_CHECK_TESTS_TIMEOUT_S (default 70).
 # With installs (~1 min at most from local wheels) the whole check stays under 8 minutes.
 set -euo pipefail
 
@@ -26,10 +26,10 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:-${OUT:-$REPO/benchmarks/results/gpu}}"
 PY="${PYTHON:-python}"
 WHEELS="${WHEELS:-}"
-BUDGET="${GPU_CHECK_BUDGET_S:-300}"
-HARD_STOP="${GPU_CHECK_TIMEOUT_S:-360}"
+BUDGET="${GPU_CHECK_BUDGET_S:-270}"
+HARD_STOP="${GPU_CHECK_TIMEOUT_S:-320}"
 RUN_TESTS="${GPU_CHECK_TESTS:-1}"
-TESTS_TIMEOUT="${GPU_CHECK_TESTS_TIMEOUT_S:-90}"
+TESTS_TIMEOUT="${GPU_CHECK_TESTS_TIMEOUT_S:-70}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/gpu_check.log"
