@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fastft.data.folder import Sample
-from fastft.data.torch_loader import ImageDataset, ShardedBatchSampler
+from fastft.data.torch_loader import ImageDataset, ShardedBatchSampler, shutdown_workers
 from fastft.data.transforms import TransformSpec
 from fastft.parallel.env import DistEnv, barrier
 from fastft.precision import Precision
@@ -129,6 +129,10 @@ class ImageSource:
             self.sampler.set_epoch(0)
             self._started = iter(self.loader)
 
+    def close(self) -> None:
+        started, self._started = self._started, None
+        shutdown_workers(self.loader, started)
+
     def batches(self):
         """(view, images) for every batch of this rank's shard, view by view; then the workers are released."""
         for v in range(max(self.views, 1)):
@@ -139,7 +143,7 @@ class ImageSource:
                 it = iter(self.loader)
             for images, _ in it:
                 yield v, images
-        self.loader = None  # persistent workers end with their loader
+        self.close()
 
 
 def _compute_shard(

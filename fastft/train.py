@@ -156,17 +156,20 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
     cfg.validate()
     env = penv.init_distributed(cfg.run.device, timeout_s=cfg.parallel.timeout_s)
     prev_det = torch.are_deterministic_algorithms_enabled()
+    opened: list = []  # loaders and feature sources: their workers end with the run, also when it fails
     try:
         if cfg.run.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
-        return _finetune(cfg, env)
+        return _finetune(cfg, env, opened)
     finally:
+        for source in opened:
+            source.close()
         torch.use_deterministic_algorithms(prev_det)
         penv.shutdown(env)
 
 
-def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
+def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult:
     device = env.device
     seed_everything(cfg.run.seed, env.rank)
 
@@ -201,16 +204,30 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     train_loader = build_loader(index.train, spec, cfg.data, train=True, seed=cfg.run.seed, env=env)
     eval_bs = cfg.data.eval_batch_size or cfg.data.batch_size
     val_loader = build_loader(index.val, spec, cfg.data, train=False, seed=cfg.run.seed, env=env, batch_size=eval_bs)
+    opened += [train_loader, val_loader]
     skipped = sorted(set(getattr(train_loader, "skipped", [])) | set(getattr(val_loader, "skipped", [])))
     if skipped:  # the feature cache reads the index: keep it to the files the loaders use
         index.train = [s for s in index.train if s[0] not in set(skipped)]
         index.val = [s for s in index.val if s[0] not in set(skipped)]
+    accum = cfg.optim.grad_accum
+    steps_per_epoch = len(train_loader) // accum
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} x grad_accum {accum} x {env.world_size} ranks "
+            f"is more than the {len(index.train)} training images"
+        )
+    epochs = cfg.optim.epochs
+    total_steps = epochs * steps_per_epoch
+    if cfg.optim.max_steps:
+        total_steps = cfg.optim.max_steps
+        epochs = math.ceil(total_steps / steps_per_epoch)
     start_epoch, start_batch = resume_pos or (0, 0)
     sources = None
     if cached:
         sources = _feature_sources(cfg, index, spec, env, eval_bs)
-    else:
-        train_loader.start(start_epoch, start_batch)
+        opened += sources
+    elif start_epoch < epochs and (state["step"] if state is not None else 0) < total_steps:
+        train_loader.start(start_epoch, start_batch)  # (a finished run that is resumed only evaluates)
 
     # 3. Model: weights -> new head -> freeze -> device/layout -> frozen prefix + trainable suffix.
     model = build_model(cfg.model, num_classes)
@@ -242,18 +259,6 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
         optimizer = build_optimizer(bank_param_groups(bank, grid, cfg.optim), cfg.optim)
         split = Split(model, split.prefix, bank, "head")
 
-    accum = cfg.optim.grad_accum
-    steps_per_epoch = len(train_loader) // accum
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"data.batch_size: {cfg.data.batch_size} x grad_accum {accum} x {env.world_size} ranks "
-            f"is more than the {len(index.train)} training images"
-        )
-    epochs = cfg.optim.epochs
-    total_steps = epochs * steps_per_epoch
-    if cfg.optim.max_steps:
-        total_steps = cfg.optim.max_steps
-        epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = Schedule(optimizer, cfg.optim, total_steps)
 
     # 5. Precision, then (optionally) the frozen-feature cache: from here on, a cached run's "images" are the
@@ -263,7 +268,6 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv) -> RunResult:
     feature_cache: dict = {}
     if cached:
         train_loader, val_loader, feature_cache = _cached_loaders(cfg, split, sources, env, precision, eval_bs)
-        sources = None
     target = resolve_target(cfg.compile, device)
     backend_name = cfg.parallel.backend
     if backend_name == "auto":

@@ -308,6 +308,11 @@ class DaliLoader:
         self.set_epoch(epoch, start_batch)
         self._get_iterator()
 
+    def close(self) -> None:
+        """Release the pipeline (its threads and buffers); a later iteration builds a new one."""
+        self._iterator = None
+        self._consumed = 0
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         it = self._get_iterator()
         if self._consumed:  # the previous epoch was abandoned part-way: finish it so the next one starts clean

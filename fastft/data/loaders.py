@@ -35,8 +35,8 @@ def build_loader(
     env: DistEnv,
     batch_size: int | None = None,
 ):
-    """An iterable of (images float32 B3HW, labels int64 B) batches with `len()`, `set_epoch(epoch, start_batch)`
-    and `start(epoch, start_batch)` (begin loading that epoch ahead of its iteration)."""
+    """An iterable of (images float32 B3HW, labels int64 B) batches with `len()`, `set_epoch(epoch, start_batch)`,
+    `start(epoch, start_batch)` (begin loading that epoch ahead of its iteration) and `close()` (end its workers)."""
     bs = batch_size or cfg.batch_size
     kind = resolve_loader(cfg, env)
     if kind == "synthetic":
@@ -136,6 +136,9 @@ class SyntheticLoader:
     def start(self, epoch: int, start_batch: int = 0) -> None:
         """Nothing to load ahead: the batch is in memory."""
         self.set_epoch(epoch, start_batch)
+
+    def close(self) -> None:
+        """Nothing to release: no workers."""
 
     def __len__(self) -> int:
         return len(self.sampler)

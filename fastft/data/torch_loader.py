@@ -144,6 +144,11 @@ class TorchLoader:
         self.set_epoch(epoch, start_batch)
         self._started = ((epoch, start_batch), iter(self.loader))
 
+    def close(self) -> None:
+        """End the worker processes now (a later iteration starts new ones)."""
+        started, self._started = self._started, None
+        shutdown_workers(self.loader, started[1] if started is not None else None)
+
     def __len__(self) -> int:
         return len(self.sampler)
 
@@ -152,6 +157,17 @@ class TorchLoader:
         self._started = None
         for images, labels in it:
             yield images, labels.long()
+
+
+def shutdown_workers(loader: torch.utils.data.DataLoader | None, *iterators) -> None:
+    """Stop the worker processes of `loader`'s persistent iterator and of `iterators` (idempotent)."""
+    if loader is not None:
+        iterators = (*iterators, loader._iterator)
+        loader._iterator = None
+    for it in iterators:
+        stop = getattr(it, "_shutdown_workers", None)  # multi-process iterators only
+        if stop is not None:
+            stop()
 
 
 def prescan(samples: list[Sample], *, workers: int = 2) -> list[Sample]:

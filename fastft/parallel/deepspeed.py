@@ -236,17 +236,25 @@ class DeepSpeedBackend:
     def master_weights(self) -> dict[int, torch.Tensor]:
         """The fp32 masters of the trainable parameters when DeepSpeed trains a bf16/fp16 copy of the module (so
         saves and exports hold the weights training converged to, not their rounding). Under ZeRO 1/2 each master is
-        assembled from the ranks' partitions: a collective."""
+        assembled from the ranks' partitions: a collective. ZeRO 0 keeps whole masters in its optimizer wrapper."""
         if self.engine is None or not any(self.config.get(k, {}).get("enabled") for k in ("bf16", "fp16")):
             return {}
         from deepspeed.utils import safe_get_full_fp32_param
 
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
         out = {}
-        for p in self.engine.module.parameters():
-            if p.requires_grad:
-                master = safe_get_full_fp32_param(p)
-                if master is not None:
-                    out[id(p)] = master.detach().to("cpu", copy=True)
+        for p in params:
+            master = safe_get_full_fp32_param(p)  # ZeRO 1/2 and the bf16 optimizer map each parameter
+            if master is not None:
+                out[id(p)] = master.detach().to("cpu", copy=True)
+        if len(out) < len(params):  # ZeRO 0's FP16 optimizers pair their groups instead
+            out.update(_group_masters(self.engine.optimizer))
+        missing = [p for p in params if id(p) not in out]
+        if missing:
+            raise FastftError(
+                f"DeepSpeed {type(self.engine.optimizer).__name__}: no fp32 master found for {len(missing)} of "
+                f"{len(params)} trainable tensors; saving the low-precision copy would lose precision"
+            )
         return out
 
     def save_checkpoint(self, run_dir: Path, tag: str) -> None:
@@ -309,6 +317,26 @@ class DeepSpeedBackend:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+def _group_masters(optimizer) -> dict[int, torch.Tensor]:
+    """id(low-precision parameter) -> fp32 master in DeepSpeed's ZeRO 0 FP16 optimizers (also used for bf16):
+    the unfused one keeps per-parameter masters (fp32_groups), the fused one a flat buffer per group."""
+    from torch._utils import _unflatten_dense_tensors
+
+    low = getattr(optimizer, "fp16_groups", None)
+    if low is None:
+        return {}
+    if hasattr(optimizer, "fp32_groups_flat"):
+        high = [_unflatten_dense_tensors(flat, group) for flat, group in zip(optimizer.fp32_groups_flat, low)]
+    else:
+        high = getattr(optimizer, "fp32_groups", [])
+    return {
+        id(p): m.detach().to("cpu", copy=True)
+        for group, masters in zip(low, high)
+        for p, m in zip(group, masters)
+        if m.shape == p.shape
+    }
 
 
 def _backend_state(path: Path) -> dict[str, Any]:

@@ -91,3 +91,47 @@ def test_the_head_does_not_depend_on_the_feature_cache_or_early_loading(shapes4,
         state = torch.load(result.paths["last"], weights_only=True)["model"]
         heads.append(state["fc.weight"])
     torch.testing.assert_close(heads[0], heads[1], rtol=0, atol=1e-5)
+
+
+def _children() -> list[int]:
+    """Live child processes of this process (data workers are children)."""
+    import os
+    from pathlib import Path
+
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"model__weights": "/nonexistent/weights.pt"},  # fails building the model, after the loading started
+        {"features__cache": "memory", "model__freeze": "none"},  # fails after the cache's decode started
+    ],
+    ids=["model-build", "feature-cache"],
+)
+def test_a_failed_run_leaves_no_data_workers_behind(shapes4, tmp_path, bad) -> None:
+    """Embedded use keeps exceptions (notebooks, retries): the workers started early must not live on with them."""
+    from fastft.errors import FastftError
+    from fastft.train import finetune
+
+    assert _children() == []
+    with pytest.raises(FastftError) as caught:
+        finetune(tiny_config(shapes4, tmp_path, data__workers=2, **bad))
+    assert caught.value is not None  # the traceback (and the frames that held the loaders) is still alive here
+    assert _children() == []
+
+
+def test_a_finished_run_leaves_no_data_workers_behind(shapes4, tmp_path) -> None:
+    from fastft.train import finetune
+
+    result = finetune(tiny_config(shapes4, tmp_path, data__workers=2, optim__epochs=1))
+    assert result.metrics["num_samples"] == 24
+    assert _children() == []

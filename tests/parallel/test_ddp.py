@@ -198,6 +198,45 @@ def test_torchrun_launcher_script(shapes4, tmp_path) -> None:
     assert events[0]["world_size"] == 2 and (tmp_path / "l" / "metrics.json").is_file()
 
 
+def test_torchrun_launcher_two_nodes_on_one_host(shapes4, tmp_path) -> None:
+    """The multi-node form of launchers/torchrun.sh (NNODES=2, NODE_RANK=0|1, one process per node, a shared run
+    folder) trains exactly like one process with the two nodes' batches together."""
+    from conftest import free_port
+
+    common = [
+        f"--data.root={shapes4}",
+        *FAST,
+        "--optim.epochs=1",
+        "--model.freeze=backbone",
+        f"--run.out_dir={tmp_path}",
+    ]
+    port = str(free_port())
+    nodes = []
+    for node in (0, 1):
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1",
+            "PYTHON": sys.executable,
+            "NNODES": "2",
+            "NODE_RANK": str(node),
+            "NPROC_PER_NODE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        cmd = ["bash", str(REPO / "launchers" / "torchrun.sh"), *common, "--data.batch_size=4", "--run.name=nodes"]
+        nodes.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in nodes:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, (out[-2000:], err[-4000:])
+    _ok(run_cli("train", *common, "--data.batch_size=8", "--run.name=single", "--parallel.backend=none"))
+    events = [json.loads(x) for x in (tmp_path / "nodes" / "events.jsonl").read_text().splitlines()]
+    assert events[0]["world_size"] == 2
+    single, nodes_head = _head(tmp_path / "single"), _head(tmp_path / "nodes")
+    for k in single:
+        torch.testing.assert_close(nodes_head[k], single[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_ddp_cached_sweep_equals_single_process_uncached(shapes4, tmp_path) -> None:
     """Feature cache (each rank computes its shard, all-gathered) + a 2-head sweep under 2 DDP ranks trains the same
     heads as one uncached process on the same global batch."""

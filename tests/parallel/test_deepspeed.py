@@ -437,11 +437,13 @@ def test_three_ranks_with_accumulation_match_single_process(runs) -> None:
 
 
 @pytest.mark.slow
-def test_bf16_runs_save_and_export_the_fp32_master_weights(runs) -> None:
-    """DeepSpeed bf16 trains a bf16 copy of the head; checkpoints and exports hold its fp32 masters (assembled from
-    the ZeRO 1 partitions of 2 ranks), which stay close to fp32 training and carry more than bf16's 8 bits."""
+@pytest.mark.parametrize("stage", [0, 1])
+def test_bf16_runs_save_and_export_the_fp32_master_weights(runs, stage) -> None:
+    """DeepSpeed bf16 trains a bf16 copy of the head; checkpoints and exports hold its fp32 masters (ZeRO 0: kept
+    whole by DeepSpeed's optimizer wrapper; ZeRO 1: assembled from the 2 ranks' partitions), which stay close to fp32
+    training and carry more than bf16's 8 bits."""
     single = load_file(runs(8) / "head.safetensors")
-    run = runs.deepspeed(2, 1, "--data.batch_size=4", "--precision.dtype=bf16")
+    run = runs.deepspeed(2, stage, "--data.batch_size=4", "--precision.dtype=bf16")
     head = load_file(run / "head.safetensors")
     assert {v.dtype for v in head.values()} == {torch.float32}
     assert any((v != v.to(torch.bfloat16).float()).any() for v in head.values()), "exported a bf16-rounded head"
