@@ -14,7 +14,7 @@ from fastft.data.folder import index_for_eval, is_image
 from fastft.data.loaders import build_loader
 from fastft.data.transforms import TransformSpec
 from fastft.errors import DataError
-from fastft.evaluate import run_evaluation
+from fastft.evaluation import run_evaluation
 from fastft.model import build_model, load_state_file
 from fastft.parallel import env as penv
 from fastft.precision import resolve_precision
@@ -78,6 +78,7 @@ def evaluate(
 
     Distributed-aware: under torchrun each rank evaluates its shard and the metrics are synced exactly."""
     env = penv.init_distributed(device)
+    dl = None
     try:
         model, meta = load_trained(checkpoint, env.device)
         samples = index_for_eval(Path(data), meta["classes"])
@@ -97,6 +98,8 @@ def evaluate(
             print(format_table(report))
         return EvalResult(report, paths)
     finally:
+        if dl is not None:
+            dl.close()  # workers end with the call, also when it raises
         penv.shutdown(env)
 
 
@@ -133,14 +136,17 @@ def predict(
     tmp = out.with_name(f".{out.name}.tmp")
     classes = meta["classes"]
     i = 0
-    with open(tmp, "w", newline="") as f, torch.inference_mode():
-        w = csv.writer(f)
-        w.writerow(["path", "label", "probability"])
-        for images, _ in dl:
-            probs = model(images.to(dev)).float().softmax(dim=1)
-            p, y = probs.max(dim=1)
-            for pi, yi in zip(p.tolist(), y.tolist()):
-                w.writerow([files[i], classes[yi], f"{pi:.6f}"])
-                i += 1
+    try:
+        with open(tmp, "w", newline="") as f, torch.inference_mode():
+            w = csv.writer(f)
+            w.writerow(["path", "label", "probability"])
+            for images, _ in dl:
+                probs = model(images.to(dev)).float().softmax(dim=1)
+                p, y = probs.max(dim=1)
+                for pi, yi in zip(p.tolist(), y.tolist()):
+                    w.writerow([files[i], classes[yi], f"{pi:.6f}"])
+                    i += 1
+    finally:
+        dl.close()  # workers end with the call, also when it raises
     tmp.replace(out)
     return out

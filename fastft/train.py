@@ -30,7 +30,7 @@ from fastft.data.folder import index_from_config
 from fastft.data.loaders import build_loader
 from fastft.data.transforms import spec_from_weights
 from fastft.errors import CheckpointError, ConfigError, FastftError
-from fastft.evaluate import run_evaluation
+from fastft.evaluation import run_evaluation
 from fastft.logging import RunLogger
 from fastft.model import Split, build_model, freeze, preset_weights, split_model
 from fastft.optim import Schedule, build_optimizer, param_groups

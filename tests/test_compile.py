@@ -7,7 +7,7 @@ from torch import nn
 
 from fastft.compile import apply_compile, resolve_target
 from fastft.config import CompileConfig
-from fastft.evaluate import run_evaluation
+from fastft.evaluation import run_evaluation
 from fastft.precision import Precision
 
 

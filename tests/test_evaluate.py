@@ -19,7 +19,7 @@ from sklearn.metrics import (
 )
 from torch import nn
 
-from fastft.evaluate import StreamingEvaluator, run_evaluation
+from fastft.evaluation import StreamingEvaluator, run_evaluation
 from fastft.precision import Precision
 
 ABS_TOL = 1e-6

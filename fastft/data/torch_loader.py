@@ -127,6 +127,7 @@ class TorchLoader:
             generator=torch.Generator().manual_seed(seed * 1_000_003 + rank),
         )
         self._started: tuple[tuple[int, int], Iterator] | None = None
+        self._live: Iterator | None = None
 
     @property
     def num_samples(self) -> int:
@@ -145,9 +146,10 @@ class TorchLoader:
         self._started = ((epoch, start_batch), iter(self.loader))
 
     def close(self) -> None:
-        """End the worker processes now (a later iteration starts new ones)."""
+        """End the worker processes now, also those of an iteration left part-way (a later one starts new ones)."""
         started, self._started = self._started, None
-        shutdown_workers(self.loader, started[1] if started is not None else None)
+        live, self._live = self._live, None
+        shutdown_workers(self.loader, started[1] if started is not None else None, live)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -155,8 +157,10 @@ class TorchLoader:
     def __iter__(self):
         it = self._started[1] if self._started is not None else iter(self.loader)
         self._started = None
+        self._live = it  # close() reaches it if the consumer stops part-way (e.g. on an error)
         for images, labels in it:
             yield images, labels.long()
+        self._live = None
 
 
 def shutdown_workers(loader: torch.utils.data.DataLoader | None, *iterators) -> None:

@@ -135,3 +135,22 @@ def test_a_finished_run_leaves_no_data_workers_behind(shapes4, tmp_path) -> None
     result = finetune(tiny_config(shapes4, tmp_path, data__workers=2, optim__epochs=1))
     assert result.metrics["num_samples"] == 24
     assert _children() == []
+
+
+def test_evaluate_that_fails_part_way_leaves_no_data_workers_behind(shapes4, tmp_path, monkeypatch) -> None:
+    import fastft
+    import fastft.api as api
+    from fastft.train import finetune
+
+    result = finetune(tiny_config(shapes4, tmp_path, optim__epochs=1))
+
+    def fails_after_one_batch(model, loader, **kwargs):
+        next(iter(loader))  # the workers are running now
+        assert _children() != []
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(api, "run_evaluation", fails_after_one_batch)
+    with pytest.raises(RuntimeError) as caught:
+        fastft.evaluate(result.paths["last"], shapes4 / "val", workers=2, batch_size=4, device="cpu")
+    assert caught.value is not None  # traceback still alive
+    assert _children() == []
