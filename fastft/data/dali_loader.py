@@ -2,14 +2,16 @@
 
 One `DaliLoader` is one rank's view of a list of (path, label) pairs:
 
-- training: the whole list is reshuffled every epoch with one seed shared by all ranks
-  (`shuffle_after_epoch`), so the shards stay disjoint while their contents change; every rank
-  yields the same number of *full* batches, `(N // num_shards) // batch_size`, so DDP ranks never
-  disagree on the step count.
-- evaluation: no shuffle, each rank keeps its shard (`stick_to_shard`), the reader pads shards to
-  equal length (`pad_last_batch`) and the iterator trims the padding (`LastBatchPolicy.PARTIAL`):
-  over all ranks every file is yielded exactly once, and every rank iterates equally often, the
-  last batch possibly short or empty.
+- training: the batches are those of fastft's own `ShardedBatchSampler` (the torchvision loader's): one
+  permutation per epoch from (seed, epoch), shared by all ranks and dealt into disjoint shards; every rank yields
+  the same number of *full* batches, `(N // num_shards) // batch_size`. The file bytes reach DALI through an
+  `external_source` that follows that plan, so the order depends only on (seed, epoch, start_batch, shard): a
+  resumed run trains exactly the samples the interrupted one had left, and DALI and the torchvision loader see the
+  same samples in the same order (not the same random crops: DALI's augmentation draws restart with the pipeline).
+- evaluation: `fn.readers.file` without shuffling, each rank keeps its shard (`stick_to_shard`), the reader pads
+  shards to equal length (`pad_last_batch`) and the iterator trims the padding (`LastBatchPolicy.PARTIAL`): over all
+  ranks every file is yielded exactly once, and every rank iterates equally often, the last batch possibly short or
+  empty.
 
 DALI is imported only when a loader is built, so `import fastft` stays light.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -168,11 +171,71 @@ def _shard_range(n: int, shard_id: int, num_shards: int) -> range:
     return range(shard_id * n // num_shards, (shard_id + 1) * n // num_shards)
 
 
+class _TrainFeed:
+    """The training pipeline's `external_source`: each call returns the next planned batch (encoded file bytes and
+    labels) of `ShardedBatchSampler`'s batches, epoch after epoch, so prefetching runs on into the next epoch.
+
+    DALI calls it from the thread that runs or resets the pipeline (sequential mode), in order, once per batch, so
+    `fed` (what went in and has not been handed to the loader yet, oldest first) tells which batch comes out next
+    and which files are in flight. `seek` re-plans the batches not yet fed. The loader holds the feed and the
+    pipeline holds the feed, but the feed does not hold the loader (no reference cycle).
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], sampler, epoch: int, start_batch: int) -> None:
+        self.samples = samples
+        self.sampler = sampler
+        self.length = len(sampler)
+        self._epoch_batches: tuple[int, list[list[int]]] | None = None  # (epoch, its batches' indices), cached
+        self.fed: deque[tuple[int, int, list[str]]] = deque()
+        self.pos = self._normal(epoch, start_batch)  # (epoch, batch) the next call feeds
+
+    def _normal(self, epoch: int, batch: int) -> tuple[int, int]:
+        return (epoch, batch) if batch < self.length else (epoch + 1, 0)
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch_batches is None or self._epoch_batches[0] != epoch:
+            self.sampler.set_epoch(epoch)
+            self._epoch_batches = (epoch, [[i for i, _ in batch] for batch in self.sampler])
+        return self._epoch_batches[1]
+
+    def next_out(self) -> tuple[int, int]:
+        """The (epoch, batch) the pipeline outputs next."""
+        return self.fed[0][:2] if self.fed else self.pos
+
+    def seek(self, epoch: int, batch: int) -> None:
+        """Feed from (epoch, batch) on; batches already fed still come out first (the loader discards them)."""
+        self.pos = self._normal(epoch, batch)
+
+    def __call__(self):
+        import numpy as np
+
+        epoch, b = self.pos
+        indices = self._batches(epoch)[b]
+        paths = [self.samples[i][0] for i in indices]
+        data = []
+        for path in paths:
+            try:
+                data.append(np.fromfile(path, dtype=np.uint8))
+            except OSError as e:
+                raise DataError(f"unreadable image file {path}: {type(e).__name__}: {e.strerror or e}") from None
+        labels = np.array([[self.samples[i][1]] for i in indices], dtype=np.int32)  # (B, 1), like the file reader
+        self.fed.append((epoch, b, paths))
+        self.pos = self._normal(epoch, b + 1)
+        return data, labels
+
+
 # ---------------------------------------------------------------------------------------------
 
 
 class DaliLoader:
     """Iterates (images, labels) batches of one rank's shard through a DALI pipeline.
+
+    Training follows `ShardedBatchSampler(len(samples), batch_size, train=True, seed, shard_id, num_shards)`, the
+    torchvision loader's sampler: the same samples in the same order for a given (seed, epoch, start_batch, shard),
+    whatever happened before (a resume included). DALI's random crops and flips are not part of that: they are drawn
+    from the pipeline's own random stream, which starts again whenever the pipeline is built, so a resumed run sees
+    the same samples as the run it continues but other crops (the torchvision loader's augmentation is a pure function
+    of (seed, epoch, index)).
 
     Args:
         samples: (path, label) pairs; the label mapping is the caller's.
@@ -185,7 +248,8 @@ class DaliLoader:
         shard_id, num_shards: this rank and the world size.
         threads: DALI CPU threads.
         prefetch: pipeline prefetch queue depth (batches in flight).
-        seed: shuffle seed (must be equal on all ranks); augmentation seeds are derived per shard.
+        seed: shuffle seed (must be equal on all ranks), as for `ShardedBatchSampler`; augmentation seeds are
+            derived per shard.
         device: "cpu" (all CPU operators) or "cuda" (mixed decode on the GPU, GPU operators).
         device_id: CUDA device index, required for "cuda"; ignored for "cpu".
         hw_decoder_load: share of JPEGs sent to the hardware decoder (A100/H100 class GPUs).
@@ -268,8 +332,11 @@ class DaliLoader:
         if n < num_shards:
             raise DataError(f"{n} samples cannot be split over {num_shards} shards (each shard needs at least one)")
         if train:
-            # Full batches only, and the same count on every rank: the smallest shard has N // num_shards samples.
-            self._len = (n // num_shards) // batch_size
+            from fastft.data.torch_loader import ShardedBatchSampler
+
+            # Full batches only, and the same count on every rank: each rank gets N // num_shards samples.
+            self._sampler = ShardedBatchSampler(n, batch_size, train=True, seed=seed, rank=shard_id, world=num_shards)
+            self._len = len(self._sampler)
             self._num_samples = self._len * batch_size
             if self._len == 0:
                 raise DataError(
@@ -281,8 +348,9 @@ class DaliLoader:
             self._len = math.ceil(math.ceil(n / num_shards) / batch_size)
             self._num_samples = len(_shard_range(n, shard_id, num_shards))
         self._iterator = None  # built on first iteration: building starts decoding in background threads
-        self._dali_len = 0  # batches DALI produces per epoch on this rank, padding included
-        self._consumed = 0  # batches taken from DALI in the current epoch
+        self._feed: _TrainFeed | None = None  # training: what the pipeline is fed, built with the iterator
+        self._dali_len = 0  # evaluation: batches DALI produces per epoch on this rank, padding included
+        self._consumed = 0  # evaluation: batches taken from DALI in the current epoch
 
     def __len__(self) -> int:
         """Batches this shard yields per epoch (equal on all shards)."""
@@ -294,11 +362,13 @@ class DaliLoader:
         return self._num_samples
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Records the epoch. DALI reshuffles by itself after every epoch, so iteration does not depend on it.
+        """The next iteration yields the batches of `epoch` from `start_batch` on (a mid-epoch resume).
 
-        `start_batch` > 0 (a mid-epoch resume) reads and discards that many batches of the next epoch. DALI's
-        permutation sequence restarts with the pipeline, so a resumed DALI run sees another order than the run it
-        continues (exact resume is a property of the torchvision loader)."""
+        Training: the batches are `ShardedBatchSampler`'s for that epoch, so any (epoch, start_batch) can be asked
+        for, in any order; without a call, each iteration continues with the epoch after the last one started (an
+        epoch abandoned part-way is not finished). The pipeline prefetches into the next epoch; a call that asks for
+        something else discards only the batches already prefetched; it does not rebuild the pipeline.
+        Evaluation: every epoch is the same; `start_batch` skips that many batches."""
         self.epoch = epoch
         self.start_batch = start_batch
 
@@ -311,9 +381,13 @@ class DaliLoader:
     def close(self) -> None:
         """Release the pipeline (its threads and buffers); a later iteration builds a new one."""
         self._iterator = None
+        self._feed = None
         self._consumed = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.train:
+            yield from self._train_epoch()
+            return
         it = self._get_iterator()
         if self._consumed:  # the previous epoch was abandoned part-way: finish it so the next one starts clean
             while self._consumed < self._dali_len:
@@ -329,6 +403,24 @@ class DaliLoader:
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _train_epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, start = self.epoch, self.start_batch
+        # Unless set_epoch says otherwise, the next iteration is the next epoch (also when this one is abandoned).
+        self.epoch, self.start_batch = epoch + 1, 0
+        if start >= self._len:
+            return  # this epoch is already done (resumed at its end)
+        it = self._get_iterator()
+        feed = self._feed
+        if feed.next_out() != (epoch, start):
+            # Another position than the pipeline is heading for (a jump, or an abandoned epoch): feed from the asked
+            # one on, and discard what was already fed (the prefetched batches).
+            feed.seek(epoch, start)
+            for _ in range(len(feed.fed)):
+                self._next(it)
+        for b in range(start, self._len):
+            assert feed.next_out() == (epoch, b), (feed.next_out(), (epoch, b))
+            yield self._next(it)
+
     def _next(self, it) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             out = next(it)[0]
@@ -338,7 +430,13 @@ class DaliLoader:
             error = self._data_error(e)
             if error is None:
                 raise
+            self.close()  # the pipeline is in an error state; a later iteration builds a new one
             raise error from None
+        except DataError:  # a file the feed could not read
+            self.close()
+            raise
+        if self._feed is not None:
+            self._feed.fed.popleft()
         self._consumed += 1
         # DALI gives labels as int32 (B, 1); a (0, ...) slice is an empty last batch, which is yielded as is.
         return out["images"], out["labels"].reshape(-1).long()
@@ -348,19 +446,34 @@ class DaliLoader:
         self._consumed = 0
 
     def _get_iterator(self):
-        if self._iterator is None:
+        if self._iterator is None and self.train:
+            _, _, _, DALIGenericIterator, _ = _import_dali()
+            # The feed starts where the next iteration starts, so the batches built and prefetched now are used.
+            self._feed = _TrainFeed(self.samples, self._sampler, self.epoch, self.start_batch)
+            pipe = self._build_pipeline()
+            try:
+                # No reader and no epoch end: the feed runs on through the epochs, and __iter__ takes len() batches.
+                self._iterator = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False)
+            except RuntimeError as e:  # the first batch is decoded while the iterator is built
+                error = self._data_error(e)
+                self._feed = None
+                if error is None:
+                    raise
+                raise error from None
+            except DataError:
+                self._feed = None
+                raise
+        elif self._iterator is None:
             _, _, _, DALIGenericIterator, LastBatchPolicy = _import_dali()
             pipe = self._build_pipeline()
             try:
-                # FILL in training: DALI pads the shard and we drop the tail ourselves (DALI's DROP policy with
-                # pad_last_batch can leave a padding-only batch to start the next epoch).
-                # PARTIAL in evaluation: DALI trims the padding, so a last batch may be short or empty.
+                # PARTIAL: DALI trims the padding, so a last batch may be short or empty.
                 self._iterator = DALIGenericIterator(
                     [pipe],
                     ["images", "labels"],
                     reader_name=_READER,
                     auto_reset=False,
-                    last_batch_policy=LastBatchPolicy.FILL if self.train else LastBatchPolicy.PARTIAL,
+                    last_batch_policy=LastBatchPolicy.PARTIAL,
                 )
             except RuntimeError as e:  # the first batch is decoded while the iterator is built
                 error = self._data_error(e)
@@ -374,11 +487,8 @@ class DaliLoader:
 
     def _build_pipeline(self):
         fn, types, Pipeline, _, _ = _import_dali()
-        files = [p for p, _ in self.samples]
-        labels = [y for _, y in self.samples]
         cuda = self.device == "cuda"
-        # Shuffling uses `seed` on every rank (shards must partition one permutation); augmentation draws differ
-        # by shard.
+        # Augmentation draws differ by shard (the training order comes from the feed, not from DALI).
         pipe = Pipeline(
             batch_size=self.batch_size,
             num_threads=self.threads,
@@ -387,23 +497,23 @@ class DaliLoader:
             prefetch_queue_depth=self.prefetch,
         )
         with pipe:
-            # Training: shuffle_after_epoch re-deals one global permutation (first epoch included, same seed on all
-            # ranks) into shards every epoch; random_shuffle would only mix samples inside each rank's `initial_fill`
-            # buffer while the same shard chunks rotate between ranks. Evaluation: each rank keeps its own shard.
-            order = (
-                {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": self.seed}
-                if self.train
-                else {"random_shuffle": False, "stick_to_shard": True}
-            )
-            jpegs, labels_out = fn.readers.file(
-                files=files,
-                labels=labels,
-                name=_READER,
-                shard_id=self.shard_id,
-                num_shards=self.num_shards,
-                pad_last_batch=True,
-                **order,
-            )
+            if self.train:
+                # The sampler's batches, in its order: encoded bytes and labels from the feed (see _TrainFeed).
+                jpegs, labels_out = fn.external_source(
+                    source=self._feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32], ndim=[1, 1]
+                )
+            else:
+                # Evaluation: each rank keeps its own shard, padded to the largest one (the iterator trims it).
+                jpegs, labels_out = fn.readers.file(
+                    files=[p for p, _ in self.samples],
+                    labels=[y for _, y in self.samples],
+                    name=_READER,
+                    shard_id=self.shard_id,
+                    num_shards=self.num_shards,
+                    pad_last_batch=True,
+                    random_shuffle=False,
+                    stick_to_shard=True,
+                )
             if cuda:
                 images = fn.decoders.image(
                     jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=self.hw_decoder_load
@@ -451,7 +561,11 @@ class DaliLoader:
             return DataError(f"unreadable image file {max(named, key=len)}: DALI could not read or decode it")
         # DALI did not name the file: decode the files this rank reads with PIL to find it (error path only).
         paths = [path for path, _ in self.samples]
-        if not self.train:  # evaluation shards are fixed; training shards move with the shuffle
+        if self._feed is not None:  # training: the batches in flight hold it (then, to be safe, the rest)
+            in_flight = [path for _, _, batch in self._feed.fed for path in batch]
+            first = set(in_flight)
+            paths = in_flight + [p for p in paths if p not in first]
+        else:  # evaluation shards are fixed
             paths = [paths[i] for i in _shard_range(len(paths), self.shard_id, self.num_shards)]
         found = find_undecodable(paths, threads=max(4, self.threads))
         if found is not None:

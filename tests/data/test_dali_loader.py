@@ -119,9 +119,68 @@ def test_train_redeals_the_whole_set_every_epoch(folders):
         shards = [frozenset(label for b in labels_of(ld) for label in b) for ld in loaders]
         assert sorted(label for shard in shards for label in shard) == list(range(48))
         partitions.append(frozenset(shards))
-    # One global permutation per epoch, cut into shards: ranks see new mixes of files, not the same
-    # chunks rotated between ranks (what `random_shuffle` without `shuffle_after_epoch` would give).
+    # One global permutation per epoch, dealt into shards: ranks see new mixes of files, not the same
+    # chunks rotated between ranks (what DALI's `random_shuffle` without `shuffle_after_epoch` would give).
     assert len(set(partitions)) == 3
+
+
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_train_batches_are_the_torchvision_loaders(folders, num_shards):
+    """Same (seed, epoch, start_batch, shard): the same samples in the same batches as TorchLoader (its
+    ShardedBatchSampler), and without augmentation the same pixels (up to resampling), whatever came before."""
+    from fastft.data.torch_loader import TorchLoader
+    from fastft.data.transforms import TransformSpec
+
+    samples = folders(61)
+    spec = TransformSpec(crop_size=CROP, resize_size=RESIZE, mean=MEAN, std=STD)
+    positions = [(0, 0), (1, 0), (2, 3), (3, 0), (1, 5), (7, 1)]  # consecutive, resumed, backwards, far ahead
+    for shard in range(num_shards):
+        ld = make(samples, train=True, augment=False, batch_size=5, seed=11, shard_id=shard, num_shards=num_shards)
+        ref = TorchLoader(
+            samples, spec, train=True, augment=False, batch_size=5, workers=0, seed=11, rank=shard, world=num_shards
+        )
+        assert len(ld) == len(ref) == (61 // num_shards) // 5
+        for epoch, start in positions:
+            ld.set_epoch(epoch, start)
+            ref.set_epoch(epoch, start)
+            got, want = list(ld), list(ref)
+            assert [y.tolist() for _, y in got] == [y.tolist() for _, y in want], (shard, epoch, start)
+            assert len(got) == len(ld) - start
+            for (x, _), (x_ref, _) in zip(got, want):
+                assert (x - x_ref).abs().mean() < 0.01  # the eval transform: one 8-bit level at most, see below
+
+
+def test_train_epochs_advance_jump_and_drop_abandoned_batches(folders):
+    """Without set_epoch each iteration is the next epoch; an abandoned epoch's prefetched batches never leak into the
+    next one; start() prepares the epoch that the next set_epoch + iteration asks for."""
+    from fastft.data.torch_loader import ShardedBatchSampler
+
+    samples = folders(60)
+    sampler = ShardedBatchSampler(60, 4, train=True, seed=2, rank=1, world=2)
+
+    def expected(epoch, start=0):
+        sampler.set_epoch(epoch, start)
+        return [[i for i, _ in b] for b in sampler]
+
+    ld = make(samples, train=True, augment=False, batch_size=4, seed=2, shard_id=1, num_shards=2, prefetch=3)
+    ld.start(4, 2)
+    ld.set_epoch(4, 2)
+    assert labels_of(ld) == expected(4, 2)
+    assert labels_of(ld) == expected(5)  # no set_epoch: the next epoch
+    for _ in ld:
+        break  # epoch 6 abandoned after one batch, with more prefetched
+    assert labels_of(ld) == expected(7)
+    ld.set_epoch(7, 5)  # a step back
+    it = iter(ld)
+    assert next(it)[1].tolist() == expected(7, 5)[0]
+    ld.set_epoch(0)  # asked for while epoch 7 is abandoned part-way
+    assert labels_of(ld) == expected(0)
+    ld.set_epoch(0, len(ld))  # resumed at the very end of an epoch: nothing left in it
+    assert labels_of(ld) == []
+    assert labels_of(ld) == expected(1)
+    ld.close()
+    ld.set_epoch(3, 1)
+    assert labels_of(ld) == expected(3, 1)
 
 
 def test_empty_last_batch_is_yielded(folders):
@@ -207,18 +266,27 @@ def test_bad_file_raises_data_error_naming_it_or_is_skipped(tmp_path, kind):
     assert sorted(seen) == [i for i in range(12) if i != 5]
 
 
+@pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("kind", ["truncated", "zero-byte", "not-an-image"])
-def test_dali_failure_is_turned_into_data_error_naming_the_file(tmp_path, monkeypatch, kind):
+def test_dali_failure_is_turned_into_data_error_naming_the_file(tmp_path, monkeypatch, kind, train):
     # Without the pre-scan, DALI itself fails; its message names the file only sometimes
     # ("nvImageCodec failure: '#4'" for a text file), so the loader must find it.
     samples = write_jpegs(tmp_path, 12)
     bad = samples[9][0]
     corrupt(bad, kind)
     monkeypatch.setattr(dali_loader, "scan_images", lambda paths, threads=4: [])
-    ld = make(samples, train=False, batch_size=4)
+    ld = make(samples, train=train, batch_size=4)
     with pytest.raises(DataError, match=re.escape(f"unreadable image file {bad}")) as info:
         list(ld)
     assert "Traceback" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_training_file_that_disappears_raises_data_error_naming_it(tmp_path):
+    samples = write_jpegs(tmp_path, 12)
+    ld = make(samples, train=True, batch_size=4)
+    Path(samples[3][0]).unlink()  # after the up-front scan, before the pipeline reads it
+    with pytest.raises(DataError, match=re.escape(f"unreadable image file {samples[3][0]}")):
+        list(ld)
 
 
 def test_grayscale_cmyk_and_alpha_images_come_out_rgb(tmp_path):
