@@ -188,6 +188,8 @@ class _TrainFeed:
         self._epoch_batches: tuple[int, list[list[int]]] | None = None  # (epoch, its batches' indices), cached
         self.fed: deque[tuple[int, int, list[str]]] = deque()
         self.pos = self._normal(epoch, start_batch)  # (epoch, batch) the next call feeds
+        self._pool = None  # one reader thread, started on the first call
+        self._ahead = None  # ((epoch, batch), future of its files' bytes): the next planned batch, being read
 
     def _normal(self, epoch: int, batch: int) -> tuple[int, int]:
         return (epoch, batch) if batch < self.length else (epoch + 1, 0)
@@ -206,22 +208,52 @@ class _TrainFeed:
         """Feed from (epoch, batch) on; batches already fed still come out first (the loader discards them)."""
         self.pos = self._normal(epoch, batch)
 
+    def _paths(self, pos: tuple[int, int]) -> list[str]:
+        return [self.samples[i][0] for i in self._batches(pos[0])[pos[1]]]
+
+    def _read_ahead(self, pos: tuple[int, int]) -> None:
+        """Start reading the files of the batch at `pos` in a background thread (file reads release the GIL), so
+        the thread that runs the pipeline, the training loop's, does not wait on storage."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="fastft-dali-feed")
+        self._ahead = (pos, self._pool.submit(_read_files, self._paths(pos)))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._ahead = None, None
+
     def __call__(self):
         import numpy as np
 
-        epoch, b = self.pos
+        pos = self.pos
+        epoch, b = pos
         indices = self._batches(epoch)[b]
         paths = [self.samples[i][0] for i in indices]
-        data = []
-        for path in paths:
-            try:
-                data.append(np.fromfile(path, dtype=np.uint8))
-            except OSError as e:
-                raise DataError(f"unreadable image file {path}: {type(e).__name__}: {e.strerror or e}") from None
+        if self._ahead is not None and self._ahead[0] == pos:
+            data = self._ahead[1].result()  # raises the DataError of a file it could not read
+        else:  # the first batch, or a re-planned position
+            data = _read_files(paths)
         labels = np.array([[self.samples[i][1]] for i in indices], dtype=np.int32)  # (B, 1), like the file reader
         self.fed.append((epoch, b, paths))
         self.pos = self._normal(epoch, b + 1)
+        self._read_ahead(self.pos)
         return data, labels
+
+
+def _read_files(paths: list[str]) -> list:
+    import numpy as np
+
+    data = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                data.append(np.frombuffer(f.read(), dtype=np.uint8))
+        except OSError as e:
+            raise DataError(f"unreadable image file {path}: {type(e).__name__}: {e.strerror or e}") from None
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,8 +413,13 @@ class DaliLoader:
     def close(self) -> None:
         """Release the pipeline (its threads and buffers); a later iteration builds a new one."""
         self._iterator = None
-        self._feed = None
+        self._drop_feed()
         self._consumed = 0
+
+    def _drop_feed(self) -> None:
+        if self._feed is not None:
+            self._feed.close()  # its read-ahead thread
+            self._feed = None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.train:
@@ -456,12 +493,12 @@ class DaliLoader:
                 self._iterator = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False)
             except RuntimeError as e:  # the first batch is decoded while the iterator is built
                 error = self._data_error(e)
-                self._feed = None
+                self._drop_feed()
                 if error is None:
                     raise
                 raise error from None
             except DataError:
-                self._feed = None
+                self._drop_feed()
                 raise
         elif self._iterator is None:
             _, _, _, DALIGenericIterator, LastBatchPolicy = _import_dali()

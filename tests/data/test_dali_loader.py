@@ -6,6 +6,7 @@ import math
 import re
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -179,6 +180,7 @@ def test_train_epochs_advance_jump_and_drop_abandoned_batches(folders):
     assert labels_of(ld) == []
     assert labels_of(ld) == expected(1)
     ld.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("fastft-dali-feed")]  # read-ahead ended
     ld.set_epoch(3, 1)
     assert labels_of(ld) == expected(3, 1)
 
