@@ -725,8 +725,24 @@ def versions() -> dict:
 
     import fastft
 
-    return {**data_bench.versions(), "fastft": fastft.__version__, "numpy": numpy.__version__,
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
+    return {**data_bench.versions(), "fastft": fastft.__version__, "fastft_commit": source_commit(),
+            "numpy": numpy.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
+
+
+def source_commit() -> str | None:
+    """The checkout's commit ("+dirty" with uncommitted changes to tracked files); None outside a git checkout."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10).stdout
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+dirty" if dirty else "")) or None
 
 
 def hardware_slug(hw: dict) -> str:
