@@ -6,7 +6,6 @@ import math
 import re
 import subprocess
 import sys
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -179,8 +178,12 @@ def test_train_epochs_advance_jump_and_drop_abandoned_batches(folders):
     ld.set_epoch(0, len(ld))  # resumed at the very end of an epoch: nothing left in it
     assert labels_of(ld) == []
     assert labels_of(ld) == expected(1)
+    readers = list(ld._feed._pool._threads)  # this loader's read-ahead thread
+    assert readers and all(t.is_alive() for t in readers)
     ld.close()
-    assert not [t for t in threading.enumerate() if t.name.startswith("fastft-dali-feed")]  # read-ahead ended
+    for t in readers:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in readers)  # close() ended it
     ld.set_epoch(3, 1)
     assert labels_of(ld) == expected(3, 1)
 
