@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fastft.data.folder import Sample
-from fastft.data.torch_loader import ImageDataset, ShardedBatchSampler, shutdown_workers
+from fastft.data.torch_loader import ImageDataset, ShardedBatchSampler, batch_loader, shutdown_workers
 from fastft.data.transforms import TransformSpec
 from fastft.parallel.env import DistEnv, barrier
 from fastft.precision import Precision
@@ -114,14 +114,7 @@ class ImageSource:
         self.samples, self.spec, self.views = samples, spec, views
         self.dataset = ImageDataset(samples, spec, train=views > 0, seed=seed)
         self.sampler = ShardedBatchSampler(len(samples), batch_size, train=False, rank=env.rank, world=env.world_size)
-        self.loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_sampler=self.sampler,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
-            generator=torch.Generator().manual_seed(seed),  # never draws from the global RNG
-        )
+        self.loader = batch_loader(self.dataset, self.sampler, workers=workers, seed=seed)
         self._started = None
 
     def start(self) -> None:

@@ -231,7 +231,7 @@ class _TrainFeed:
         pos = self.pos
         epoch, b = pos
         indices = self._batches(epoch)[b]
-        paths = [self.samples[i][0] for i in indices]
+        paths = self._paths(pos)
         if self._ahead is not None and self._ahead[0] == pos:
             data = self._ahead[1].result()  # raises the DataError of a file it could not read
         else:  # the first batch, or a re-planned position

@@ -95,6 +95,29 @@ class ShardedBatchSampler:
             yield [(i, self.epoch) for i in idx[b * self.batch_size : (b + 1) * self.batch_size]]
 
 
+def batch_loader(
+    dataset: ImageDataset,
+    sampler: ShardedBatchSampler,
+    *,
+    workers: int,
+    seed: int,
+    pin_memory: bool = False,
+    persistent: bool = True,
+) -> torch.utils.data.DataLoader:
+    """The DataLoader every image path uses: workers prefetch 4 batches each, and worker seeds come from the loader's
+    own generator, so starting an epoch never draws from the global RNG (when loading starts, early or after a
+    resume, does not change the model's random stream)."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=persistent and workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 class TorchLoader:
     """DataLoader over an ImageDataset with a ShardedBatchSampler; yields (images float32 B3HW, labels int64 B)."""
 
@@ -115,16 +138,13 @@ class TorchLoader:
     ) -> None:
         self.dataset = ImageDataset(samples, spec, train=train, augment=augment, seed=seed)
         self.sampler = ShardedBatchSampler(len(samples), batch_size, train=train, seed=seed, rank=rank, world=world)
-        self.loader = torch.utils.data.DataLoader(
+        self.loader = batch_loader(
             self.dataset,
-            batch_sampler=self.sampler,
-            num_workers=workers,
+            self.sampler,
+            workers=workers,
+            seed=seed * 1_000_003 + rank,
             pin_memory=pin_memory,
-            persistent_workers=persistent_workers and workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
-            # Worker seeds come from the loader's own generator: starting an epoch never draws from the global
-            # RNG, so when the loading starts (early, or after a resume) does not change the model's random stream.
-            generator=torch.Generator().manual_seed(seed * 1_000_003 + rank),
+            persistent=persistent_workers,
         )
         self._started: tuple[tuple[int, int], Iterator] | None = None
         self._live: Iterator | None = None
