@@ -66,6 +66,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_pids(pid: int | None = None) -> list[int]:
+    """Live (not zombie) child processes of `pid` (default: this process), read from /proc."""
+    pid = os.getpid() if pid is None else pid
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
 def torchrun_cmd(nproc: int, *target: str) -> list[str]:
     """`torchrun --nproc_per_node N <target...>` on a free local port (target: `-m fastft ...` or a script)."""
     return [

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import child_pids, tiny_config
 
 from fastft.data.torch_loader import TorchLoader
 from fastft.data.transforms import TransformSpec
@@ -93,22 +93,6 @@ def test_the_head_does_not_depend_on_the_feature_cache_or_early_loading(shapes4,
     torch.testing.assert_close(heads[0], heads[1], rtol=0, atol=1e-5)
 
 
-def _children() -> list[int]:
-    """Live child processes of this process (data workers are children)."""
-    import os
-    from pathlib import Path
-
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z":
-            kids.append(int(stat.parent.name))
-    return kids
-
-
 @pytest.mark.parametrize(
     "bad",
     [
@@ -122,11 +106,11 @@ def test_a_failed_run_leaves_no_data_workers_behind(shapes4, tmp_path, bad) -> N
     from fastft.errors import FastftError
     from fastft.train import finetune
 
-    assert _children() == []
+    assert child_pids() == []
     with pytest.raises(FastftError) as caught:
         finetune(tiny_config(shapes4, tmp_path, data__workers=2, **bad))
     assert caught.value is not None  # the traceback (and the frames that held the loaders) is still alive here
-    assert _children() == []
+    assert child_pids() == []
 
 
 def test_a_finished_run_leaves_no_data_workers_behind(shapes4, tmp_path) -> None:
@@ -134,7 +118,7 @@ def test_a_finished_run_leaves_no_data_workers_behind(shapes4, tmp_path) -> None
 
     result = finetune(tiny_config(shapes4, tmp_path, data__workers=2, optim__epochs=1))
     assert result.metrics["num_samples"] == 24
-    assert _children() == []
+    assert child_pids() == []
 
 
 def test_evaluate_that_fails_part_way_leaves_no_data_workers_behind(shapes4, tmp_path, monkeypatch) -> None:
@@ -146,11 +130,11 @@ def test_evaluate_that_fails_part_way_leaves_no_data_workers_behind(shapes4, tmp
 
     def fails_after_one_batch(model, loader, **kwargs):
         next(iter(loader))  # the workers are running now
-        assert _children() != []
+        assert child_pids() != []
         raise RuntimeError("out of memory (simulated)")
 
     monkeypatch.setattr(api, "run_evaluation", fails_after_one_batch)
     with pytest.raises(RuntimeError) as caught:
         fastft.evaluate(result.paths["last"], shapes4 / "val", workers=2, batch_size=4, device="cpu")
     assert caught.value is not None  # traceback still alive
-    assert _children() == []
+    assert child_pids() == []

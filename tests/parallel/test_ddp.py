@@ -32,6 +32,14 @@ FAST = [
 INJECT = Path(__file__).with_name("_inject.py")
 
 
+LAUNCHER = REPO / "launchers" / "torchrun.sh"
+
+
+def _launcher_env(**settings: str) -> dict[str, str]:
+    """The environment launchers/torchrun.sh reads (NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_*), on CPU."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **settings}
+
+
 def _ok(p) -> None:
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
 
@@ -169,18 +177,11 @@ def test_one_rank_failing_ends_the_job(shapes4, tmp_path) -> None:
 
 
 def test_torchrun_launcher_script(shapes4, tmp_path) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "NPROC_PER_NODE": "2",
-        "PYTHON": sys.executable,
-        "MASTER_PORT": "29633",
-    }
+    env = _launcher_env(NPROC_PER_NODE="2", MASTER_PORT="29633")
     p = subprocess.run(
         [
             "bash",
-            str(REPO / "launchers" / "torchrun.sh"),
+            str(LAUNCHER),
             f"--data.root={shapes4}",
             *FAST,
             "--data.batch_size=4",
@@ -213,18 +214,10 @@ def test_torchrun_launcher_two_nodes_on_one_host(shapes4, tmp_path) -> None:
     port = str(free_port())
     nodes = []
     for node in (0, 1):
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "OMP_NUM_THREADS": "1",
-            "PYTHON": sys.executable,
-            "NNODES": "2",
-            "NODE_RANK": str(node),
-            "NPROC_PER_NODE": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-        }
-        cmd = ["bash", str(REPO / "launchers" / "torchrun.sh"), *common, "--data.batch_size=4", "--run.name=nodes"]
+        env = _launcher_env(
+            NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+        )
+        cmd = ["bash", str(LAUNCHER), *common, "--data.batch_size=4", "--run.name=nodes"]
         nodes.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for p in nodes:
         out, err = p.communicate(timeout=300)

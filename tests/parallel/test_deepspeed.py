@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import REPO, free_port, run_torchrun, tiny_config
+from conftest import REPO, child_pids, free_port, run_torchrun, tiny_config
 from safetensors.torch import load_file
 from torch import nn
 
@@ -455,18 +455,6 @@ def test_bf16_runs_save_and_export_the_fp32_master_weights(runs, stage) -> None:
     assert {v.dtype for v in model.values() if v.is_floating_point()} == {torch.float32}
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
 @pytest.mark.slow
 def test_resume_after_killing_a_run_continues_from_the_saved_step(runs, shapes4, tmp_path) -> None:
     """Two ranks, ZeRO 1, last.pt every 2 steps. One training image is swapped for a FIFO, so the run blocks reading
@@ -523,7 +511,7 @@ def test_resume_after_killing_a_run_continues_from_the_saved_step(runs, shapes4,
             time.sleep(0.2)
         time.sleep(1.0)
         assert proc.poll() is None  # blocked on the FIFO: nothing after step 4 can happen
-        workers = _children(proc.pid)
+        workers = child_pids(proc.pid)
         assert len(workers) == 2
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
