@@ -11,8 +11,8 @@ setup: $(STAMP)
 # Idempotent: the venv is (re)built only when missing or when pyproject.toml changes.
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install --quiet --upgrade pip wheel setuptools
-	$(VPY) -m pip install --quiet -e ".[dali,deepspeed,dev]"
+	$(VPY) -m pip install --quiet --no-cache-dir --upgrade pip wheel setuptools
+	$(VPY) -m pip install --quiet --no-cache-dir -e ".[dali,deepspeed,dev]"
 	touch $(STAMP)
 
 demo: setup

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,14 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,11 +69,26 @@ def atomic_save(obj: Any, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_link(src: Path, dst: Path) -> None:
+    """Make `dst` hold what `src` holds now, without writing it twice: a hard link, swapped in by rename (a copy where
+    the filesystem has no hard links). Safe because every checkpoint write replaces the file (atomic_save) rather
+    than rewriting it, so a later save of `src` leaves `dst` as it was."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    try:
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
     finally:
         if tmp.exists():
             tmp.unlink()

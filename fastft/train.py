@@ -592,10 +592,20 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
                 report["top1"],
                 img_s,
             )
+        else:
+            better = False
+        want_last = bool(cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or last_epoch
+        if better and want_last and not backend.owns_optimizer_state:
+            # The same state under two names: write it once. (A backend that keeps state beside the file names
+            # that state by tag, so there each name gets its own save.)
+            save("last.pt", epoch + 1, 0)
+            if env.is_main:
+                ckpt_io.atomic_link(run_dir / "last.pt", run_dir / "best.pt")
+        else:
             if better:
                 save("best.pt", epoch + 1, 0)
-        if (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or last_epoch:
-            save("last.pt", epoch + 1, 0)
+            if want_last:
+                save("last.pt", epoch + 1, 0)
 
     # 8. Outputs: report, exports (full model and head alone) on rank 0.
     paths: dict[str, Path] = {"run_dir": run_dir, "last": run_dir / "last.pt", "best": run_dir / "best.pt"}

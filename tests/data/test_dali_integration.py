@@ -13,10 +13,10 @@ pytestmark = pytest.mark.dali
 
 
 @pytest.fixture(scope="module")
-def trained(shapes4, tmp_path_factory):
+def trained(shapes4, module_tmp):
     from fastft.train import finetune
 
-    out = tmp_path_factory.mktemp("dali_run")
+    out = module_tmp("dali_run")
     return finetune(tiny_config(shapes4, out, optim__epochs=1, model__freeze="until:layer3"))
 
 

@@ -71,9 +71,9 @@ def test_ddp_matches_single_process_on_same_global_batch(shapes4, tmp_path, worl
 
 
 @pytest.fixture(scope="module")
-def eval_setup(shapes4, tmp_path_factory):
+def eval_setup(shapes4, module_tmp):
     """A trained checkpoint and folders of 97 and 101 images (uneven over 2 and 3 ranks with batch 8)."""
-    base = tmp_path_factory.mktemp("evalsets")
+    base = module_tmp("evalsets")
     p = run_cli(
         "train",
         f"--data.root={shapes4}",

@@ -363,9 +363,9 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(shapes4, tmp_path_factory):
+def runs(shapes4, module_tmp):
     """Runs made once per module: single-process references (in this process) and DeepSpeed runs (torchrun)."""
-    out = tmp_path_factory.mktemp("ds_runs")
+    out = module_tmp("ds_runs")
     done: dict[str, Path] = {}
 
     def reference(global_batch: int) -> Path:

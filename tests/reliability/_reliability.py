@@ -211,11 +211,17 @@ def trained_run(shapes4: Path, tmp_path_factory) -> dict:
         from fastft.train import finetune
 
         saves: list[tuple[str, int, int, int]] = []
-        real_save = ckpt_io.atomic_save
+        real_save, real_link = ckpt_io.atomic_save, ckpt_io.atomic_link
+        written: dict[str, tuple[int, int, int]] = {}
 
         def recording_save(obj, path):
-            saves.append((Path(path).name, obj["epoch"], obj["batch"], obj["step"]))
+            written[Path(path).name] = (obj["epoch"], obj["batch"], obj["step"])
+            saves.append((Path(path).name, *written[Path(path).name]))
             return real_save(obj, path)
+
+        def recording_link(src, dst):  # the same state saved under a second name
+            saves.append((Path(dst).name, *written[Path(src).name]))
+            return real_link(src, dst)
 
         cfg = tiny_config(
             shapes4,
@@ -226,7 +232,11 @@ def trained_run(shapes4: Path, tmp_path_factory) -> dict:
             checkpoint__every_epochs=2,
             log__tensorboard=False,
         )
-        with mock.patch.object(ckpt_io, "atomic_save", recording_save), one_thread():
+        with (
+            mock.patch.object(ckpt_io, "atomic_save", recording_save),
+            mock.patch.object(ckpt_io, "atomic_link", recording_link),
+            one_thread(),
+        ):
             result = finetune(cfg)
         _CACHE["trained"] = {"result": result, "saves": saves}
     return _CACHE["trained"]  # type: ignore[return-value]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -115,3 +116,31 @@ def test_checkpoint_cadence_in_steps_and_in_epochs(shapes4, tmp_path_factory) ->
     assert best and all(batch == 0 and step == 6 * epoch for _, epoch, batch, step in best)
     on_disk = torch.load(run["result"].paths["last"], map_location="cpu", weights_only=True)
     assert (on_disk["epoch"], on_disk["batch"], on_disk["step"]) == (2, 0, 12)
+    # best.pt holds the last best save; when that save fell on a last.pt save (the end of the run), the state was
+    # written once and both names are the same file.
+    best_pt = run["result"].paths["best"]
+    assert torch.load(best_pt, map_location="cpu", weights_only=True)["epoch"] == best[-1][1]
+    assert best_pt.samefile(run["result"].paths["last"]) == (best[-1][1] == 2)
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_linked_checkpoint_keeps_its_state_when_the_source_is_saved_again(tmp_path, hard_links) -> None:
+    """best.pt linked to last.pt must not follow later saves of last.pt; without hard links it is a copy."""
+    from fastft import checkpoint as ck
+
+    def state(v: int) -> dict:
+        return {"model": {"w": torch.full((4,), float(v))}, "meta": {"version": v}}
+
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    ck.atomic_save(state(1), last)
+    ck.atomic_save(state(0), best)  # an older best, replaced by the link
+    if hard_links:
+        ck.atomic_link(last, best)
+    else:
+        with mock.patch.object(ck.os, "link", side_effect=OSError(1, "Operation not permitted")):
+            ck.atomic_link(last, best)
+    assert best.samefile(last) == hard_links
+    ck.atomic_save(state(2), last)
+    assert load_checkpoint(best)["meta"]["version"] == 1
+    assert load_checkpoint(last)["meta"]["version"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temp file left

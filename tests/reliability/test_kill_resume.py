@@ -86,11 +86,11 @@ def _kill_and_resume(
 
 
 @pytest.fixture(scope="module")
-def single(shapes4, tmp_path_factory) -> dict:
+def single(shapes4, module_tmp) -> dict:
     # 48 images / batch 4 = 12 steps per epoch, 2 epochs; one DataLoader worker (killed with the group too).
     return _kill_and_resume(
         shapes4,
-        tmp_path_factory.mktemp("kill1"),
+        module_tmp("kill1"),
         nproc=1,
         batch=4,
         workers=1,
@@ -101,12 +101,12 @@ def single(shapes4, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ddp(shapes4, tmp_path_factory) -> dict:
+def ddp(shapes4, module_tmp) -> dict:
     # 2 ranks x batch 4: 48 / 8 = 6 steps per epoch, 2 epochs; the launcher and both workers are killed; resumed
     # with an explicit checkpoint path.
     return _kill_and_resume(
         shapes4,
-        tmp_path_factory.mktemp("kill2"),
+        module_tmp("kill2"),
         nproc=2,
         batch=4,
         workers=0,
