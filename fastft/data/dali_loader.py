@@ -7,7 +7,10 @@ One `DaliLoader` is one rank's view of a list of (path, label) pairs:
   the same number of *full* batches, `(N // num_shards) // batch_size`. The file bytes reach DALI through an
   `external_source` that follows that plan, so the order depends only on (seed, epoch, start_batch, shard): a
   resumed run trains exactly the samples the interrupted one had left, and DALI and the torchvision loader see the
-  same samples in the same order (not the same random crops: DALI's augmentation draws restart with the pipeline).
+  same samples in the same order. With augmentation the feed also gives each sample the crop window and flip that
+  the torchvision loader draws for it (`transforms.train_crop`, from (seed, epoch, index)); DALI decodes only that
+  window (`decoders.image_slice`) and resizes it. So the crops repeat on resume too, and both loaders train on the
+  same windows (pixels within resampling differences).
 - evaluation: `fn.readers.file` without shuffling, each rank keeps its shard (`stick_to_shard`), the reader pads
   shards to equal length (`pad_last_batch`) and the iterator trims the padding (`LastBatchPolicy.PARTIAL`): over all
   ranks every file is yielded exactly once, and every rank iterates equally often, the last batch possibly short or
@@ -26,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from fastft.data.transforms import sample_seed, train_crop
 from fastft.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -181,8 +185,11 @@ class _TrainFeed:
     pipeline holds the feed, but the feed does not hold the loader (no reference cycle).
     """
 
-    def __init__(self, samples: list[tuple[str, int]], sampler, epoch: int, start_batch: int) -> None:
+    def __init__(
+        self, samples: list[tuple[str, int]], sampler, epoch: int, start_batch: int, *, crop_seed: int | None = None
+    ) -> None:
         self.samples = samples
+        self.crop_seed = crop_seed  # None: no augmentation; else each sample's crop and flip (`train_crop`)
         self.sampler = sampler
         self.length = len(sampler)
         self._epoch_batches: tuple[int, list[list[int]]] | None = None  # (epoch, its batches' indices), cached
@@ -218,29 +225,61 @@ class _TrainFeed:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="fastft-dali-feed")
-        self._ahead = (pos, self._pool.submit(_read_files, self._paths(pos)))
+        self._ahead = (pos, self._pool.submit(self._load, pos))
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool, self._ahead = None, None
 
-    def __call__(self):
+    def _load(self, pos: tuple[int, int]) -> tuple:
+        """The batch at `pos` as the pipeline takes it: the files' bytes, the labels (B, 1) like the file reader's,
+        and with augmentation each sample's crop anchor (top, left), crop shape (height, width) and flip."""
         import numpy as np
 
+        indices = self._batches(pos[0])[pos[1]]
+        paths = [self.samples[i][0] for i in indices]
+        data = _read_files(paths)
+        labels = np.array([[self.samples[i][1]] for i in indices], dtype=np.int32)
+        if self.crop_seed is None:
+            return data, labels
+        anchors, shapes, flips = [], [], []
+        for i, path, encoded in zip(indices, paths, data, strict=True):
+            width, height = _upright_size(encoded, path)
+            top, left, h, w, flip = train_crop(width, height, sample_seed(self.crop_seed, pos[0], i))
+            anchors.append(np.array([top, left], dtype=np.float32))
+            shapes.append(np.array([h, w], dtype=np.float32))
+            flips.append(np.array(int(flip), dtype=np.int32))
+        return data, labels, anchors, shapes, flips
+
+    def __call__(self):
         pos = self.pos
-        epoch, b = pos
-        indices = self._batches(epoch)[b]
-        paths = self._paths(pos)
         if self._ahead is not None and self._ahead[0] == pos:
-            data = self._ahead[1].result()  # raises the DataError of a file it could not read
+            batch = self._ahead[1].result()  # raises the DataError of a file it could not read
         else:  # the first batch, or a re-planned position
-            data = _read_files(paths)
-        labels = np.array([[self.samples[i][1]] for i in indices], dtype=np.int32)  # (B, 1), like the file reader
-        self.fed.append((epoch, b, paths))
-        self.pos = self._normal(epoch, b + 1)
+            batch = self._load(pos)
+        self.fed.append((*pos, self._paths(pos)))
+        self.pos = self._normal(pos[0], pos[1] + 1)
         self._read_ahead(self.pos)
-        return data, labels
+        return batch
+
+
+def _upright_size(encoded, path: str) -> tuple[int, int]:
+    """(width, height) of an encoded image as decoded upright (EXIF orientation applied, as DALI's decoder and the
+    torchvision loader do), from its header alone."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(encoded)) as im:
+            width, height = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
+                width, height = height, width
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"unreadable image file {path}: {msg}") from None
+    return width, height
 
 
 def _read_files(paths: list[str]) -> list:
@@ -280,8 +319,8 @@ class DaliLoader:
         shard_id, num_shards: this rank and the world size.
         threads: DALI CPU threads.
         prefetch: pipeline prefetch queue depth (batches in flight).
-        seed: shuffle seed (must be equal on all ranks), as for `ShardedBatchSampler`; augmentation seeds are
-            derived per shard.
+        seed: shuffle seed (must be equal on all ranks), as for `ShardedBatchSampler`; each sample's crop window
+            and flip come from (seed, epoch, sample index), as in the torchvision loader (`transforms.train_crop`).
         device: "cpu" (all CPU operators) or "cuda" (mixed decode on the GPU, GPU operators).
         device_id: CUDA device index, required for "cuda"; ignored for "cpu".
         hw_decoder_load: share of JPEGs sent to the hardware decoder (A100/H100 class GPUs).
@@ -486,7 +525,9 @@ class DaliLoader:
         if self._iterator is None and self.train:
             _, _, _, DALIGenericIterator, _ = _import_dali()
             # The feed starts where the next iteration starts, so the batches built and prefetched now are used.
-            self._feed = _TrainFeed(self.samples, self._sampler, self.epoch, self.start_batch)
+            self._feed = _TrainFeed(
+                self.samples, self._sampler, self.epoch, self.start_batch, crop_seed=self.seed if self.augment else None
+            )
             pipe = self._build_pipeline()
             try:
                 # No reader and no epoch end: the feed runs on through the epochs, and __iter__ takes len() batches.
@@ -535,10 +576,16 @@ class DaliLoader:
         )
         with pipe:
             if self.train:
-                # The sampler's batches, in its order: encoded bytes and labels from the feed (see _TrainFeed).
-                jpegs, labels_out = fn.external_source(
-                    source=self._feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32], ndim=[1, 1]
+                # The sampler's batches, in its order: encoded bytes and labels from the feed (see _TrainFeed), and
+                # with augmentation each sample's crop window (top, left), (height, width) and flip.
+                outputs = fn.external_source(
+                    source=self._feed,
+                    num_outputs=5 if self.augment else 2,
+                    batch=True,
+                    dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32][: 5 if self.augment else 2],
+                    ndim=[1, 1, 1, 1, 0][: 5 if self.augment else 2],
                 )
+                jpegs, labels_out = outputs[0], outputs[1]
             else:
                 # Evaluation: each rank keeps its own shard, padded to the largest one (the iterator trims it).
                 jpegs, labels_out = fn.readers.file(
@@ -551,26 +598,33 @@ class DaliLoader:
                     random_shuffle=False,
                     stick_to_shard=True,
                 )
-            if cuda:
-                images = fn.decoders.image(
-                    jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=self.hw_decoder_load
-                )
-                labels_out = labels_out.gpu()
-            else:
-                images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+            decode = {"device": "mixed", "hw_decoder_load": self.hw_decoder_load} if cuda else {"device": "cpu"}
             if self.train and self.augment:
-                images = fn.random_resized_crop(
+                # Decode only the window (the rest of the JPEG is skipped), then resize it to the output size.
+                _, _, anchor, shape, mirror = outputs
+                images = fn.decoders.image_slice(
+                    jpegs,
+                    anchor,
+                    shape,
+                    axis_names="HW",
+                    normalized_anchor=False,
+                    normalized_shape=False,
+                    output_type=types.RGB,
+                    **decode,
+                )
+                images = fn.resize(
                     images,
-                    size=[self.crop_size, self.crop_size],
-                    random_area=[0.08, 1.0],
-                    random_aspect_ratio=[3 / 4, 4 / 3],
+                    resize_x=self.crop_size,
+                    resize_y=self.crop_size,
                     interp_type=types.INTERP_LINEAR,  # antialiased when downscaling (DALI default), like PIL
                 )
-                mirror = fn.random.coin_flip(probability=0.5)
                 crop_pos_x = crop_pos_y = 0.5  # the crop already has the output size
             else:
+                images = fn.decoders.image(jpegs, output_type=types.RGB, **decode)
                 images, crop_pos_x, crop_pos_y = _eval_geometry(images, self.resize_size, self.crop_size, fn, types)
                 mirror = 0
+            if cuda:
+                labels_out = labels_out.gpu()
             images = fn.crop_mirror_normalize(
                 images,
                 dtype=types.FLOAT,

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageOps
 
 from fastft.data.folder import Sample
-from fastft.data.transforms import TransformSpec, torchvision_transform
+from fastft.data.transforms import TransformSpec, sample_seed, torchvision_transform
 from fastft.errors import DataError
 
 
@@ -51,7 +51,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if not self.train:
             return self.transform(image), label
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
             return self.transform(image), label
 
 

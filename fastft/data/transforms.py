@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# RandomResizedCrop's range of crop area (fraction of the image) and aspect ratio, torchvision's defaults.
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,52 @@ def torchvision_transform(spec: TransformSpec, *, train: bool):
 
     interp = InterpolationMode(spec.interpolation)
     head = (
-        [T.RandomResizedCrop(spec.crop_size, interpolation=interp, antialias=True), T.RandomHorizontalFlip()]
+        [
+            T.RandomResizedCrop(
+                spec.crop_size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=interp, antialias=True
+            ),
+            T.RandomHorizontalFlip(),
+        ]
         if train
         else [T.Resize(spec.resize_size, interpolation=interp, antialias=True), T.CenterCrop(spec.crop_size)]
     )
     return T.Compose([T.ToImage(), *head, T.ToDtype(torch.float32, scale=True), T.Normalize(spec.mean, spec.std)])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one training sample's augmentation draws: a function of (run seed, epoch, sample index) only, so
+    the draws do not depend on the loader, the worker count, the world size or a resume."""
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+
+
+def train_crop(width: int, height: int, seed: int) -> tuple[int, int, int, int, bool]:
+    """The crop window (top, left, height, width) and the horizontal flip that the torchvision training transform
+    draws for a `width` x `height` image after ``torch.manual_seed(seed)``: the same draws in the same order
+    (RandomResizedCrop, then RandomHorizontalFlip), from a private generator, so any thread can compute them without
+    touching the global RNG. DALI's training pipeline crops where this says, so both loaders train on the same
+    windows."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    area = height * width
+    log_ratio = torch.log(torch.tensor(CROP_RATIO))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(CROP_SCALE[0], CROP_SCALE[1], generator=g).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)).item()
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=g).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=g).item())
+            break
+    else:  # no window fits in 10 draws: the centre crop, clamped to the ratio range
+        in_ratio = width / height
+        if in_ratio < min(CROP_RATIO):
+            w, h = width, round(width / min(CROP_RATIO))
+        elif in_ratio > max(CROP_RATIO):
+            w, h = round(height * max(CROP_RATIO)), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    flip = bool(torch.rand(1, generator=g).item() < 0.5)
+    return top, left, h, w, flip

@@ -150,6 +150,62 @@ def test_train_batches_are_the_torchvision_loaders(folders, num_shards):
                 assert (x - x_ref).abs().mean() < 0.01  # the eval transform: one 8-bit level at most, see below
 
 
+def write_smooth_jpegs(folder: Path, n: int) -> list[tuple[str, int]]:
+    """n JPEGs of smooth colour fields (resampling differences stay small, a shifted window does not), every 4th one
+    stored sideways with an EXIF rotation, and one far too wide for any crop window (the centre-crop fallback)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    samples = []
+    for i in range(n):
+        h, w = (20, 200) if i == 5 else (int(v) for v in rng.integers(40, 90, size=2))
+        image = Image.fromarray(rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        path = folder / f"smooth{i:03d}.jpg"
+        exif = Image.Exif()
+        if i % 4 == 1:
+            exif[0x0112] = 6  # decoded rotated by 90 degrees: the window is drawn for the upright size
+        image.save(path, quality=95, exif=exif.tobytes())
+        samples.append((str(path), i))
+    return samples
+
+
+def test_train_crops_and_flips_are_the_torchvision_loaders(tmp_path):
+    """With augmentation, each sample gets the torchvision loader's crop window and flip for its (seed, epoch,
+    index): the same pixels up to resampling. A window drawn otherwise differs by far more."""
+    from fastft.data.torch_loader import TorchLoader
+    from fastft.data.transforms import TransformSpec
+
+    samples = write_smooth_jpegs(tmp_path, 24)
+    spec = TransformSpec(crop_size=24, resize_size=28, mean=MEAN, std=STD)
+    ld = make(samples, train=True, batch_size=6, crop_size=24, resize_size=28, seed=3)
+    ref = TorchLoader(samples, spec, train=True, batch_size=6, workers=0, seed=3)
+
+    def epoch(loader, e: int) -> dict[int, torch.Tensor]:
+        loader.set_epoch(e, 0)
+        return {int(y): x for xs, ys in loader for x, y in zip(xs, ys)}
+
+    for e in (0, 1):
+        got, want, other = epoch(ld, e), epoch(ref, e), epoch(ref, e + 1)
+        assert sorted(got) == sorted(want) == list(range(24))
+        same = [float((got[i] - want[i]).abs().mean()) for i in range(24)]
+        assert max(same) < 1 / 255 / max(STD)  # under one 8-bit level, on average over the crop
+        assert min(float((got[i] - other[i]).abs().mean()) for i in range(24)) > 0.05
+
+
+def test_augmented_resume_repeats_the_crops_bit_for_bit(tmp_path):
+    """A new loader asked for (epoch, 2) yields exactly the pixels the uninterrupted one yielded from batch 2 on."""
+    samples = write_smooth_jpegs(tmp_path, 20)
+    full = make(samples, train=True, batch_size=4, seed=5)
+    full.set_epoch(0, 0)
+    list(full)  # the run goes through epoch 0, then epoch 1
+    want = list(full)
+    resumed = make(samples, train=True, batch_size=4, seed=5)
+    resumed.set_epoch(1, 2)
+    got = list(resumed)
+    assert len(got) == len(want) - 2 == 3
+    for (x, y), (x_ref, y_ref) in zip(got, want[2:]):
+        assert torch.equal(y, y_ref) and torch.equal(x, x_ref)
+
+
 def test_train_epochs_advance_jump_and_drop_abandoned_batches(folders):
     """Without set_epoch each iteration is the next epoch; an abandoned epoch's prefetched batches never leak into the
     next one; start() prepares the epoch that the next set_epoch + iteration asks for."""
