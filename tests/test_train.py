@@ -11,6 +11,7 @@ import torchvision
 from conftest import tiny_config
 from safetensors.torch import load_file
 
+from fastft.data.loaders import dali_available
 from fastft.train import finetune
 
 
@@ -112,11 +113,23 @@ class _Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_continues_from_saved_step(shapes4, tmp_path, monkeypatch) -> None:
-    """Interrupt at step 5 (last.pt saved at step 4, mid-epoch); resume; final weights equal an uninterrupted run."""
+@pytest.mark.parametrize(
+    "loader",
+    [
+        "torch",
+        pytest.param(
+            "dali",
+            marks=[pytest.mark.dali, pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")],
+        ),
+    ],
+)
+def test_resume_after_interruption_continues_from_saved_step(shapes4, tmp_path, monkeypatch, loader) -> None:
+    """Interrupt at step 5 (last.pt saved at step 4, mid-epoch); resume; final weights equal an uninterrupted run.
+    With augmentation on, so the resumed run must also repeat the random crops and flips."""
     from fastft.parallel.backend import LocalBackend
 
     common = dict(
+        data__loader=loader,
         optim__epochs=2,
         data__augment=True,
         checkpoint__every_steps=2,
