@@ -81,3 +81,24 @@ def test_train_with_dali_on_two_processes(shapes4, tmp_path) -> None:
     assert events[0]["world_size"] == 2 and events[0]["steps_per_epoch"] == 48 // 2 // 4
     metrics = json.loads((tmp_path / "d" / "metrics.json").read_text())
     assert metrics["num_samples"] == 24  # every val image once across the 2 DALI shards
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cpu_training_prefetches_as_far_as_the_torchvision_loader(shapes4, workers) -> None:
+    """On the CPU, DALI's training queue holds as many batches as the torchvision loader's workers prefetch (so the
+    first epoch's decode overlaps set-up as far with either); evaluation keeps DALI's default queue."""
+    from fastft.config import DataConfig
+    from fastft.data.folder import index_for_eval
+    from fastft.data.loaders import build_loader
+    from fastft.data.transforms import TransformSpec
+    from fastft.parallel.env import DistEnv
+
+    samples = index_for_eval(shapes4 / "train", sorted(p.name for p in (shapes4 / "train").iterdir()))
+    made = {}
+    for kind in ("torch", "dali"):
+        cfg = DataConfig(loader=kind, workers=workers, batch_size=4)
+        made[kind] = build_loader(samples, TransformSpec(16, 18), cfg, train=True, seed=0, env=DistEnv())
+    torch_loader = made["torch"].loader
+    assert made["dali"].prefetch == torch_loader.prefetch_factor * torch_loader.num_workers == 4 * workers
+    cfg = DataConfig(loader="dali", workers=workers, batch_size=4)
+    assert build_loader(samples, TransformSpec(16, 18), cfg, train=False, seed=0, env=DistEnv()).prefetch == 2
