@@ -219,25 +219,26 @@ class _TrainFeed:
         return [self.samples[i][0] for i in self._batches(pos[0])[pos[1]]]
 
     def _read_ahead(self, pos: tuple[int, int]) -> None:
-        """Start reading the files of the batch at `pos` in a background thread (file reads release the GIL), so
-        the thread that runs the pipeline, the training loop's, does not wait on storage."""
+        """Start loading the batch at `pos` in a background thread (file reads release the GIL), so the thread that
+        runs the pipeline, the training loop's, does not wait on storage. The plan (which samples) is looked up
+        here, in the calling thread: the sampler and its cached epoch are used by one thread only."""
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="fastft-dali-feed")
-        self._ahead = (pos, self._pool.submit(self._load, pos))
+        self._ahead = (pos, self._pool.submit(self._load, pos[0], self._batches(pos[0])[pos[1]]))
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool, self._ahead = None, None
 
-    def _load(self, pos: tuple[int, int]) -> tuple:
-        """The batch at `pos` as the pipeline takes it: the files' bytes, the labels (B, 1) like the file reader's,
-        and with augmentation each sample's crop anchor (top, left), crop shape (height, width) and flip."""
+    def _load(self, epoch: int, indices: list[int]) -> tuple:
+        """One batch as the pipeline takes it: the files' bytes, the labels (B, 1) like the file reader's, and with
+        augmentation each sample's crop anchor (top, left), crop shape (height, width) and flip. Reads only
+        `samples` and `crop_seed`, which never change, so it may run in the read-ahead thread."""
         import numpy as np
 
-        indices = self._batches(pos[0])[pos[1]]
         paths = [self.samples[i][0] for i in indices]
         data = _read_files(paths)
         labels = np.array([[self.samples[i][1]] for i in indices], dtype=np.int32)
@@ -246,7 +247,7 @@ class _TrainFeed:
         anchors, shapes, flips = [], [], []
         for i, path, encoded in zip(indices, paths, data, strict=True):
             width, height = _upright_size(encoded, path)
-            top, left, h, w, flip = train_crop(width, height, sample_seed(self.crop_seed, pos[0], i))
+            top, left, h, w, flip = train_crop(width, height, sample_seed(self.crop_seed, epoch, i))
             anchors.append(np.array([top, left], dtype=np.float32))
             shapes.append(np.array([h, w], dtype=np.float32))
             flips.append(np.array(int(flip), dtype=np.int32))
@@ -257,7 +258,7 @@ class _TrainFeed:
         if self._ahead is not None and self._ahead[0] == pos:
             batch = self._ahead[1].result()  # raises the DataError of a file it could not read
         else:  # the first batch, or a re-planned position
-            batch = self._load(pos)
+            batch = self._load(pos[0], self._batches(pos[0])[pos[1]])
         self.fed.append((*pos, self._paths(pos)))
         self.pos = self._normal(pos[0], pos[1] + 1)
         self._read_ahead(self.pos)
