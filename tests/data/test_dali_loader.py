@@ -6,6 +6,7 @@ import math
 import re
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -219,6 +220,14 @@ def test_train_epochs_advance_jump_and_drop_abandoned_batches(folders):
         return [[i for i, _ in b] for b in sampler]
 
     ld = make(samples, train=True, augment=False, batch_size=4, seed=2, shard_id=1, num_shards=2, prefetch=3)
+    planners = set()  # the threads that re-plan the loader's sampler: only this one (the read-ahead thread must not)
+    real_set_epoch = ld._sampler.set_epoch
+
+    def recording_set_epoch(*args, **kwargs):
+        planners.add(threading.current_thread().name)
+        return real_set_epoch(*args, **kwargs)
+
+    ld._sampler.set_epoch = recording_set_epoch
     ld.start(4, 2)
     ld.set_epoch(4, 2)
     assert labels_of(ld) == expected(4, 2)
@@ -242,6 +251,7 @@ def test_train_epochs_advance_jump_and_drop_abandoned_batches(folders):
     assert not any(t.is_alive() for t in readers)  # close() ended it
     ld.set_epoch(3, 1)
     assert labels_of(ld) == expected(3, 1)
+    assert planners == {threading.current_thread().name}
 
 
 def test_empty_last_batch_is_yielded(folders):
