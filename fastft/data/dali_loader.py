@@ -275,7 +275,12 @@ def _upright_size(encoded, path: str) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(encoded)) as im:
             width, height = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
+            # The orientation DALI's decoder applies: the EXIF block's tag only (not an XMP copy), and not for
+            # formats whose size PIL already reports rotated (TIFF keeps it in its own tags, outside info["exif"]).
+            exif = Image.Exif()
+            if im.info.get("exif"):
+                exif.load(im.info["exif"])
+            if exif.get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
                 width, height = height, width
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -151,20 +151,21 @@ def test_train_batches_are_the_torchvision_loaders(folders, num_shards):
                 assert (x - x_ref).abs().mean() < 0.01  # the eval transform: one 8-bit level at most, see below
 
 
-def write_smooth_jpegs(folder: Path, n: int) -> list[tuple[str, int]]:
-    """n JPEGs of smooth colour fields (resampling differences stay small, a shifted window does not), every 4th one
-    stored sideways with an EXIF rotation, and one far too wide for any crop window (the centre-crop fallback)."""
+def write_smooth_images(folder: Path, n: int) -> list[tuple[str, int]]:
+    """n images of smooth colour fields (resampling differences stay small, a shifted window does not): JPEGs, every
+    4th one stored sideways with an EXIF rotation, one far too wide for any crop window (the centre-crop fallback),
+    and a sideways TIFF (whose size PIL reports already rotated)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(7)
     samples = []
     for i in range(n):
         h, w = (20, 200) if i == 5 else (int(v) for v in rng.integers(40, 90, size=2))
         image = Image.fromarray(rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-        path = folder / f"smooth{i:03d}.jpg"
+        path = folder / f"smooth{i:03d}.{'tif' if i == 7 else 'jpg'}"
         exif = Image.Exif()
-        if i % 4 == 1:
+        if i % 4 == 1 or i == 7:
             exif[0x0112] = 6  # decoded rotated by 90 degrees: the window is drawn for the upright size
-        image.save(path, quality=95, exif=exif.tobytes())
+        image.save(path, **({} if i == 7 else {"quality": 95}), exif=exif.tobytes())
         samples.append((str(path), i))
     return samples
 
@@ -175,7 +176,7 @@ def test_train_crops_and_flips_are_the_torchvision_loaders(tmp_path):
     from fastft.data.torch_loader import TorchLoader
     from fastft.data.transforms import TransformSpec
 
-    samples = write_smooth_jpegs(tmp_path, 24)
+    samples = write_smooth_images(tmp_path, 24)
     spec = TransformSpec(crop_size=24, resize_size=28, mean=MEAN, std=STD)
     ld = make(samples, train=True, batch_size=6, crop_size=24, resize_size=28, seed=3)
     ref = TorchLoader(samples, spec, train=True, batch_size=6, workers=0, seed=3)
@@ -194,7 +195,14 @@ def test_train_crops_and_flips_are_the_torchvision_loaders(tmp_path):
 
 def test_augmented_resume_repeats_the_crops_bit_for_bit(tmp_path):
     """A new loader asked for (epoch, 2) yields exactly the pixels the uninterrupted one yielded from batch 2 on."""
-    samples = write_smooth_jpegs(tmp_path, 20)
+    samples = write_smooth_images(tmp_path, 20)
+    # A JPEG whose orientation is only in XMP: the torchvision loader turns it, DALI's decoder does not, and the window
+    # must be drawn for DALI's view of it (a window for the turned size would fall outside and fail the batch).
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    )
+    Image.open(samples[0][0]).resize((90, 20)).save(samples[0][0], quality=95, xmp=xmp)
     full = make(samples, train=True, batch_size=4, seed=5)
     full.set_epoch(0, 0)
     list(full)  # the run goes through epoch 0, then epoch 1
