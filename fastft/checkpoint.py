@@ -80,6 +80,7 @@ def atomic_link(src: Path, dst: Path) -> None:
     the filesystem has no hard links). Safe because every checkpoint write replaces the file (atomic_save) rather
     than rewriting it, so a later save of `src` leaves `dst` as it was."""
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # a stale temp name could be a link to a live file, which the copy would overwrite
     try:
         try:
             os.link(src, tmp)

@@ -596,11 +596,12 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
             better = False
         want_last = bool(cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or last_epoch
         if better and want_last and not backend.owns_optimizer_state:
-            # The same state under two names: write it once. (A backend that keeps state beside the file names
-            # that state by tag, so there each name gets its own save.)
-            save("last.pt", epoch + 1, 0)
+            # The same state under two names: write it once. best.pt first, as with two saves: a crash between the
+            # two leaves last.pt at the previous save, so a resume redoes this epoch and both names again. (A
+            # backend that keeps state beside the file names that state by tag, so there each name gets its own save.)
+            save("best.pt", epoch + 1, 0)
             if env.is_main:
-                ckpt_io.atomic_link(run_dir / "last.pt", run_dir / "best.pt")
+                ckpt_io.atomic_link(run_dir / "best.pt", run_dir / "last.pt")
         else:
             if better:
                 save("best.pt", epoch + 1, 0)
