@@ -54,21 +54,28 @@ def test_bad_unfreeze_entries() -> None:
 
 
 def _epoch_states(monkeypatch) -> list[dict]:
-    """Capture the model state saved at the end of every epoch (last.pt)."""
+    """Capture the model state saved at the end of every epoch (last.pt: written, or linked to the same state just
+    written as best.pt)."""
     states: list[dict] = []
-    real = ckpt_io.atomic_save
+    written: dict[str, dict] = {}
+    real_save, real_link = ckpt_io.atomic_save, ckpt_io.atomic_link
 
     def spy(obj, path):
+        written[Path(path).name] = {
+            "model": {k: v.clone() for k, v in obj["model"].items()},
+            "groups": [dict(g) for g in obj["optimizer"]["param_groups"]],
+        }
         if Path(path).name == "last.pt":
-            states.append(
-                {
-                    "model": {k: v.clone() for k, v in obj["model"].items()},
-                    "groups": [dict(g) for g in obj["optimizer"]["param_groups"]],
-                }
-            )
-        return real(obj, path)
+            states.append(written["last.pt"])
+        return real_save(obj, path)
+
+    def link_spy(src, dst):
+        if Path(dst).name == "last.pt":
+            states.append(written[Path(src).name])
+        return real_link(src, dst)
 
     monkeypatch.setattr(ckpt_io, "atomic_save", spy)
+    monkeypatch.setattr(ckpt_io, "atomic_link", link_spy)
     return states
 
 
