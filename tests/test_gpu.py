@@ -1,6 +1,6 @@
-"""The CUDA paths: auto precision, device-resident synthetic batches, DALI's GPU decoder against its CPU pipeline, and
-a whole run on the GPU (DALI input, compiled head, auto precision). Skipped, with the reason, without a CUDA GPU;
-`benchmarks/gpu_check.sh` runs them on a GPU machine."""
+"""The CUDA paths: auto precision, device-resident synthetic batches, DALI's GPU decoder against its CPU pipeline (in
+evaluation and in augmented training), and a whole run on the GPU (DALI input, compiled head, auto precision).
+Skipped, with the reason, without a CUDA GPU; `benchmarks/gpu_check.sh` runs them on a GPU machine."""
 
 from __future__ import annotations
 
@@ -52,6 +52,22 @@ def test_dali_gpu_decode_matches_the_cpu_pipeline(shapes4) -> None:
     diff = (torch.cat([x for x, _ in gpu]).cpu() - torch.cat([x for x, _ in cpu])).abs()
     # nvJPEG and libjpeg-turbo may differ by an 8-bit level or two on a pixel; the geometry is the same
     assert diff.mean().item() < 0.02, diff.mean().item()
+
+
+def test_dali_gpu_training_crops_match_the_cpu_pipeline(shapes4) -> None:
+    """Training with augmentation: the GPU's ROI decode of each sample's window (`decoders.image_slice`, mixed) gives
+    the CPU pipeline's crops and flips."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    from fastft.data.dali_loader import DaliLoader
+
+    files = sorted(str(p) for p in (shapes4 / "train").rglob("*.jpg"))
+    samples = [(f, i) for i, f in enumerate(files)]
+    common = {"train": True, "batch_size": 8, "crop_size": 32, "resize_size": 36, "mean": MEAN, "std": STD, "seed": 3}
+    cpu = list(DaliLoader(samples, **common, device="cpu"))
+    gpu = list(DaliLoader(samples, **common, device="cuda", device_id=0))
+    assert torch.equal(torch.cat([y for _, y in gpu]).cpu(), torch.cat([y for _, y in cpu]))  # same samples, order
+    diff = (torch.cat([x for x, _ in gpu]).cpu() - torch.cat([x for x, _ in cpu])).abs()
+    assert diff.mean().item() < 0.02, diff.mean().item()  # a window or flip of its own would differ by far more
 
 
 def test_a_run_on_the_gpu_with_dali_compile_and_auto_precision(shapes4, tmp_path) -> None:
