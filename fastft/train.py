@@ -595,18 +595,16 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
         else:
             better = False
         want_last = bool(cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or last_epoch
-        if better and want_last and not backend.owns_optimizer_state:
-            # The same state under two names: write it once. best.pt first, as with two saves: a crash between the
-            # two leaves last.pt at the previous save, so a resume redoes this epoch and both names again. (A
-            # backend that keeps state beside the file names that state by tag, so there each name gets its own save.)
+        if better:
             save("best.pt", epoch + 1, 0)
+        if want_last and better and not backend.owns_optimizer_state:
+            # The same state as best.pt, just written: link it rather than write it twice. (A crash before the link
+            # leaves last.pt at the previous save, so a resume redoes this epoch. A backend that keeps state beside
+            # the file names that state by tag, so there each name gets its own save.)
             if env.is_main:
                 ckpt_io.atomic_link(run_dir / "best.pt", run_dir / "last.pt")
-        else:
-            if better:
-                save("best.pt", epoch + 1, 0)
-            if want_last:
-                save("last.pt", epoch + 1, 0)
+        elif want_last:
+            save("last.pt", epoch + 1, 0)
 
     # 8. Outputs: report, exports (full model and head alone) on rank 0.
     paths: dict[str, Path] = {"run_dir": run_dir, "last": run_dir / "last.pt", "best": run_dir / "best.pt"}

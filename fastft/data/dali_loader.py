@@ -215,16 +215,11 @@ class _TrainFeed:
         """Feed from (epoch, batch) on; batches already fed still come out first (the loader discards them)."""
         self.pos = self._normal(epoch, batch)
 
-    def _paths(self, pos: tuple[int, int]) -> list[str]:
-        return [self.samples[i][0] for i in self._batches(pos[0])[pos[1]]]
-
     def _read_ahead(self, pos: tuple[int, int]) -> None:
         """Start loading the batch at `pos` in a background thread (file reads release the GIL), so the thread that
         runs the pipeline, the training loop's, does not wait on storage. The plan (which samples) is looked up
         here, in the calling thread: the sampler and its cached epoch are used by one thread only."""
         if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="fastft-dali-feed")
         self._ahead = (pos, self._pool.submit(self._load, pos[0], self._batches(pos[0])[pos[1]]))
 
@@ -255,11 +250,12 @@ class _TrainFeed:
 
     def __call__(self):
         pos = self.pos
+        indices = self._batches(pos[0])[pos[1]]
         if self._ahead is not None and self._ahead[0] == pos:
             batch = self._ahead[1].result()  # raises the DataError of a file it could not read
         else:  # the first batch, or a re-planned position
-            batch = self._load(pos[0], self._batches(pos[0])[pos[1]])
-        self.fed.append((*pos, self._paths(pos)))
+            batch = self._load(pos[0], indices)
+        self.fed.append((*pos, [self.samples[i][0] for i in indices]))
         self.pos = self._normal(pos[0], pos[1] + 1)
         self._read_ahead(self.pos)
         return batch
@@ -308,11 +304,9 @@ class DaliLoader:
     """Iterates (images, labels) batches of one rank's shard through a DALI pipeline.
 
     Training follows `ShardedBatchSampler(len(samples), batch_size, train=True, seed, shard_id, num_shards)`, the
-    torchvision loader's sampler: the same samples in the same order for a given (seed, epoch, start_batch, shard),
-    whatever happened before (a resume included). DALI's random crops and flips are not part of that: they are drawn
-    from the pipeline's own random stream, which starts again whenever the pipeline is built, so a resumed run sees
-    the same samples as the run it continues but other crops (the torchvision loader's augmentation is a pure function
-    of (seed, epoch, index)).
+    torchvision loader's sampler, and its crops and flips (`transforms.train_crop`): the same samples in the same
+    order, cropped the same way, for a given (seed, epoch, start_batch, shard), whatever happened before (a resume
+    included).
 
     Args:
         samples: (path, label) pairs; the label mapping is the caller's.
@@ -572,7 +566,7 @@ class DaliLoader:
     def _build_pipeline(self):
         fn, types, Pipeline, _, _ = _import_dali()
         cuda = self.device == "cuda"
-        # Augmentation draws differ by shard (the training order comes from the feed, not from DALI).
+        # Nothing in the pipeline draws at random: the training order, crops and flips all come from the feed.
         pipe = Pipeline(
             batch_size=self.batch_size,
             num_threads=self.threads,
@@ -584,12 +578,13 @@ class DaliLoader:
             if self.train:
                 # The sampler's batches, in its order: encoded bytes and labels from the feed (see _TrainFeed), and
                 # with augmentation each sample's crop window (top, left), (height, width) and flip.
+                n = 5 if self.augment else 2
                 outputs = fn.external_source(
                     source=self._feed,
-                    num_outputs=5 if self.augment else 2,
+                    num_outputs=n,
                     batch=True,
-                    dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32][: 5 if self.augment else 2],
-                    ndim=[1, 1, 1, 1, 0][: 5 if self.augment else 2],
+                    dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32][:n],
+                    ndim=[1, 1, 1, 1, 0][:n],
                 )
                 jpegs, labels_out = outputs[0], outputs[1]
             else:

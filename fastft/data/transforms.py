@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -75,6 +76,13 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch) * 10_000_019 + index
 
 
+@functools.cache
+def _log_crop_ratio():
+    import torch
+
+    return torch.log(torch.tensor(CROP_RATIO))  # float32, as torchvision computes it
+
+
 def train_crop(width: int, height: int, seed: int) -> tuple[int, int, int, int, bool]:
     """The crop window (top, left, height, width) and the horizontal flip that the torchvision training transform
     draws for a `width` x `height` image after ``torch.manual_seed(seed)``: the same draws in the same order
@@ -85,7 +93,7 @@ def train_crop(width: int, height: int, seed: int) -> tuple[int, int, int, int, 
 
     g = torch.Generator().manual_seed(seed)
     area = height * width
-    log_ratio = torch.log(torch.tensor(CROP_RATIO))
+    log_ratio = _log_crop_ratio()
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(CROP_SCALE[0], CROP_SCALE[1], generator=g).item()
         aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)).item()
