@@ -52,6 +52,7 @@ def build_loader(
         )
     if kind == "dali":
         from fastft.data.dali_loader import DaliLoader
+        from fastft.data.torch_loader import PREFETCH_PER_WORKER
 
         cuda = env.device.type == "cuda"
         dali = DaliLoader(
@@ -66,9 +67,9 @@ def build_loader(
             shard_id=env.rank,
             num_shards=env.world_size,
             threads=max(1, cfg.workers),
-            # CPU training: as many batches ahead as the torchvision loader keeps (4 per worker), so the first
-            # epoch's decode overlaps model set-up as far; GPU decode keeps up with DALI's default queue of 2.
-            prefetch=4 * max(1, cfg.workers) if train and not cuda else 2,
+            # CPU training: as many batches ahead as the torchvision loader keeps, so the first epoch's decode
+            # overlaps model set-up as far; GPU decode keeps up with DALI's default queue of 2.
+            prefetch=PREFETCH_PER_WORKER * max(1, cfg.workers) if train and not cuda else 2,
             seed=seed,
             device="cuda" if cuda else "cpu",
             device_id=env.device.index if cuda else None,

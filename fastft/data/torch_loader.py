@@ -95,6 +95,9 @@ class ShardedBatchSampler:
             yield [(i, self.epoch) for i in idx[b * self.batch_size : (b + 1) * self.batch_size]]
 
 
+PREFETCH_PER_WORKER = 4  # batches each DataLoader worker keeps ready (DALI's CPU training queue matches it)
+
+
 def batch_loader(
     dataset: ImageDataset,
     sampler: ShardedBatchSampler,
@@ -104,16 +107,16 @@ def batch_loader(
     pin_memory: bool = False,
     persistent: bool = True,
 ) -> torch.utils.data.DataLoader:
-    """The DataLoader every image path uses: workers prefetch 4 batches each, and worker seeds come from the loader's
-    own generator, so starting an epoch never draws from the global RNG (when loading starts, early or after a
-    resume, does not change the model's random stream)."""
+    """The DataLoader every image path uses: workers prefetch PREFETCH_PER_WORKER batches each, and worker seeds
+    come from the loader's own generator, so starting an epoch never draws from the global RNG (when loading starts,
+    early or after a resume, does not change the model's random stream)."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=persistent and workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=PREFETCH_PER_WORKER if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
 
