@@ -99,11 +99,15 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def build_model(cfg: ModelConfig, num_classes: int, *, pretrained_ok: bool = True) -> nn.Module:
+def build_model(cfg: ModelConfig, num_classes: int, *, image_size: int = 0, pretrained_ok: bool = True) -> nn.Module:
     """Build `cfg.name` with its weights and a new `num_classes` head (nothing frozen yet).
 
+    `image_size` (the crop the loaders produce; 0 = the model's own) sizes models whose input size is fixed by their
+    architecture: ViT position embeddings are interpolated to it, MaxViT is rebuilt for it.
+
     Raises:
-        ModelError: unknown model name (with close matches) or weights that cannot be had.
+        ModelError: unknown model name (with close matches), weights that cannot be had, or an input size the
+            architecture cannot take.
     """
     import torchvision
 
@@ -117,8 +121,12 @@ def build_model(cfg: ModelConfig, num_classes: int, *, pretrained_ok: bool = Tru
         model = torchvision.models.get_model(cfg.name, weights=weights)
     except Exception as e:
         raise ModelError(f"cannot get {cfg.name} weights {weights}: {str(e).splitlines()[0]}") from None
+    drop_aux_heads(model)
+    if image_size:
+        model = fit_input_size(cfg.name, model, image_size)
     if _is_path(cfg.weights):
-        state = load_state_file(cfg.weights)
+        state = {k: v for k, v in load_state_file(cfg.weights).items() if not k.startswith(_AUX_PREFIXES)}
+        state = _vit_state_to_size(model, state)
         # A backbone file (original classifier) loads before the head is replaced; a fastft export after.
         if _try_load(model, state):
             replace_head(model, num_classes, hidden=cfg.head_hidden, dropout=cfg.head_dropout)
@@ -132,6 +140,67 @@ def build_model(cfg: ModelConfig, num_classes: int, *, pretrained_ok: bool = Tru
         return model
     replace_head(model, num_classes, hidden=cfg.head_hidden, dropout=cfg.head_dropout)
     return model
+
+
+def fit_input_size(name: str, model: nn.Module, image_size: int) -> nn.Module:
+    """The model made to take `image_size` inputs where its architecture fixes the input size, weights kept: a ViT's
+    position embeddings are interpolated to the new patch grid (torchvision's `interpolate_embeddings`), a MaxViT is
+    rebuilt for the size (its weights do not depend on it). Call before the head is replaced."""
+    import torchvision
+    from torchvision.models.maxvit import MaxVit
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, VisionTransformer) and image_size != model.image_size:
+        if image_size % model.patch_size:
+            raise ModelError(
+                f"data.image_size: {image_size} does not fit {name}: use a multiple of its patch size "
+                f"{model.patch_size} (its pretrained size is {model.image_size})"
+            )
+        model.image_size = image_size
+        model.seq_length = (image_size // model.patch_size) ** 2 + 1
+        embedding = _vit_state_to_size(model, {"encoder.pos_embedding": model.encoder.pos_embedding.data})
+        model.encoder.pos_embedding = nn.Parameter(embedding["encoder.pos_embedding"])
+    elif isinstance(model, MaxVit) and image_size != _maxvit_size(model):
+        try:
+            resized = torchvision.models.get_model(name, weights=None, input_size=(image_size, image_size))
+        except ValueError:
+            raise ModelError(
+                f"data.image_size: {image_size} does not fit {name}: every stage's feature map must divide into "
+                f"{model.partition_size}x{model.partition_size} windows (use a multiple of "
+                f"{32 * model.partition_size})"
+            ) from None
+        resized.load_state_dict(model.state_dict())  # relative position tables depend on the window, not the input
+        model = resized
+    return model
+
+
+def _vit_state_to_size(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with its ViT position embeddings interpolated to `model`'s patch grid (unchanged where they fit)."""
+    from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
+
+    key = "encoder.pos_embedding"
+    if not isinstance(model, VisionTransformer) or key not in state or state[key].shape[1] == model.seq_length:
+        return state
+    return interpolate_embeddings(model.image_size, model.patch_size, state)
+
+
+def _maxvit_size(model: nn.Module) -> int:
+    return model.blocks[0].grid_size[0] * 4  # the stem and the first block each halve the input
+
+
+# Auxiliary classifiers (inception_v3's AuxLogits, googlenet's aux1/aux2) make the model return a named tuple in
+# train mode. fastft drops them at build time: the fine-tuned model is the main classifier, as torchvision's
+# `aux_logits=False` model is, and its state dict loads into that model.
+_AUX_PREFIXES = ("AuxLogits.", "aux1.", "aux2.")
+
+
+def drop_aux_heads(model: nn.Module) -> None:
+    """Remove inception_v3 / googlenet auxiliary classifiers, so train mode returns plain logits."""
+    if hasattr(model, "aux_logits") and model.aux_logits:
+        model.aux_logits = False
+        for name in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(model, name):
+                setattr(model, name, None)
 
 
 def _try_load(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
@@ -329,9 +398,12 @@ def _headless_view(model: nn.Module, head: str) -> nn.Module:
 def split_model(model: nn.Module) -> Split:
     """Cut the model at its first trainable parameter.
 
-    Linear probe: the prefix is the model with its head replaced by Identity (works for every torchvision family).
-    Partial fine-tune: the model is traced with torch.fx and cut before the first node that touches a trainable
-    parameter. If tracing fails the whole model becomes the suffix (frozen parts still build no graph because none
+    Linear probe: the prefix is the model with its head replaced by Identity, where the head is the model's last
+    operation (every torchvision family except squeezenet, whose conv classifier is followed by ReLU, pooling and
+    flatten: it takes the graph cut). Partial fine-tune: the model is traced with torch.fx and cut before the first
+    node that touches a trainable parameter. The split does not depend on the mode the model is in: the prefix is
+    traced in eval mode (stochastic depth and dropout off, always), and the suffix follows `train()`/`eval()` (see
+    `_ModeAware`). If tracing fails the whole model becomes the suffix (frozen parts still build no graph because none
     of their inputs or parameters require grad) and the reason is logged.
     """
     head = getattr(model, "fastft_head", None) or find_head(model)
@@ -341,8 +413,10 @@ def split_model(model: nn.Module) -> Split:
     total = [n for n, _ in model.named_parameters()]
     if len(trainable) == len(total):
         return Split(model, None, model, "none")
-    if all(n == head or n.startswith(head + ".") for n in trainable):
-        return Split(model, _headless_view(model, head), get_submodule(model, head), "head")
+    head_module = get_submodule(model, head)
+    only_head = all(n == head or n.startswith(head + ".") for n in trainable)
+    if only_head and not isinstance(head_module, nn.Conv2d):
+        return Split(model, _headless_view(model, head), head_module, "head")
     try:
         prefix, suffix = _fx_split(model, trainable)
         return Split(model, prefix, suffix, "graph")
@@ -353,14 +427,71 @@ def split_model(model: nn.Module) -> Split:
         return Split(model, None, model, "none")
 
 
-def _fx_split(model: nn.Module, trainable: set[str]) -> tuple[nn.Module, nn.Module]:
+def _leaf_types() -> tuple[type, ...]:
+    """Modules kept whole when tracing, so their own `self.training` is read at call time, not baked in."""
+    from torchvision.ops import StochasticDepth
+
+    return (StochasticDepth,)
+
+
+def _trace(model: nn.Module):
+    """torch.fx graph of `model`; frozen BatchNorm and mode-dependent modules stay leaves."""
     from torch import fx
+
+    leaves = _leaf_types()
 
     class Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return is_frozen_bn(m) or super().is_leaf_module(m, qualname)
+            return is_frozen_bn(m) or isinstance(m, leaves) or super().is_leaf_module(m, qualname)
 
-    graph = Tracer().trace(model)
+    return Tracer().trace(model)
+
+
+def _trace_in_mode(model: nn.Module, training: bool):
+    """Trace `model` as if in train (or eval) mode, leaving every module's mode as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        return _trace(model)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+class _ModeAware(nn.Module):
+    """The trainable suffix when the model's traced code depends on its mode (a `self.training` read outside a leaf
+    module, e.g. swin's functional attention dropout): the train-mode graph runs under `train()`, the eval-mode graph
+    under `eval()`. Both graphs call the same submodules; only the train graph is registered, so parameters and the
+    state dict appear once."""
+
+    def __init__(self, train_graph: nn.Module, eval_graph: nn.Module) -> None:
+        super().__init__()
+        self.graph = train_graph
+        object.__setattr__(self, "_eval_graph", eval_graph)  # shares every submodule of `graph`
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x) if self.training else self._eval_graph(x)
+
+
+def _fx_split(model: nn.Module, trainable: set[str]) -> tuple[nn.Module, nn.Module]:
+    from torch import fx
+
+    eval_graph = _trace_in_mode(model, False)
+    train_graph = _trace_in_mode(model, True)
+    prefix, suffix_eval, cut_eval = _cut(model, eval_graph, trainable)
+    if train_graph.python_code("self").src == eval_graph.python_code("self").src:
+        return prefix, suffix_eval
+    _, suffix_train, cut_train = _cut(model, train_graph, trainable)
+    if cut_train != cut_eval:
+        raise RuntimeError(f"train and eval graphs cut at different values ({cut_train} vs {cut_eval})")
+    assert isinstance(suffix_train, fx.GraphModule)
+    return prefix, _ModeAware(suffix_train, suffix_eval)
+
+
+def _cut(model: nn.Module, graph, trainable: set[str]) -> tuple[nn.Module, nn.Module, str]:
+    """(prefix, suffix, name of the value handed from one to the other) of one traced graph."""
+    from torch import fx
+
     nodes = list(graph.nodes)
     modules = dict(model.named_modules())
 
@@ -391,7 +522,7 @@ def _fx_split(model: nn.Module, trainable: set[str]) -> tuple[nn.Module, nn.Modu
             continue
         senv[n] = sg.node_copy(n, lambda a: senv[a])
     prefix, suffix = fx.GraphModule(model, pg, "FrozenPrefix"), fx.GraphModule(model, sg, "TrainableSuffix")
-    return prefix, suffix
+    return prefix, suffix, crossing[0].name
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
