@@ -26,6 +26,14 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def gpu_has_native_bf16(device: torch.device) -> bool:
+    """True when the GPU computes bf16 in hardware: compute capability 8.0 (Ampere) or newer. Older GPUs (V100, T4)
+    run bf16 by emulation, which `torch.cuda.is_bf16_supported()` counts as supported unless told otherwise."""
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 @dataclass
 class Precision:
     dtype: torch.dtype
@@ -53,14 +61,18 @@ def resolve_precision(cfg: PrecisionConfig, device: torch.device) -> Precision:
     fp32 elsewhere (fp16 is only used when asked for: it needs loss scaling and can overflow)."""
     kind = device.type
     if cfg.dtype == "auto":
-        if kind == "cuda" and torch.cuda.is_bf16_supported():
-            return Precision(torch.bfloat16, kind, "auto: GPU supports bf16")
+        if kind == "cuda" and gpu_has_native_bf16(device):
+            return Precision(torch.bfloat16, kind, "auto: GPU computes bf16 natively")
         if kind == "cpu" and cpu_has_native_bf16():
             return Precision(torch.bfloat16, kind, "auto: CPU has native bf16")
         return Precision(torch.float32, kind, f"auto: no native bf16 on this {kind}")
     dtype = _DTYPES[cfg.dtype]
-    if dtype == torch.bfloat16 and kind == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("precision.dtype: bf16 is not supported on this GPU; use fp16 or fp32")
+    if dtype == torch.bfloat16 and kind == "cuda" and not gpu_has_native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(
+            f"precision.dtype: bf16 on this GPU (compute capability {major}.{minor}) would be emulated, several times "
+            f"slower; use fp16 or fp32 (native bf16 needs compute capability 8.0 or newer)"
+        )
     if dtype == torch.float16 and kind == "cpu":
         log.warning("fastft: fp16 on CPU is emulated and slow; bf16 (or fp32) is the better choice there")
     if dtype == torch.bfloat16 and kind == "cpu" and not cpu_has_native_bf16():
