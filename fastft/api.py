@@ -39,7 +39,7 @@ def load_trained(checkpoint: str | Path, device: torch.device):
     mcfg = ModelConfig(
         name=meta["model_name"], weights="none", head_hidden=meta["head_hidden"], head_dropout=meta["head_dropout"]
     )
-    model = build_model(mcfg, meta["num_classes"])
+    model = build_model(mcfg, meta["num_classes"], image_size=meta["transform"]["crop_size"])
     load_model_state(model, state["model"], checkpoint)
     return model.to(device).eval(), meta
 

@@ -230,7 +230,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
         train_loader.start(start_epoch, start_batch)  # (a finished run that is resumed only evaluates)
 
     # 3. Model: weights -> new head -> freeze -> device/layout -> frozen prefix + trainable suffix.
-    model = build_model(cfg.model, num_classes)
+    model = build_model(cfg.model, num_classes, image_size=spec.crop_size)
     trainable, total = freeze(model, cfg.model.freeze)
     log.info(
         "fastft: %s, freeze=%s: %s of %s parameters train (%.2f%%)",
