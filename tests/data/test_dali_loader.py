@@ -18,7 +18,7 @@ from PIL import Image
 pytestmark = pytest.mark.dali
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'fastft[dali]')")
 
-from fastft.data import dali_loader
+from fastft.data import checks
 from fastft.data.dali_loader import DaliLoader
 from fastft.errors import ConfigError, DataError
 
@@ -353,7 +353,7 @@ def test_dali_failure_is_turned_into_data_error_naming_the_file(tmp_path, monkey
     samples = write_jpegs(tmp_path, 12)
     bad = samples[9][0]
     corrupt(bad, kind)
-    monkeypatch.setattr(dali_loader, "scan_images", lambda paths, threads=4: [])
+    monkeypatch.setattr(checks, "scan_images", lambda paths, threads=4: [])
     ld = make(samples, train=train, batch_size=4)
     with pytest.raises(DataError, match=re.escape(f"unreadable image file {bad}")) as info:
         list(ld)
