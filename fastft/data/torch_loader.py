@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -26,7 +27,10 @@ def open_rgb(path: str) -> Image.Image:
 
 def _decode_rgb(f, path: str) -> Image.Image:
     try:
-        with Image.open(f) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is check_size's
+            im = Image.open(f)
+        with im:
             too_big = check_size(*im.size)
             if too_big:
                 raise DataError(f"unreadable image file {path}: {too_big}")

@@ -1,20 +1,31 @@
 """Bad and unusual image files, for both loaders: `data.on_bad_file = error` stops the run naming the file; `skip`
 drops it, logs it and lists it in the run folder; valid-but-unusual images (CMYK, grayscale, alpha, 16-bit, very
-large) are converted to RGB and trained on."""
+large) are converted to RGB and trained on. Bad includes files that look like JPEGs at both ends but that no decoder
+accepts (a broken frame header, a size over PIL's pixel limit) and special files (a named pipe called `x.jpg`): all
+are found before training starts, so `skip` drops them on every rank alike."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from _reliability import FAST, cli, error_line, events
+from _reliability import FAST, cli, error_line, events, mentions
+from conftest import run_cli
 
 from fastft.data.loaders import dali_available
-from fastft.data.synthetic import make_image_folder, write_corrupt_files, write_unusual_images
+from fastft.data.synthetic import (
+    make_image_folder,
+    write_corrupt_files,
+    write_undecodable_files,
+    write_unusual_images,
+)
 
-BROKEN = ("truncated", "zero_byte", "not_image")
+UNDECODABLE = ("bad_frame_header", "over_pixel_limit")  # intact JPEG start and end markers
+BROKEN = ("truncated", "zero_byte", "not_image", *UNDECODABLE)
 UNUSUAL = ("cmyk", "gray", "rgba_png", "png16", "large")
 GOOD_TRAIN = 2 * 4  # the base folder: 2 classes x 4 train images
 
@@ -38,7 +49,8 @@ def _data(base: Path, dst: Path, *, broken: tuple[str, ...] = (), unusual: bool 
     shutil.copytree(base, dst)
     target = dst / "train" / "checker"
     files: dict[str, Path] = {}
-    for kind, path in (write_corrupt_files(target) if broken else {}).items():
+    written = {**write_corrupt_files(target), **write_undecodable_files(target)} if broken else {}
+    for kind, path in written.items():
         if kind in broken:
             files[kind] = path
         else:
@@ -78,7 +90,11 @@ def _steps_per_epoch(run_dir: Path) -> int:
 def test_a_broken_file_stops_the_run_naming_it(base, tmp_path, loader, kind) -> None:
     data, files = _data(base, tmp_path / "data", broken=(kind,))
     rc, err = _train(data, tmp_path / "runs", loader, "error")
-    assert rc == 2 and str(files[kind]) in error_line(err)
+    line = error_line(err)
+    assert rc == 2 and str(files[kind]) in line
+    assert "<_io." not in line  # the file is named, not PIL's in-memory buffer
+    # found by the up-front check, not when a batch reaches it
+    assert [e for e in events(tmp_path / "runs" / "r") if e["event"] in ("start", "step")] == []
     assert not (tmp_path / "runs" / "r" / "model.safetensors").exists()
 
 
@@ -174,3 +190,43 @@ def test_dali_decodes_unusual_images_like_the_torchvision_path(tmp_path, loader)
     )[0]
     levels = ((got - ref) * torch.tensor(spec.std).view(3, 1, 1) * 255).abs().amax(dim=(1, 2, 3))
     assert dict(zip(UNUSUAL, levels.tolist())) == pytest.approx(dict.fromkeys(UNUSUAL, 0.0), abs=1.01)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# special files
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_named_pipe_is_never_opened(base, tmp_path, loader, mode) -> None:
+    """A FIFO called `x.jpg` would block the first open forever (no writer ever comes): it is a bad file under either
+    policy, refused from its type alone. Run as a child with a time limit, so a hang fails instead of hanging."""
+    data, _ = _data(base, tmp_path / "data")
+    fifo = data / "train" / "checker" / "pipe.jpg"
+    os.mkfifo(fifo)
+    try:
+        proc = run_cli(
+            "train",
+            f"--data.root={data}",
+            *FAST,
+            "--data.workers=0",
+            "--data.batch_size=1",
+            "--model.freeze=backbone",
+            "--optim.epochs=1",
+            f"--data.loader={loader}",
+            f"--data.on_bad_file={mode}",
+            f"--run.out_dir={tmp_path / 'runs'}",
+            "--run.name=r",
+            timeout=240,
+            env={"OMP_NUM_THREADS": "1"},
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the run hung on the named pipe {fifo}")
+    run_dir = tmp_path / "runs" / "r"
+    if mode == "error":
+        assert proc.returncode == 2 and mentions(error_line(proc.stderr), str(fifo), "named pipe")
+        assert [e for e in events(run_dir) if e["event"] in ("start", "step")] == []
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert _steps_per_epoch(run_dir) == GOOD_TRAIN
+        assert (run_dir / "skipped_files.txt").read_text().splitlines() == [str(fifo)]
