@@ -230,3 +230,39 @@ def test_a_named_pipe_is_never_opened(base, tmp_path, loader, mode) -> None:
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert _steps_per_epoch(run_dir) == GOOD_TRAIN
         assert (run_dir / "skipped_files.txt").read_text().splitlines() == [str(fifo)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# predict reads its inputs through the same check and policy
+
+
+def test_predict_applies_the_bad_file_policy_and_keeps_rows_aligned(shapes4, tmp_path_factory, tmp_path) -> None:
+    from _reliability import trained_run
+
+    from fastft.api import predict
+    from fastft.errors import DataError
+
+    ckpt = trained_run(shapes4, tmp_path_factory)["result"].paths["last"]
+    inputs = tmp_path / "in"
+    good = [sorted((shapes4 / "val" / c).glob("*.jpg"))[0] for c in ("circle", "checker", "diamond")]
+    inputs.mkdir()
+    for i, src in enumerate(good):  # bad files sort between good ones: rows must not shift onto other files
+        shutil.copy(src, inputs / f"{2 * i}.jpg")
+    bad = write_undecodable_files(tmp_path / "bad")
+    shutil.copy(bad["bad_frame_header"], inputs / "1.jpg")
+    os.mkfifo(inputs / "3.jpg")
+    with pytest.raises(DataError, match=f"unreadable image file {inputs / '1.jpg'}: "):
+        predict(ckpt, inputs, tmp_path / "error.csv", workers=0, device="cpu")
+    out = predict(ckpt, inputs, tmp_path / "skip.csv", workers=0, device="cpu", on_bad_file="skip")
+    rows = out.read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == [str(inputs / f"{i}.jpg") for i in (0, 2, 4)]
+    # each row's prediction is that file's own: the same as predicting the file alone (up to batch-size rounding),
+    # and the three files' own predictions differ, so a row shifted onto another file would show
+    alone = []
+    for row in rows:
+        one = predict(ckpt, row.split(",")[0], tmp_path / "one.csv", workers=0, device="cpu")
+        alone.append(one.read_text().splitlines()[1].split(","))
+    got = [r.split(",") for r in rows]
+    assert [g[:2] for g in got] == [a[:2] for a in alone]
+    assert [float(g[2]) for g in got] == pytest.approx([float(a[2]) for a in alone], abs=1e-5)
+    assert len({(a[1], round(float(a[2]), 3)) for a in alone}) == 3
