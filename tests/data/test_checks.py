@@ -122,3 +122,27 @@ def test_screen_applies_the_policy(tmp_path, good, caplog) -> None:
     assert kept == [samples[0], samples[2]]
     assert skipped == [str(bad["bad_frame_header"]), str(bad["over_pixel_limit"])]
     assert all(p in caplog.text for p in skipped)
+
+
+def test_ranks_share_the_check_and_skip_the_same_files(tmp_path, good) -> None:
+    """Under torchrun each rank checks its own 1/world of the files and all ranks get the whole list of bad ones: the
+    same files are dropped everywhere, so every rank plans the same batches."""
+    import json
+
+    from conftest import run_torchrun_script
+
+    bad = write_undecodable_files(tmp_path / "bad")
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    paths = [str(good)] * 3 + [str(bad["bad_frame_header"]), str(fifo), str(bad["over_pixel_limit"])]
+    samples = [(p, i) for i, p in enumerate(paths)]
+    (tmp_path / "samples.json").write_text(json.dumps(samples))
+    script = Path(__file__).with_name("_screen_ranks.py")
+    proc = run_torchrun_script(2, script, str(tmp_path / "samples.json"), str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    want = [str(bad["bad_frame_header"]), str(fifo), str(bad["over_pixel_limit"])]
+    assert [r["skipped"] for r in ranks] == [want, want]
+    assert [r["kept"] for r in ranks] == [[list(s) for s in samples[:3]]] * 2
+    assert [len(r["seen"]) for r in ranks] == [3, 3]  # each file checked once, on one rank
+    assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == sorted(paths)
