@@ -30,10 +30,6 @@ UNUSUAL = ("cmyk", "gray", "rgba_png", "png16", "large")
 GOOD_TRAIN = 2 * 4  # the base folder: 2 classes x 4 train images
 
 _needs_dali = [pytest.mark.dali, pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")]
-LATE_CHECK = (
-    "MISSING: with data.loader=torch and on_bad_file=error, a broken file is found only when a batch reaches it "
-    "(mid-epoch, possibly hours in); DALI checks every file up front (scan_images)"
-)
 LOADERS = [pytest.param("torch", id="torch"), pytest.param("dali", id="dali", marks=_needs_dali)]
 
 
