@@ -65,7 +65,7 @@ def list_images(folder: str | Path, *, dataset: str | Path | None = None) -> lis
 
 def _check_dir_link(link: str, dataset: str, seen: set[str]) -> None:
     target = os.path.realpath(link)
-    if os.path.commonpath([target, dataset]) == dataset or dataset.startswith(target + os.sep):
+    if os.path.commonpath([target, dataset]) in (dataset, target):  # inside the dataset, or an ancestor of it
         raise DataError(
             f"folder symlink {link} -> {target} points back into the data folder {dataset}: its images would be "
             "indexed twice or under another class; remove the link or point it outside the data folder"
