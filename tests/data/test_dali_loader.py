@@ -171,15 +171,17 @@ def write_smooth_images(folder: Path, n: int) -> list[tuple[str, int]]:
     return samples
 
 
-def test_train_crops_and_flips_are_the_torchvision_loaders(tmp_path):
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_train_crops_and_flips_are_the_torchvision_loaders(tmp_path, interpolation):
     """With augmentation, each sample gets the torchvision loader's crop window and flip for its (seed, epoch,
-    index): the same pixels up to resampling. A window drawn otherwise differs by far more."""
+    index): the same pixels up to resampling, with the preset's filter. A window drawn otherwise differs by far more.
+    Measured worst sample: 0.21 of an 8-bit level on average, bilinear and bicubic."""
     from fastft.data.torch_loader import TorchLoader
     from fastft.data.transforms import TransformSpec
 
     samples = write_smooth_images(tmp_path, 24)
-    spec = TransformSpec(crop_size=24, resize_size=28, mean=MEAN, std=STD)
-    ld = make(samples, train=True, batch_size=6, crop_size=24, resize_size=28, seed=3)
+    spec = TransformSpec(crop_size=24, resize_size=28, mean=MEAN, std=STD, interpolation=interpolation)
+    ld = make(samples, train=True, batch_size=6, crop_size=24, resize_size=28, seed=3, interpolation=interpolation)
     ref = TorchLoader(samples, spec, train=True, batch_size=6, workers=0, seed=3)
 
     def epoch(loader, e: int) -> dict[int, torch.Tensor]:
@@ -190,7 +192,9 @@ def test_train_crops_and_flips_are_the_torchvision_loaders(tmp_path):
         got, want, other = epoch(ld, e), epoch(ref, e), epoch(ref, e + 1)
         assert sorted(got) == sorted(want) == list(range(24))
         same = [float((got[i] - want[i]).abs().mean()) for i in range(24)]
-        assert max(same) < 1 / 255 / max(STD)  # under one 8-bit level, on average over the crop
+        # Per sample, under half an 8-bit level on average over the crop (DALI resizing linearly where torchvision
+        # resizes bicubically gives up to 0.9 on these images).
+        assert max(same) < 0.5 / 255 / max(STD), same
         assert min(float((got[i] - other[i]).abs().mean()) for i in range(24)) > 0.05
 
 
