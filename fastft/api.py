@@ -10,7 +10,7 @@ import torch
 
 from fastft.checkpoint import load_checkpoint, load_model_state
 from fastft.config import DataConfig, ModelConfig, PrecisionConfig
-from fastft.data.folder import index_for_eval, is_image
+from fastft.data.folder import index_for_eval, list_images
 from fastft.data.loaders import build_loader
 from fastft.data.transforms import TransformSpec
 from fastft.errors import DataError
@@ -111,26 +111,30 @@ def predict(
     batch_size: int = 64,
     workers: int = 2,
     device: str = "auto",
+    on_bad_file: str = "error",
 ) -> Path:
-    """Classify every image under `inputs` (a file or folder, recursively); write path,label,probability rows."""
+    """Classify every image under `inputs` (a file or folder, recursively); write path,label,probability rows.
+
+    Files are checked first, as for training (`data.on_bad_file`): "error" stops naming the first bad one, "skip"
+    leaves it out of the rows (and logs it)."""
     dev = penv.resolve_device(device, 0)
     model, meta = load_trained(checkpoint, dev)
     src = Path(inputs)
-    if src.is_file():
-        files = [str(src)]
-    elif src.is_dir():
-        files = sorted(
-            str(p)
-            for p in src.rglob("*")
-            if p.is_file() and is_image(p.name) and not any(part.startswith(".") for part in p.relative_to(src).parts)
-        )
+    if src.is_dir():
+        files = sorted(list_images(src))  # the training index's rules: hidden entries, folder symlinks
+    elif src.exists() or src.is_symlink():
+        files = [str(src)]  # a pipe or a dangling link is refused by the file check, naming it
     else:
         raise DataError(f"input not found: {src}")
     if not files:
         raise DataError(f"no images in {src}")
     spec = TransformSpec.from_dict(meta["transform"])
-    dcfg = DataConfig(batch_size=batch_size, workers=workers, loader="torch", persistent_workers=False)
+    dcfg = DataConfig(
+        batch_size=batch_size, workers=workers, loader="torch", persistent_workers=False, on_bad_file=on_bad_file
+    )
     dl = build_loader([(f, 0) for f in files], spec, dcfg, train=False, seed=0, env=penv.DistEnv(device=dev))
+    skipped = set(dl.skipped)
+    files = [f for f in files if f not in skipped]  # the rows follow the files the loader reads
     out = Path(out_csv)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

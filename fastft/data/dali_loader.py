@@ -22,13 +22,12 @@ DALI is imported only when a loader is built, so `import fastft` stays light.
 from __future__ import annotations
 
 import math
-import os
-import stat
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from fastft.data.checks import find_undecodable, open_regular, reason_of, screen
 from fastft.data.transforms import sample_seed, train_crop
 from fastft.errors import ConfigError, DataError
 
@@ -37,7 +36,8 @@ if TYPE_CHECKING:
 
 _INSTALL_HINT = "NVIDIA DALI is not installed: pip install 'fastft[dali]' (nvidia-dali-cuda130)"
 _READER = "reader"  # the reader's name, which the DALI iterator queries for shard sizes and padding
-_BAD_FILE_POLICIES = ("error", "skip")
+# The preset's resize filter (torchvision InterpolationMode value) -> DALI's: both antialias when downscaling.
+_INTERP = {"bilinear": "INTERP_LINEAR", "bicubic": "INTERP_CUBIC"}
 
 
 def _import_dali():
@@ -51,90 +51,7 @@ def _import_dali():
     return fn, types, Pipeline, DALIGenericIterator, LastBatchPolicy
 
 
-# ---------------------------------------------------------------------------------------------
-# Bad-file detection. DALI fails a whole pipeline on one unreadable file, and its message does not
-# always name the file ("nvImageCodec failure: '#4'"), so files are checked cheaply up front.
-# ---------------------------------------------------------------------------------------------
-
-
-def _pil_errors() -> tuple[type[BaseException], ...]:
-    """What PIL raises for unreadable files: OSError (incl. UnidentifiedImageError, truncation), SyntaxError and
-    struct.error (broken chunks in verify), ValueError/EOFError (bad headers)."""
-    import struct
-
-    return (OSError, SyntaxError, ValueError, EOFError, struct.error)
-
-
-def check_image(path: str) -> str | None:
-    """Cheap readability check of one image file; returns why it is unusable, or None if it looks fine.
-
-    A JPEG (the common case) costs two small reads: it must start with the start-of-image marker and
-    end with the end-of-image marker; one without the end marker is fully decoded with PIL to confirm
-    it is truncated (valid files with trailing bytes exist). Anything else is opened and structurally
-    verified by PIL, which rejects non-images. Deeper corruption is caught when DALI decodes.
-    """
-    from PIL import Image
-
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            return None  # a pipe or device: reading it here would consume or block it; the loader reads it
-        if st.st_size == 0:
-            return "empty file"
-        with open(path, "rb") as f:
-            head = f.read(3)
-            f.seek(max(0, st.st_size - 64))
-            tail = f.read().rstrip(b"\x00\r\n\t ")
-        if head == b"\xff\xd8\xff":
-            if not tail.endswith(b"\xff\xd9"):
-                with Image.open(path) as im:
-                    im.load()  # raises on truncated or corrupt data
-            return None
-        with Image.open(path) as im:
-            im.verify()
-    except Image.DecompressionBombError:  # very large but readable: DALI's business
-        return None
-    except _pil_errors() as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def scan_images(paths: Sequence[str], *, threads: int = 4) -> list[tuple[str, str]]:
-    """Checks every file with `check_image` in parallel; returns [(path, reason)] of the bad ones, in input order."""
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        reasons = list(pool.map(check_image, paths, chunksize=64))
-    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
-
-
-def find_undecodable(paths: Sequence[str], *, threads: int = 4, limit: int = 20_000) -> tuple[str, str] | None:
-    """Fully decodes files with PIL, in order, until one fails; returns (path, reason) or None.
-
-    Slow (a full decode per file), so it is used only to explain a DALI failure, and gives up after `limit` files.
-    """
-    from PIL import Image
-
-    def decode(path: str) -> str | None:
-        try:
-            with Image.open(path) as im:
-                im.load()
-        except Image.DecompressionBombError:
-            return None
-        except _pil_errors() as e:
-            return f"{type(e).__name__}: {e}"
-        return None
-
-    paths = list(paths)[:limit]
-    chunk = 64 * max(1, threads)
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for start in range(0, len(paths), chunk):
-            part = paths[start : start + chunk]
-            for path, reason in zip(part, pool.map(decode, part)):
-                if reason is not None:
-                    return path, reason
-    return None
-
-
-def _eval_geometry(images, resize_size: int, crop_size: int, fn, types):
+def _eval_geometry(images, resize_size: int, crop_size: int, fn, types, interp):
     """Resize + centre-crop placement computed exactly as torchvision's eval preset does it.
 
     torchvision's `Resize(s)` sets the shorter side to `s` and the longer to `int(s * long / short)`
@@ -156,7 +73,7 @@ def _eval_geometry(images, resize_size: int, crop_size: int, fn, types):
         images,
         resize_y=new_h,
         resize_x=new_w,
-        interp_type=types.INTERP_LINEAR,  # antialiased when downscaling (DALI default), like PIL's bilinear
+        interp_type=interp,  # antialiased when downscaling (DALI default), like PIL's resize
     )
 
     def centre(extent):
@@ -278,9 +195,8 @@ def _upright_size(encoded, path: str) -> tuple[int, int]:
                 exif.load(im.info["exif"])
             if exif.get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
                 width, height = height, width
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"unreadable image file {path}: {msg}") from None
+    except Exception as e:  # PIL names the in-memory buffer; the message names the file instead
+        raise DataError(f"unreadable image file {path}: {reason_of(e)}") from None
     return width, height
 
 
@@ -290,10 +206,10 @@ def _read_files(paths: list[str]) -> list:
     data = []
     for path in paths:
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:  # never a pipe or device (a file replaced since the check fails, not hangs)
                 data.append(np.frombuffer(f.read(), dtype=np.uint8))
         except OSError as e:
-            raise DataError(f"unreadable image file {path}: {type(e).__name__}: {e.strerror or e}") from None
+            raise DataError(f"unreadable image file {path}: {reason_of(e)}") from None
     return data
 
 
@@ -325,7 +241,10 @@ class DaliLoader:
         device_id: CUDA device index, required for "cuda"; ignored for "cpu".
         hw_decoder_load: share of JPEGs sent to the hardware decoder (A100/H100 class GPUs).
         on_bad_file: "error" raises DataError naming the first unreadable file; "skip" drops
-            unreadable files before the pipeline is built and lists them in `self.skipped`.
+            unreadable files before the pipeline is built and lists them in `self.skipped` (`checks.screen`);
+            None: the samples were screened by the caller.
+        interpolation: the weights preset's resize filter, "bilinear" or "bicubic" (torchvision's
+            InterpolationMode values), for training crops and evaluation alike.
 
     Raises:
         ImportError: DALI is not installed.
@@ -351,16 +270,17 @@ class DaliLoader:
         device: str = "cpu",
         device_id: int | None = None,
         hw_decoder_load: float = 0.65,
-        on_bad_file: str = "error",
+        on_bad_file: str | None = "error",
         augment: bool = True,
+        interpolation: str = "bilinear",
     ) -> None:
         _import_dali()  # fail early with the install hint
         if device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if device == "cuda" and device_id is None:
             raise ConfigError("device='cuda' needs a device_id (the local CUDA device index)")
-        if on_bad_file not in _BAD_FILE_POLICIES:
-            raise ConfigError(f"on_bad_file must be one of {_BAD_FILE_POLICIES}, got {on_bad_file!r}")
+        if interpolation not in _INTERP:
+            raise ConfigError(f"interpolation must be one of {tuple(_INTERP)}, got {interpolation!r}")
         if not 0 <= shard_id < num_shards:
             raise ConfigError(f"shard_id must be in [0, {num_shards}), got {shard_id}")
         if batch_size < 1 or crop_size < 1 or resize_size < 1 or threads < 1 or prefetch < 1:
@@ -386,16 +306,12 @@ class DaliLoader:
         self.hw_decoder_load = hw_decoder_load
         self.epoch = 0
 
+        self.interpolation = interpolation
         samples = [(str(p), int(y)) for p, y in samples]
-        # Every rank scans the whole list, so all ranks drop the same files and agree on the shards.
-        bad = scan_images([p for p, _ in samples], threads=max(4, threads))
-        if bad and on_bad_file == "error":
-            path, reason = bad[0]
-            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            raise DataError(f"unreadable image file {path}: {reason}{more}; set on_bad_file='skip' to drop such files")
-        self.skipped: list[str] = [p for p, _ in bad]
-        skipped = set(self.skipped)
-        self.samples = [(p, y) for p, y in samples if p not in skipped]
+        self.skipped: list[str] = []
+        if on_bad_file is not None:  # None: the caller has screened the samples (build_loader, once for all ranks)
+            samples, self.skipped = screen(samples, on_bad_file=on_bad_file, threads=max(4, threads))
+        self.samples = samples
 
         n = len(self.samples)
         if n == 0:
@@ -566,6 +482,7 @@ class DaliLoader:
     def _build_pipeline(self):
         fn, types, Pipeline, _, _ = _import_dali()
         cuda = self.device == "cuda"
+        interp = getattr(types, _INTERP[self.interpolation])
         # Nothing in the pipeline draws at random: the training order, crops and flips all come from the feed.
         pipe = Pipeline(
             batch_size=self.batch_size,
@@ -617,12 +534,14 @@ class DaliLoader:
                     images,
                     resize_x=self.crop_size,
                     resize_y=self.crop_size,
-                    interp_type=types.INTERP_LINEAR,  # antialiased when downscaling (DALI default), like PIL
+                    interp_type=interp,  # antialiased when downscaling (DALI default), like PIL's resize
                 )
                 crop_pos_x = crop_pos_y = 0.5  # the crop already has the output size
             else:
                 images = fn.decoders.image(jpegs, output_type=types.RGB, **decode)
-                images, crop_pos_x, crop_pos_y = _eval_geometry(images, self.resize_size, self.crop_size, fn, types)
+                images, crop_pos_x, crop_pos_y = _eval_geometry(
+                    images, self.resize_size, self.crop_size, fn, types, interp
+                )
                 mirror = 0
             if cuda:
                 labels_out = labels_out.gpu()

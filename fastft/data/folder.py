@@ -4,6 +4,10 @@ Behaviour (documented in the README):
 - Classes are the sorted names of the sub-folders that hold at least one image; the index is their position. Both
   loaders (torchvision and DALI) use this one mapping, so a checkpoint evaluates identically with either.
 - Hidden files and folders (".name") are ignored; files without an image extension are ignored.
+- Symlinks to files are followed (once: the file they name is read). A folder symlink is followed only when its
+  target lies outside the data folder: one that points back into it (`loop -> .`, `up -> ..`, a link to another class)
+  would index images twice or under another class's label, and is an error naming the link and its target.
+- Whether each file is readable is decided later, by the bad-file checks (checks.py), not here.
 - A class folder with no images is an error naming the folder.
 - Train and val must have the same classes; a val folder with a class unknown to train is an error, a val folder
   missing some train classes is allowed (those classes simply get no support).
@@ -41,18 +45,49 @@ def is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
-def scan_folder(root: Path) -> dict[str, list[str]]:
-    """Map class name -> sorted image paths for a folder of class folders."""
+def list_images(folder: str | Path, *, dataset: str | Path | None = None) -> list[str]:
+    """Image paths under `folder`, recursively, in sorted walk order; hidden entries are skipped.
+
+    Folder symlinks are followed unless their target resolves inside `dataset` (default: `folder`) or to a folder
+    already walked (a loop outside the dataset): those are a DataError naming the link."""
+    inside = os.path.realpath(dataset if dataset is not None else folder)
+    seen = {os.path.realpath(folder)}
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for d in dirnames:
+            link = os.path.join(dirpath, d)
+            if os.path.islink(link):
+                _check_dir_link(link, inside, seen)
+        files += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image(f)]
+    return files
+
+
+def _check_dir_link(link: str, dataset: str, seen: set[str]) -> None:
+    target = os.path.realpath(link)
+    if os.path.commonpath([target, dataset]) in (dataset, target):  # inside the dataset, or an ancestor of it
+        raise DataError(
+            f"folder symlink {link} -> {target} points back into the data folder {dataset}: its images would be "
+            "indexed twice or under another class; remove the link or point it outside the data folder"
+        )
+    if target in seen:
+        raise DataError(f"folder symlink {link} -> {target} loops (that folder is already indexed); remove the link")
+    seen.add(target)
+
+
+def scan_folder(root: Path, *, dataset: Path | None = None) -> dict[str, list[str]]:
+    """Map class name -> sorted image paths for a folder of class folders (`dataset`: the data folder `root` is
+    part of, which folder symlinks must not point into; default `root`)."""
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
+    inside = os.path.realpath(dataset if dataset is not None else root)
     classes: dict[str, list[str]] = {}
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if entry.name.startswith(".") or not entry.is_dir():
             continue
-        files = []
-        for dirpath, dirnames, filenames in os.walk(entry.path, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image(f)]
+        if entry.is_symlink():  # a class folder that is a link: to outside the dataset only
+            _check_dir_link(entry.path, inside, set())
+        files = list_images(entry.path, dataset=inside)
         if not files:
             raise DataError(f"class folder has no images: {entry.path}")
         classes[entry.name] = files
@@ -107,12 +142,12 @@ def index_from_config(cfg: DataConfig, *, seed: int = 0) -> DatasetIndex:
         raise DataError(f"data folder not found: {root}")
     train_dir, val_dir = root / cfg.train_dir, root / cfg.val_dir
     if train_dir.is_dir():
-        train = scan_folder(train_dir)
+        train = scan_folder(train_dir, dataset=root)
         classes = list(train)
         idx = {c: i for i, c in enumerate(classes)}
         val_samples: list[Sample] = []
         if val_dir.is_dir():
-            val = scan_folder(val_dir)
+            val = scan_folder(val_dir, dataset=root)
             extra = [c for c in val if c not in idx]
             if extra:
                 raise DataError(f"class {extra[0]!r} is in {val_dir} but not in {train_dir}")

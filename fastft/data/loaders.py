@@ -6,9 +6,9 @@ import importlib.util
 import logging
 
 from fastft.config import DataConfig
+from fastft.data.checks import screen
 from fastft.data.folder import Sample
 from fastft.data.transforms import TransformSpec
-from fastft.errors import DataError
 from fastft.parallel.env import DistEnv
 
 log = logging.getLogger("fastft")
@@ -39,6 +39,10 @@ def build_loader(
     `start(epoch, start_batch)` (begin loading that epoch ahead of its iteration) and `close()` (end its workers)."""
     bs = batch_size or cfg.batch_size
     kind = resolve_loader(cfg, env)
+    if kind != "synthetic":
+        # Every file is checked now, before training starts, and `data.on_bad_file` applied once for both loaders:
+        # a bad file stops the run now, naming it, or is dropped on every rank alike (see checks.py).
+        samples, skipped = screen(samples, on_bad_file=cfg.on_bad_file, threads=max(2, cfg.workers), env=env)
     if kind == "synthetic":
         return SyntheticLoader(
             samples,
@@ -73,26 +77,15 @@ def build_loader(
             seed=seed,
             device="cuda" if cuda else "cpu",
             device_id=env.device.index if cuda else None,
-            on_bad_file=cfg.on_bad_file,
+            on_bad_file=None,  # screened above
+            interpolation=spec.interpolation,
         )
-        for path in dali.skipped:
-            log.warning("fastft: skipping unreadable image %s", path)
+        dali.skipped = skipped
         return dali
-    from fastft.data.dali_loader import scan_images
     from fastft.data.torch_loader import TorchLoader
 
-    # Check every file before training starts (headers, JPEG end markers, a full decode where they are missing):
-    # a broken file stops the run now, naming it, instead of mid-epoch.
-    bad = scan_images([p for p, _ in samples], threads=max(2, cfg.workers))
-    if bad and cfg.on_bad_file == "error":
-        path, reason = bad[0]
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise DataError(f"unreadable image file {path}: {reason}{more}; set data.on_bad_file=skip to drop such files")
-    skipped = {p for p, _ in bad}
-    for path, reason in bad:
-        log.warning("fastft: skipping unreadable image %s: %s", path, reason)
     loader = TorchLoader(
-        [s for s in samples if s[0] not in skipped],
+        samples,
         spec,
         train=train,
         augment=cfg.augment,
@@ -104,7 +97,7 @@ def build_loader(
         pin_memory=cfg.pin_memory and env.device.type == "cuda",
         persistent_workers=cfg.persistent_workers,
     )
-    loader.skipped = sorted(skipped)
+    loader.skipped = skipped
     return loader
 
 

@@ -5,6 +5,7 @@ random for every image, so the classes differ by shape alone. Each image has its
 (seed, class, split, index), so the same arguments always give byte-identical files.
 """
 
+import io
 import json
 import os
 from pathlib import Path
@@ -330,4 +331,23 @@ def write_unusual_images(folder: Path, *, seed: int = 0) -> dict[str, Path]:
     # Drawn small and upscaled: rendering 6 megapixels directly would cost seconds for no benefit.
     big = Image.fromarray(render("ring", 200, rng)).resize((3000, 2000), Image.Resampling.BILINEAR)
     big.save(paths["large"], format="JPEG", quality=85)
+    return paths
+
+
+def write_undecodable_files(folder: Path) -> dict[str, Path]:
+    """Write JPEGs that pass a look at their start and end markers but that no decoder accepts; returns their paths.
+
+    Kinds: "bad_frame_header" (the start-of-frame segment zeroed: no size, no components), "over_pixel_limit" (a
+    frame header saying 20000x20000, over PIL's decompression-bomb limit).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(render("circle", 32, np.random.default_rng(0))).save(buf, format="JPEG", quality=90)
+    good = buf.getvalue()
+    sof = good.index(b"\xff\xc0") + 2  # baseline start of frame: length(2) precision(1) height(2) width(2) ...
+    paths = {kind: folder / f"{kind}.jpg" for kind in ("bad_frame_header", "over_pixel_limit")}
+    paths["bad_frame_header"].write_bytes(good[:sof] + bytes(17) + good[sof + 17 :])
+    size = (20000).to_bytes(2, "big")
+    paths["over_pixel_limit"].write_bytes(good[: sof + 3] + size + size + good[sof + 7 :])
     return paths

@@ -4,20 +4,36 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 
 import torch
 from PIL import Image, ImageOps
 
+from fastft.data.checks import check_size, open_regular, reason_of
 from fastft.data.folder import Sample
 from fastft.data.transforms import TransformSpec, sample_seed, torchvision_transform
 from fastft.errors import DataError
 
 
 def open_rgb(path: str) -> Image.Image:
-    """Decode any PIL-readable image to RGB (grayscale, CMYK, alpha and 16-bit images are converted)."""
+    """Decode any PIL-readable image to RGB (grayscale, CMYK, alpha and 16-bit images are converted).
+
+    Reads only regular files (`checks.open_regular`) and refuses images over the pixel limit (`checks.check_size`),
+    as the up-front check does, so a file changed since the check fails with one line naming it."""
+    with open_regular(path) as f:
+        return _decode_rgb(f, path)
+
+
+def _decode_rgb(f, path: str) -> Image.Image:
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is check_size's
+            im = Image.open(f)
+        with im:
+            too_big = check_size(*im.size)
+            if too_big:
+                raise DataError(f"unreadable image file {path}: {too_big}")
             im.load()
             # Honour the EXIF orientation tag, as DALI's decoder does, so both loaders see photos upright.
             im = ImageOps.exif_transpose(im)
@@ -25,9 +41,10 @@ def open_rgb(path: str) -> Image.Image:
                 # 16-bit: scale to 8-bit before RGB conversion (PIL clips instead of scaling)
                 im = im.point(lambda v: v / 256).convert("L")
             return im.convert("RGB")
+    except DataError:
+        raise
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot read image {path}: {msg}") from None
+        raise DataError(f"unreadable image file {path}: {reason_of(e)}") from None
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -50,8 +67,11 @@ class ImageDataset(torch.utils.data.Dataset):
         image = open_rgb(path)
         if not self.train:
             return self.transform(image), label
+        # The transforms draw from the global CPU generator: seed it for this sample and restore it after. Only that
+        # generator: torch.manual_seed would also reseed every CUDA generator (which fork_rng(devices=[]) does not
+        # restore), so with workers=0 the model's dropout would follow the last sample loaded.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             return self.transform(image), label
 
 
@@ -195,21 +215,3 @@ def shutdown_workers(loader: torch.utils.data.DataLoader | None, *iterators) -> 
         stop = getattr(it, "_shutdown_workers", None)  # multi-process iterators only
         if stop is not None:
             stop()
-
-
-def prescan(samples: list[Sample], *, workers: int = 2) -> list[Sample]:
-    """Decode every file once and drop the unreadable ones (`data.on_bad_file = "skip"`), logging each."""
-    import logging
-    from concurrent.futures import ThreadPoolExecutor
-
-    def ok(sample: Sample) -> bool:
-        try:
-            open_rgb(sample[0])
-            return True
-        except DataError as e:
-            logging.getLogger("fastft").warning("fastft: skipping %s", e)
-            return False
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        keep = list(pool.map(ok, samples))
-    return [s for s, k in zip(samples, keep) if k]

@@ -18,7 +18,7 @@ from PIL import Image
 pytestmark = pytest.mark.dali
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'fastft[dali]')")
 
-from fastft.data import dali_loader
+from fastft.data import checks
 from fastft.data.dali_loader import DaliLoader
 from fastft.errors import ConfigError, DataError
 
@@ -148,7 +148,8 @@ def test_train_batches_are_the_torchvision_loaders(folders, num_shards):
             assert [y.tolist() for _, y in got] == [y.tolist() for _, y in want], (shard, epoch, start)
             assert len(got) == len(ld) - start
             for (x, _), (x_ref, _) in zip(got, want):
-                assert (x - x_ref).abs().mean() < 0.01  # the eval transform: one 8-bit level at most, see below
+                # the eval transform, per sample: under one 8-bit level on average, see test_eval_pixels_match...
+                assert (x - x_ref).abs().mean(dim=(1, 2, 3)).max() < 0.01
 
 
 def write_smooth_images(folder: Path, n: int) -> list[tuple[str, int]]:
@@ -170,15 +171,17 @@ def write_smooth_images(folder: Path, n: int) -> list[tuple[str, int]]:
     return samples
 
 
-def test_train_crops_and_flips_are_the_torchvision_loaders(tmp_path):
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_train_crops_and_flips_are_the_torchvision_loaders(tmp_path, interpolation):
     """With augmentation, each sample gets the torchvision loader's crop window and flip for its (seed, epoch,
-    index): the same pixels up to resampling. A window drawn otherwise differs by far more."""
+    index): the same pixels up to resampling, with the preset's filter. A window drawn otherwise differs by far more.
+    Measured worst sample: 0.21 of an 8-bit level on average, bilinear and bicubic."""
     from fastft.data.torch_loader import TorchLoader
     from fastft.data.transforms import TransformSpec
 
     samples = write_smooth_images(tmp_path, 24)
-    spec = TransformSpec(crop_size=24, resize_size=28, mean=MEAN, std=STD)
-    ld = make(samples, train=True, batch_size=6, crop_size=24, resize_size=28, seed=3)
+    spec = TransformSpec(crop_size=24, resize_size=28, mean=MEAN, std=STD, interpolation=interpolation)
+    ld = make(samples, train=True, batch_size=6, crop_size=24, resize_size=28, seed=3, interpolation=interpolation)
     ref = TorchLoader(samples, spec, train=True, batch_size=6, workers=0, seed=3)
 
     def epoch(loader, e: int) -> dict[int, torch.Tensor]:
@@ -189,7 +192,9 @@ def test_train_crops_and_flips_are_the_torchvision_loaders(tmp_path):
         got, want, other = epoch(ld, e), epoch(ref, e), epoch(ref, e + 1)
         assert sorted(got) == sorted(want) == list(range(24))
         same = [float((got[i] - want[i]).abs().mean()) for i in range(24)]
-        assert max(same) < 1 / 255 / max(STD)  # under one 8-bit level, on average over the crop
+        # Per sample, under half an 8-bit level on average over the crop (DALI resizing linearly where torchvision
+        # resizes bicubically gives up to 0.9 on these images).
+        assert max(same) < 0.5 / 255 / max(STD), same
         assert min(float((got[i] - other[i]).abs().mean()) for i in range(24)) > 0.05
 
 
@@ -290,35 +295,83 @@ def test_output_dtype_shape_device(folders, train):
         assert -3.0 < images.min() < 0 < images.max() < 3.0
 
 
-def test_eval_pixels_match_torchvision(tmp_path):
-    from torchvision import transforms
-
+def write_noise_images(folder: Path) -> list[tuple[str, int]]:
+    """Random-noise JPEGs of odd sizes (up- and downscaling): any other resampling filter or a pixel shift shows."""
     rng = np.random.default_rng(1)
-    sizes = [(40, 48), (56, 40), (53, 37), (300, 211), (97, 61), (20, 24), (33, 33)]  # (w, h), up- and downscaling
+    folder.mkdir(parents=True, exist_ok=True)
     samples = []
-    for i, (w, h) in enumerate(sizes):
-        path = tmp_path / f"px{i}.jpg"
+    for i, (w, h) in enumerate(NOISE_SIZES):
+        path = folder / f"px{i}.jpg"
         Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(path, quality=90)
         samples.append((str(path), i))
+    return samples
+
+
+NOISE_SIZES = [(40, 48), (56, 40), (53, 37), (300, 211), (97, 61), (20, 24), (33, 33)]  # (w, h)
+
+
+# Measured (DALI 2.4 CPU vs torchvision 0.29 / Pillow 13), in 8-bit levels (1 / 255 / std = 0.0175), worst sample:
+# bilinear mean |diff| 0.19, max 1 level; bicubic mean 0.21, max 10 levels (cubic overshoot on upscaled noise is
+# clamped at different points). DALI resizing linearly where the preset is bicubic (the old behaviour) gives per-sample
+# means of 1.3 to 7.2 levels on these images, and a pixel shift of the resize or crop 3 to 30.
+MAX_MEAN_LEVELS = 0.5
+MAX_PIXEL_LEVELS = {"bilinear": 1.5, "bicubic": 12}
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_eval_pixels_match_torchvision(tmp_path, interpolation):
+    from torchvision import transforms
+
+    samples = write_noise_images(tmp_path)
     resize, crop = 37, 29
+    mode = transforms.InterpolationMode(interpolation)
     reference = transforms.Compose(
-        [transforms.Resize(resize), transforms.CenterCrop(crop), transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+        [
+            transforms.Resize(resize, interpolation=mode),
+            transforms.CenterCrop(crop),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
     )
-    ld = make(samples, train=False, batch_size=3, crop_size=crop, resize_size=resize)
+    ld = make(samples, train=False, batch_size=3, crop_size=crop, resize_size=resize, interpolation=interpolation)
     held = list(ld)  # several batches, compared after the loop: DALI's output buffers must stay valid
-    compared = 0
-    # Measured (DALI 2.4 CPU vs torchvision 0.29 / Pillow 13): mean |diff| <= 0.004 and max |diff| = one 8-bit level
-    # (1 / 255 / std = 0.0175) on every image, including odd sizes where the crop offset rounds. A pixel shift of the
-    # resize or crop gives mean |diff| of 0.05 to 0.5 on these noise images, far above the tolerance.
     one_level = 1 / 255 / min(STD)
+    levels = {}
     for images, labels in held:
         for image, label in zip(images, labels.tolist()):
             expected = reference(Image.open(samples[label][0]).convert("RGB"))
-            diff = (image - expected).abs()
-            assert diff.mean() < 0.01, f"{sizes[label]}: mean |diff| {diff.mean():.4f}"
-            assert diff.max() < 1.5 * one_level, f"{sizes[label]}: max |diff| {diff.max():.4f}"
-            compared += 1
-    assert compared == len(samples)
+            diff = (image - expected).abs() / one_level
+            levels[NOISE_SIZES[label]] = (round(float(diff.mean()), 3), round(float(diff.max()), 3))
+    assert len(levels) == len(samples)
+    assert max(m for m, _ in levels.values()) < MAX_MEAN_LEVELS, levels  # per sample, not over the set
+    assert max(x for _, x in levels.values()) < MAX_PIXEL_LEVELS[interpolation], levels
+
+
+def test_build_loader_gives_dali_the_presets_interpolation(tmp_path):
+    """EfficientNet's preset is bicubic: the DALI loader that build_loader makes from it resizes bicubically, so
+    every sample's pixels match the torchvision loader's (`fastft eval`) within MAX_MEAN_LEVELS, per sample."""
+    from torchvision.models import EfficientNet_B0_Weights
+
+    from fastft.config import DataConfig
+    from fastft.data.loaders import build_loader
+    from fastft.data.transforms import spec_from_weights
+    from fastft.parallel.env import DistEnv
+
+    spec = spec_from_weights(EfficientNet_B0_Weights.DEFAULT, image_size=29)
+    assert (spec.interpolation, spec.crop_size, spec.resize_size) == ("bicubic", 29, 33)  # 224 of 256
+    samples = write_noise_images(tmp_path)
+    out = {}
+    for kind in ("dali", "torch"):
+        cfg = DataConfig(loader=kind, batch_size=4, workers=0, persistent_workers=False)
+        out[kind] = {
+            int(y): x
+            for xs, ys in build_loader(samples, spec, cfg, train=False, seed=0, env=DistEnv())
+            for x, y in zip(xs, ys)
+        }
+    assert sorted(out["dali"]) == list(range(len(samples)))
+    one_level = 1 / 255 / min(spec.std)
+    per_sample = [float((out["dali"][i] - out["torch"][i]).abs().mean()) / one_level for i in range(len(samples))]
+    assert max(per_sample) < MAX_MEAN_LEVELS, per_sample
 
 
 def corrupt(path: str, kind: str) -> None:
@@ -353,7 +406,7 @@ def test_dali_failure_is_turned_into_data_error_naming_the_file(tmp_path, monkey
     samples = write_jpegs(tmp_path, 12)
     bad = samples[9][0]
     corrupt(bad, kind)
-    monkeypatch.setattr(dali_loader, "scan_images", lambda paths, threads=4: [])
+    monkeypatch.setattr(checks, "scan_images", lambda paths, threads=4: [])
     ld = make(samples, train=train, batch_size=4)
     with pytest.raises(DataError, match=re.escape(f"unreadable image file {bad}")) as info:
         list(ld)

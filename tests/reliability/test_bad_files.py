@@ -1,28 +1,36 @@
 """Bad and unusual image files, for both loaders: `data.on_bad_file = error` stops the run naming the file; `skip`
 drops it, logs it and lists it in the run folder; valid-but-unusual images (CMYK, grayscale, alpha, 16-bit, very
-large) are converted to RGB and trained on."""
+large) are converted to RGB and trained on. Bad includes files that look like JPEGs at both ends but that no decoder
+accepts (a broken frame header, a size over PIL's pixel limit) and special files (a named pipe called `x.jpg`): all
+are found before training starts, so `skip` drops them on every rank alike."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from _reliability import FAST, cli, error_line, events
+from _reliability import FAST, cli, error_line, events, mentions
 
 from fastft.data.loaders import dali_available
-from fastft.data.synthetic import make_image_folder, write_corrupt_files, write_unusual_images
+from fastft.data.synthetic import (
+    make_image_folder,
+    write_corrupt_files,
+    write_undecodable_files,
+    write_unusual_images,
+)
 
-BROKEN = ("truncated", "zero_byte", "not_image")
+UNDECODABLE = ("bad_frame_header", "over_pixel_limit")  # intact JPEG start and end markers
+BROKEN = ("truncated", "zero_byte", "not_image", *UNDECODABLE)
 UNUSUAL = ("cmyk", "gray", "rgba_png", "png16", "large")
 GOOD_TRAIN = 2 * 4  # the base folder: 2 classes x 4 train images
 
 _needs_dali = [pytest.mark.dali, pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")]
-LATE_CHECK = (
-    "MISSING: with data.loader=torch and on_bad_file=error, a broken file is found only when a batch reaches it "
-    "(mid-epoch, possibly hours in); DALI checks every file up front (scan_images)"
-)
 LOADERS = [pytest.param("torch", id="torch"), pytest.param("dali", id="dali", marks=_needs_dali)]
 
 
@@ -38,7 +46,8 @@ def _data(base: Path, dst: Path, *, broken: tuple[str, ...] = (), unusual: bool 
     shutil.copytree(base, dst)
     target = dst / "train" / "checker"
     files: dict[str, Path] = {}
-    for kind, path in (write_corrupt_files(target) if broken else {}).items():
+    written = {**write_corrupt_files(target), **write_undecodable_files(target)} if broken else {}
+    for kind, path in written.items():
         if kind in broken:
             files[kind] = path
         else:
@@ -78,7 +87,11 @@ def _steps_per_epoch(run_dir: Path) -> int:
 def test_a_broken_file_stops_the_run_naming_it(base, tmp_path, loader, kind) -> None:
     data, files = _data(base, tmp_path / "data", broken=(kind,))
     rc, err = _train(data, tmp_path / "runs", loader, "error")
-    assert rc == 2 and str(files[kind]) in error_line(err)
+    line = error_line(err)
+    assert rc == 2 and str(files[kind]) in line
+    assert "<_io." not in line  # the file is named, not PIL's in-memory buffer
+    # found by the up-front check, not when a batch reaches it
+    assert [e for e in events(tmp_path / "runs" / "r") if e["event"] in ("start", "step")] == []
     assert not (tmp_path / "runs" / "r" / "model.safetensors").exists()
 
 
@@ -174,3 +187,90 @@ def test_dali_decodes_unusual_images_like_the_torchvision_path(tmp_path, loader)
     )[0]
     levels = ((got - ref) * torch.tensor(spec.std).view(3, 1, 1) * 255).abs().amax(dim=(1, 2, 3))
     assert dict(zip(UNUSUAL, levels.tolist())) == pytest.approx(dict.fromkeys(UNUSUAL, 0.0), abs=1.01)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# special files
+
+
+@contextlib.contextmanager
+def pipe_watch(fifo: Path):
+    """Yield a list that records every time something opened `fifo` for reading. A watcher thread polls for a reader
+    (a non-blocking open for writing succeeds only when one is waiting) and then closes its end, so the reader gets
+    end-of-file: code that opens the pipe fails the test instead of hanging it."""
+    opened: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.2):
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # ENXIO: no reader
+                continue
+            opened.append(time.monotonic())
+            os.close(fd)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield opened
+    finally:
+        stop.set()
+        thread.join()
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_named_pipe_is_never_opened(base, tmp_path, loader, mode) -> None:
+    """A FIFO called `x.jpg` would block the first open forever (no writer ever comes): it is a bad file under either
+    policy, refused from its type alone, never opened."""
+    data, _ = _data(base, tmp_path / "data")
+    fifo = data / "train" / "checker" / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pipe_watch(fifo) as opened:
+        rc, err = _train(data, tmp_path / "runs", loader, mode)
+    assert opened == [], f"the run opened the named pipe {fifo} (it would have hung)"
+    run_dir = tmp_path / "runs" / "r"
+    if mode == "error":
+        assert rc == 2 and mentions(error_line(err), str(fifo), "named pipe")
+        assert [e for e in events(run_dir) if e["event"] in ("start", "step")] == []
+    else:
+        assert rc == 0, err[-3000:]
+        assert _steps_per_epoch(run_dir) == GOOD_TRAIN
+        assert (run_dir / "skipped_files.txt").read_text().splitlines() == [str(fifo)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# predict reads its inputs through the same check and policy
+
+
+def test_predict_applies_the_bad_file_policy_and_keeps_rows_aligned(shapes4, tmp_path_factory, tmp_path) -> None:
+    from _reliability import trained_run
+
+    from fastft.api import predict
+    from fastft.errors import DataError
+
+    ckpt = trained_run(shapes4, tmp_path_factory)["result"].paths["last"]
+    inputs = tmp_path / "in"
+    good = [sorted((shapes4 / "val" / c).glob("*.jpg"))[0] for c in ("circle", "checker", "diamond")]
+    inputs.mkdir()
+    for i, src in enumerate(good):  # bad files sort between good ones: rows must not shift onto other files
+        shutil.copy(src, inputs / f"{2 * i}.jpg")
+    bad = write_undecodable_files(tmp_path / "bad")
+    shutil.copy(bad["bad_frame_header"], inputs / "1.jpg")
+    os.mkfifo(inputs / "3.jpg")
+    with pytest.raises(DataError, match=f"unreadable image file {inputs / '1.jpg'}: "):
+        predict(ckpt, inputs, tmp_path / "error.csv", workers=0, device="cpu")
+    out = predict(ckpt, inputs, tmp_path / "skip.csv", workers=0, device="cpu", on_bad_file="skip")
+    rows = out.read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == [str(inputs / f"{i}.jpg") for i in (0, 2, 4)]
+    # each row's prediction is that file's own: the same as predicting the file alone (up to batch-size rounding),
+    # and the three files' own predictions differ, so a row shifted onto another file would show
+    alone = []
+    for row in rows:
+        one = predict(ckpt, row.split(",")[0], tmp_path / "one.csv", workers=0, device="cpu")
+        alone.append(one.read_text().splitlines()[1].split(","))
+    got = [r.split(",") for r in rows]
+    assert [g[:2] for g in got] == [a[:2] for a in alone]
+    assert [float(g[2]) for g in got] == pytest.approx([float(a[2]) for a in alone], abs=1e-5)
+    assert len({(a[1], round(float(a[2]), 3)) for a in alone}) == 3

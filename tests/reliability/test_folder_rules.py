@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _reliability import FAST, cli, error_line, trained_run
+from _reliability import FAST, cli, error_line, mentions, trained_run
 from PIL import Image
 
 from fastft.config import DataConfig
@@ -89,3 +89,45 @@ def test_images_in_sub_folders_and_upper_case_extensions_are_counted(data) -> No
     after = _index(data)
     added = sorted(set(after.train) - set(before.train))
     assert added == [(str(checker / "extra.Png"), 0), (str(checker / "more" / "EXTRA.JPG"), 0)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# symlinks: files are followed once; folder links back into the data folder are refused, naming the link
+
+
+@pytest.mark.parametrize(("name", "target"), [("loop", "."), ("up", ".."), ("other", "../circle")])
+def test_a_folder_symlink_back_into_the_data_is_an_error_naming_it(data, tmp_path, name, target) -> None:
+    """`loop -> .` used to index the class's images ~40 times (until the OS refused the path), `up -> ..` to label
+    every class's images as this one, a link to another class to count its images twice."""
+    link = data / "train" / "checker" / name
+    link.symlink_to(target, target_is_directory=True)
+    with pytest.raises(DataError, match=f"folder symlink {link} -> .* points back into the data folder"):
+        _index(data)
+    rc, err = _train(data, tmp_path / "runs")
+    assert rc == 2 and mentions(error_line(err), str(link))
+    assert not (tmp_path / "runs").exists()  # refused before the run folder is made
+
+
+def test_a_class_folder_symlink_to_another_class_is_an_error(data) -> None:
+    (data / "train" / "alias").symlink_to(data / "train" / "circle", target_is_directory=True)
+    with pytest.raises(DataError, match=f"folder symlink {data / 'train' / 'alias'} -> "):
+        _index(data)
+
+
+def test_folder_symlinks_out_of_the_data_and_file_symlinks_are_followed_once(data, tmp_path) -> None:
+    before = _index(data)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(data / "train" / "circle", elsewhere / "more")
+    checker = data / "train" / "checker"
+    (checker / "ext").symlink_to(elsewhere, target_is_directory=True)  # outside the data folder: followed
+    (elsewhere / "more" / "back").symlink_to(elsewhere, target_is_directory=True)  # a loop outside: refused
+    with pytest.raises(DataError, match="loops"):
+        _index(data)
+    (elsewhere / "more" / "back").unlink()
+    (checker / "alias.jpg").symlink_to(data / "train" / "circle" / "circle_0000.jpg")  # a file link: one sample
+    after = _index(data)
+    added = sorted(set(after.train) - set(before.train))
+    n_ext = len(list((elsewhere / "more").glob("*.jpg")))
+    assert len(after.train) == len(before.train) + n_ext + 1
+    assert {y for _, y in added} == {0}  # all under the class the links sit in
+    assert (str(checker / "alias.jpg"), 0) in added

@@ -1,0 +1,38 @@
+"""The torchvision loader's per-sample seeding: a function of (seed, epoch, index) that touches no other RNG."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastft.data.torch_loader import TorchLoader
+from fastft.data.transforms import TransformSpec
+
+
+def test_loading_in_process_leaves_the_cuda_generators_alone(tmp_path, monkeypatch) -> None:
+    """With data.workers=0 the samples are augmented in the training process. Seeding each sample must not reseed the
+    CUDA generators (torch.manual_seed does, and fork_rng(devices=[]) does not restore them): the model's dropout
+    would then be a function of the last sample loaded. Observed through the calls that reseed CUDA; the CPU
+    generator must come back as it was, and the augmentation must still follow the sample's seed."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(8):
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
+        samples.append((str(path), i))
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append("manual_seed_all"))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append("manual_seed"))
+    spec = TransformSpec(crop_size=16, resize_size=20)
+
+    def epoch(seed: int) -> dict[int, torch.Tensor]:
+        loader = TorchLoader(samples, spec, train=True, batch_size=4, workers=0, seed=seed)
+        return {int(y): x for xs, ys in loader for x, y in zip(xs, ys)}
+
+    cpu_state = torch.get_rng_state()
+    first, again, other = epoch(1), epoch(1), epoch(2)
+    assert calls == []
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    assert all(torch.equal(first[i], again[i]) for i in range(8))  # seeded per sample
+    assert sum(not torch.equal(first[i], other[i]) for i in range(8)) >= 6  # another seed draws other crops
