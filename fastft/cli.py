@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--loader", default="torch", choices=("torch", "dali"))
     e.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     e.add_argument("--device", default="auto")
+    e.add_argument("--overwrite", action="store_true", help="replace a report fastft wrote before in --out")
     e.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     r = sub.add_parser("predict", help="classify images; writes path,label,probability CSV")
@@ -83,9 +84,12 @@ def run(argv: list[str]) -> int:
         if args.overwrite:
             overrides.append("--run.overwrite=true")
         from fastft.config import load_config
+        from fastft.outputs import check_config_file
         from fastft.train import finetune
 
-        finetune(load_config(args.config, overrides))
+        cfg = load_config(args.config, overrides)
+        check_config_file(args.config, cfg)
+        finetune(cfg)
         return 0
     if extra:
         raise ConfigError(f"unrecognised argument {extra[0]!r}")
@@ -102,6 +106,7 @@ def run(argv: list[str]) -> int:
             precision=args.precision,
             device=args.device,
             print_report=True,
+            overwrite=args.overwrite,
         )
         return 0
     if args.command == "predict":

@@ -144,3 +144,38 @@ def test_demo_config_is_valid_and_small(tmp_path) -> None:
         cfg = demo_config(Path(tmp_path), str(tmp_path), pretrained=pre)
         assert cfg.model.name == "resnet18" and cfg.data.image_size == 64
         assert cfg.model.freeze == ("backbone" if pre else "none")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# eval / predict options are range-checked like train's config (in-process: the same code path as the CLI)
+
+
+def _in_process(*args: str) -> str:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "reliability"))
+    from _reliability import cli, error_line
+
+    rc, err = cli(*args)
+    assert rc == 2, err[-2000:]
+    return error_line(err)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--batch-size", "0"), ("--workers", "-1"), ("--device", "cuda:99"), ("--device", "gpu")],
+)
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_eval_and_predict_options_are_range_checked(tmp_path, command, option, value) -> None:
+    # Checked before the checkpoint is opened: it does not exist, and the error still names the option.
+    place = (
+        ["--data", str(tmp_path)] if command == "eval" else ["--input", str(tmp_path), "--out", str(tmp_path / "p.csv")]
+    )
+    line = _in_process(command, "--checkpoint", str(tmp_path / "none.pt"), *place, option, value)
+    assert option in line and value in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cuda_device_that_is_not_there_is_one_line_for_train(tmp_path) -> None:
+    line = _in_process("train", f"--data.root={tmp_path}", "--run.device=cuda:99", f"--run.out_dir={tmp_path}")
+    assert "run.device" in line and "cuda:99" in line, line
