@@ -12,11 +12,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "reliability"))
-from _reliability import FAST, cli, error_line, events, mentions, trained_run  # noqa: E402
+from _reliability import FAST, cli, error_line, events, mentions, trained_run
 
-from fastft import resume  # noqa: E402
-from fastft.config import FinetuneConfig  # noqa: E402
-from fastft.errors import ConfigError  # noqa: E402
+from fastft import resume
+from fastft.config import FinetuneConfig
+from fastft.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------------------------
 # The table
