@@ -7,6 +7,7 @@ after the last epoch. Legal but surprising combinations get one warning line say
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from torch import nn
 
@@ -76,9 +77,14 @@ def check_before_training(
     epochs: int,
     total_steps: int,
     world_size: int,
+    main: bool = True,
 ) -> None:
-    """Refuse what would fail later; log one warning line per surprising combination (rank 0 logs at INFO+)."""
+    """Refuse what would fail later (every rank); log one warning line per surprising combination (`main` only)."""
     check_best_metric(cfg.checkpoint.best_metric, num_classes)
     check_unfreeze_plan(plan, model, epochs=epochs)
-    for line in warnings_for(cfg, world_size=world_size, total_steps=total_steps):
+    if cfg.features.cache == "disk" and cfg.features.dir:  # an output target too: checked before the cache is built
+        from fastft.outputs import check_writable
+
+        check_writable(Path(cfg.features.dir), what="features.dir")
+    for line in warnings_for(cfg, world_size=world_size, total_steps=total_steps) if main else []:
         log.warning("fastft: warning: %s", line)

@@ -153,9 +153,9 @@ def changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
     return out
 
 
-def reconcile(state: dict, cfg: FinetuneConfig, *, world_size: int, path: Path) -> list[str]:
-    """Decide whether `state` can continue under `cfg`: refuse a must-match change (ConfigError, one line); log and
-    apply the rest. Returns the logged consequence lines."""
+def reconcile(state: dict, cfg: FinetuneConfig, *, world_size: int, path: Path, main: bool = True) -> list[str]:
+    """Decide whether `state` can continue under `cfg`: refuse a must-match change (ConfigError, one line); apply the
+    rest, logging the noted consequences (on `main` only). Returns the consequence lines."""
     saved = state["meta"].get("config", {})
     notes = []
     for key, old, new in changes(saved, dataclasses.asdict(cfg)):
@@ -177,7 +177,7 @@ def reconcile(state: dict, cfg: FinetuneConfig, *, world_size: int, path: Path) 
             f"{path}: saved mid-epoch by {world} processes, resumed by {world_size}; resume with "
             f"{world} processes (the position in the epoch depends on it)"
         )
-    for line in notes:
+    for line in notes if main else []:
         log.warning("fastft: %s", line)
     return notes
 

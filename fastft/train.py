@@ -40,7 +40,7 @@ from fastft.parallel import env as penv
 from fastft.parallel.backend import LocalBackend
 from fastft.precision import resolve_precision
 from fastft.preflight import check_before_training
-from fastft.report import format_table, write_report
+from fastft.report import atomic_write_text, format_table, write_report
 from fastft.sweep import HeadBank, bank_param_groups, check_sweep, sweep_grid, sweep_table
 from fastft.timing import StepTimer
 from fastft.unfreeze import unfreeze_module
@@ -155,7 +155,9 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
         state = ckpt_io.load_checkpoint(resume_from)
         if state["meta"]["classes"] != index.classes:
             raise ConfigError(f"{resume_from}: trained on classes {state['meta']['classes'][:5]}..., data has others")
-        resume_rules.reconcile(state, cfg, world_size=env.world_size, path=resume_from)  # refuse, or apply + log
+        resume_rules.reconcile(
+            state, cfg, world_size=env.world_size, path=resume_from, main=env.is_main
+        )  # refuse, or apply + log
     resume_pos = (state["epoch"], state["batch"]) if state is not None else None
     plan = parse_unfreeze(cfg.optim.unfreeze)
     if plan and cfg.parallel.backend == "deepspeed":
@@ -215,6 +217,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
         epochs=epochs,
         total_steps=total_steps,
         world_size=env.world_size,
+        main=env.is_main,
     )
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
@@ -330,11 +333,11 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
         check_free_space(run_dir, model)
         outputs.open_run_dir(run_dir, overwrite=cfg.run.overwrite and resume_from is None)
         if skipped:
-            (run_dir / "skipped_files.txt").write_text("".join(f"{p}\n" for p in skipped))
+            atomic_write_text(run_dir / "skipped_files.txt", "".join(f"{p}\n" for p in skipped))
             log.info("fastft: skipped %d unreadable files (listed in %s)", len(skipped), run_dir / "skipped_files.txt")
         for tmp in run_dir.glob(".*.tmp*"):  # left by a process killed mid-save
             tmp.unlink(missing_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
+        atomic_write_text(run_dir / "config.toml", to_toml(cfg))  # replaced whole, also on resume
 
     def model_state() -> dict[str, torch.Tensor]:
         """The model's state dict with full-precision weights: where the backend trains a bf16/fp16 copy (DeepSpeed),

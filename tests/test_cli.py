@@ -179,3 +179,36 @@ def test_eval_and_predict_options_are_range_checked(tmp_path, command, option, v
 def test_a_cuda_device_that_is_not_there_is_one_line_for_train(tmp_path) -> None:
     line = _in_process("train", f"--data.root={tmp_path}", "--run.device=cuda:99", f"--run.out_dir={tmp_path}")
     assert "run.device" in line and "cuda:99" in line, line
+
+
+def test_eval_and_predict_take_a_run_file_and_overrides_with_the_flags_as_aliases(tmp_path, monkeypatch) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "reliability"))
+    from _reliability import cli
+
+    import fastft.api
+
+    seen: dict[str, dict] = {}
+    monkeypatch.setattr(fastft.api, "evaluate", lambda *a, **k: seen.setdefault("eval", k))
+    monkeypatch.setattr(fastft.api, "predict", lambda *a, **k: seen.setdefault("predict", k) and "p.csv")
+    run_file = tmp_path / "run.toml"
+    run_file.write_text('[data]\nbatch_size = 16\neval_batch_size = 12\nworkers = 3\n[precision]\ndtype = "bf16"\n')
+    where = ["--checkpoint", "c.pt", "--data", str(tmp_path)]
+    assert cli("eval", *where, "--config", str(run_file), "--data.workers=0", "--batch-size", "7")[0] == 0
+    assert {k: seen["eval"][k] for k in ("batch_size", "workers", "precision", "loader", "device")} == {
+        "batch_size": 7,  # the flag wins over the file
+        "workers": 0,  # the override wins over the file
+        "precision": "bf16",
+        "loader": "auto",  # the file's (default) value: auto picks torch on CPU
+        "device": "auto",
+    }
+    assert cli("predict", "--checkpoint", "c.pt", "--input", "x", "--out", "p.csv", "--config", str(run_file))[0] == 0
+    assert seen["predict"] == {"batch_size": 12, "workers": 3, "device": "auto"}
+
+
+def test_eval_overrides_are_validated_like_train(tmp_path) -> None:
+    where = ["--checkpoint", str(tmp_path / "c.pt"), "--data", str(tmp_path)]
+    assert "data.batch_size" in _in_process("eval", *where, "--data.batch_size=0")
+    assert "data.loader" in _in_process("eval", *where, "--data.loader=spark")
+    assert "data.workrs" in _in_process("eval", *where, "--data.workrs=1")

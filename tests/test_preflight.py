@@ -83,3 +83,23 @@ def test_a_synthetic_run_with_step_timing(shapes4, tmp_path) -> None:
 
     acc = EventAccumulator(str(run / "tensorboard")).Reload()
     assert {"time/data", "time/frozen", "time/trainable", "time/optimizer"} <= set(acc.Tags()["scalars"])
+
+
+def test_a_disk_cache_folder_under_a_file_is_refused_before_the_cache_is_built(shapes4, tmp_path, monkeypatch) -> None:
+    import fastft.train
+
+    monkeypatch.setattr(fastft.train, "_cached_loaders", lambda *a, **k: pytest.fail("cache built before the check"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc, err = cli(
+        "train",
+        f"--data.root={shapes4}",
+        *FAST,
+        "--data.workers=0",
+        "--features.cache=disk",
+        f"--features.dir={blocker / 'cache'}",
+        f"--run.out_dir={tmp_path / 'runs'}",
+    )
+    line = [ln for ln in err.splitlines() if ln.startswith("fastft: error")]
+    assert rc == 2 and len(line) == 1 and "features.dir" in line[0] and "Not a directory" in line[0], err[-2000:]
+    assert not (tmp_path / "runs").exists()
