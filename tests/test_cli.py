@@ -209,6 +209,8 @@ def test_eval_and_predict_take_a_run_file_and_overrides_with_the_flags_as_aliase
 
 def test_eval_overrides_are_validated_like_train(tmp_path) -> None:
     where = ["--checkpoint", str(tmp_path / "c.pt"), "--data", str(tmp_path)]
-    assert "data.batch_size" in _in_process("eval", *where, "--data.batch_size=0")
-    assert "data.loader" in _in_process("eval", *where, "--data.loader=spark")
-    assert "data.workrs" in _in_process("eval", *where, "--data.workrs=1")
+    assert "data.batch_size: must be finite and >= 1, got 0" in _in_process("eval", *where, "--data.batch_size=0")
+    assert "data.loader: expected one of" in _in_process("eval", *where, "--data.loader=spark")
+    assert "unknown config key 'data.workrs' (did you mean data.workers?)" in _in_process(
+        "eval", *where, "--data.workrs=1"
+    )
