@@ -155,9 +155,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
         state = ckpt_io.load_checkpoint(resume_from)
         if state["meta"]["classes"] != index.classes:
             raise ConfigError(f"{resume_from}: trained on classes {state['meta']['classes'][:5]}..., data has others")
-        resume_rules.reconcile(
-            state, cfg, world_size=env.world_size, path=resume_from, main=env.is_main
-        )  # refuse, or apply + log
+        # every changed key: refused (one line), or applied (and logged when it has a consequence)
+        resume_rules.reconcile(state, cfg, world_size=env.world_size, path=resume_from, main=env.is_main)
     resume_pos = (state["epoch"], state["batch"]) if state is not None else None
     plan = parse_unfreeze(cfg.optim.unfreeze)
     if plan and cfg.parallel.backend == "deepspeed":
