@@ -94,12 +94,15 @@ VALUES: dict[str, tuple[object, dict[str, object]]] = {
     "run.eval_every_epochs": (2, {"optim.epochs": 2}),
 }
 
+# Keys not walked, and values of walked keys that are not, each with the environment it needs and where it is tested.
 SKIPPED = {
     "parallel.deepspeed_config": "read only by the DeepSpeed backend (tests/parallel/test_deepspeed.py)",
 }
-# Values not walked here, each for the environment it needs: parallel.backend = deepspeed (the DeepSpeed launcher,
-# tests/parallel/test_deepspeed.py), data.loader = dali (tests/data/test_dali_*.py), run.device = cuda (a GPU:
-# tests/test_gpu.py).
+VALUES_NOT_WALKED = {
+    "parallel.backend = deepspeed": "the DeepSpeed launcher and backend (tests/parallel/test_deepspeed.py)",
+    "data.loader = dali": "NVIDIA DALI (tests/data/test_dali_loader.py, tests/data/test_dali_integration.py)",
+    "run.device = cuda": "a GPU (tests/test_gpu.py); without one it is a one-line error (tests/test_cli.py)",
+}
 
 BASE = {
     "model.name": "resnet18",
