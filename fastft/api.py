@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
+from fastft import outputs
 from fastft.checkpoint import load_checkpoint, load_model_state
 from fastft.config import DataConfig, ModelConfig, PrecisionConfig
 from fastft.data.folder import index_for_eval, list_images
 from fastft.data.loaders import build_loader
 from fastft.data.transforms import TransformSpec
-from fastft.errors import DataError
+from fastft.errors import ConfigError, DataError
 from fastft.evaluation import run_evaluation
 from fastft.model import build_model, load_state_file
 from fastft.parallel import env as penv
@@ -73,10 +74,16 @@ def evaluate(
     precision: str = "auto",
     device: str = "auto",
     print_report: bool = False,
+    overwrite: bool = False,
 ) -> EvalResult:
     """Evaluate a checkpoint on an image folder of class folders (names must be among the trained classes).
 
-    Distributed-aware: under torchrun each rank evaluates its shard and the metrics are synced exactly."""
+    Distributed-aware: under torchrun each rank evaluates its shard and the metrics are synced exactly. `out_dir`
+    is checked before anything runs (see fastft.outputs); an existing report there is replaced only with `overwrite`.
+    """
+    check_options(batch_size=batch_size, workers=workers, device=device, loader=loader, precision=precision)
+    if out_dir is not None:
+        outputs.check_report_target(Path(out_dir), checkpoint=Path(checkpoint), data=Path(data), overwrite=overwrite)
     env = penv.init_distributed(device)
     dl = None
     try:
@@ -116,7 +123,11 @@ def predict(
     """Classify every image under `inputs` (a file or folder, recursively); write path,label,probability rows.
 
     Files are checked first, as for training (`data.on_bad_file`): "error" stops naming the first bad one, "skip"
-    leaves it out of the rows (and logs it)."""
+    leaves it out of the rows (and logs it). `out_csv` is checked before anything runs: never an input, never an
+    existing file other than a predictions CSV; it is written atomically."""
+    check_options(batch_size=batch_size, workers=workers, device=device)
+    out = Path(out_csv)
+    outputs.check_predict_target(out, checkpoint=Path(checkpoint), inputs=Path(inputs))
     dev = penv.resolve_device(device, 0)
     model, meta = load_trained(checkpoint, dev)
     src = Path(inputs)
@@ -135,15 +146,12 @@ def predict(
     dl = build_loader([(f, 0) for f in files], spec, dcfg, train=False, seed=0, env=penv.DistEnv(device=dev))
     skipped = set(dl.skipped)
     files = [f for f in files if f not in skipped]  # the rows follow the files the loader reads
-    out = Path(out_csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     classes = meta["classes"]
     i = 0
     try:
-        with open(tmp, "w", newline="") as f, torch.inference_mode():
+        with outputs.atomic_target(out) as tmp, open(tmp, "w", newline="") as f, torch.inference_mode():
             w = csv.writer(f)
-            w.writerow(["path", "label", "probability"])
+            w.writerow(outputs.PREDICTIONS_HEADER.split(","))
             for images, _ in dl:
                 probs = model(images.to(dev)).float().softmax(dim=1)
                 p, y = probs.max(dim=1)
@@ -152,5 +160,23 @@ def predict(
                     i += 1
     finally:
         dl.close()  # workers end with the call, also when it raises
-    tmp.replace(out)
     return out
+
+
+def check_options(
+    *, batch_size: int, workers: int, device: str, loader: str = "torch", precision: str = "auto"
+) -> None:
+    """The eval/predict options, checked as train checks its config (same ranges, same one-line errors)."""
+    from fastft.config import FinetuneConfig, check_device
+
+    cfg = FinetuneConfig()
+    cfg.data.batch_size, cfg.data.workers, cfg.data.loader = batch_size, workers, loader
+    cfg.precision.dtype, cfg.run.device = precision, device
+    try:
+        cfg.validate()
+    except ConfigError as e:  # name the command-line option, not the config key it maps to
+        names = {"data.batch_size": "--batch-size", "data.workers": "--workers", "data.loader": "--loader"}
+        names |= {"precision.dtype": "--precision", "run.device": "--device"}
+        key, rest = str(e).split(":", 1)
+        raise ConfigError(f"{names.get(key, key)}:{rest}") from None
+    check_device("--device", device)

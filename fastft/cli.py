@@ -31,6 +31,39 @@ def _overrides(extra: list[str]) -> list[str]:
     return out
 
 
+_INFERENCE_DEFAULTS = {
+    "batch_size": 64,
+    "workers": 2,
+    "loader": "torch",
+    "precision": "auto",
+    "device": "auto",
+    "on_bad_file": "error",
+}
+
+
+def _inference_options(args: argparse.Namespace, extra: list[str]) -> dict:
+    """eval/predict options: the flags, else a run file (--config) with --section.key=value overrides, else the
+    defaults. The run file is validated like train's, so its errors name the key."""
+    from_cfg: dict = {}
+    if args.config or extra:
+        from fastft.config import load_config
+
+        cfg = load_config(args.config, _overrides(extra))
+        from_cfg = {
+            "batch_size": cfg.data.eval_batch_size or cfg.data.batch_size,
+            "workers": cfg.data.workers,
+            "loader": cfg.data.loader,
+            "precision": cfg.precision.dtype,
+            "device": cfg.run.device,
+            "on_bad_file": cfg.data.on_bad_file,
+        }
+    flags = {name: getattr(args, name, None) for name in _INFERENCE_DEFAULTS}
+    return {
+        name: flags[name] if flags[name] is not None else from_cfg.get(name, default)
+        for name, default in _INFERENCE_DEFAULTS.items()
+    }
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastft", description="Fast, exact fine-tuning of torchvision backbones.")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -46,20 +79,24 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", required=True)
     e.add_argument("--out", help="folder for metrics.json and confusion_matrix.png")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--workers", type=int, default=2)
-    e.add_argument("--loader", default="torch", choices=("torch", "dali"))
-    e.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
-    e.add_argument("--device", default="auto")
+    e.add_argument("--config", help="TOML run file for the options below (plus --section.key=value overrides)")
+    e.add_argument("--batch-size", type=int, help="alias of --data.batch_size (default 64)")
+    e.add_argument("--workers", type=int, help="alias of --data.workers (default 2)")
+    e.add_argument("--loader", choices=("torch", "dali"), help="alias of --data.loader (default torch)")
+    e.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), help="alias of --precision.dtype")
+    e.add_argument("--device", help="alias of --run.device (default auto)")
+    e.add_argument("--overwrite", action="store_true", help="replace a report fastft wrote before in --out")
     e.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     r = sub.add_parser("predict", help="classify images; writes path,label,probability CSV")
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--input", required=True, help="an image or a folder (searched recursively)")
     r.add_argument("--out", required=True, help="CSV file to write")
-    r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--workers", type=int, default=2)
-    r.add_argument("--device", default="auto")
+    r.add_argument("--config", help="TOML run file for the options below (plus --section.key=value overrides)")
+    r.add_argument("--batch-size", type=int, help="alias of --data.batch_size (default 64)")
+    r.add_argument("--workers", type=int, help="alias of --data.workers (default 2)")
+    r.add_argument("--device", help="alias of --run.device (default auto)")
+    r.add_argument("--on-bad-file", choices=("error", "skip"), help="alias of --data.on_bad_file (default error)")
 
     d = sub.add_parser("demo", help="generate a small shapes dataset and fine-tune a small model on it")
     d.add_argument("--out-dir", default="runs")
@@ -83,35 +120,30 @@ def run(argv: list[str]) -> int:
         if args.overwrite:
             overrides.append("--run.overwrite=true")
         from fastft.config import load_config
+        from fastft.outputs import check_config_file
         from fastft.train import finetune
 
-        finetune(load_config(args.config, overrides))
+        cfg = load_config(args.config, overrides)
+        check_config_file(args.config, cfg)
+        finetune(cfg)
         return 0
-    if extra:
-        raise ConfigError(f"unrecognised argument {extra[0]!r}")
     if args.command == "eval":
         from fastft.api import evaluate
 
-        evaluate(
-            args.checkpoint,
-            args.data,
-            out_dir=args.out,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            loader=args.loader,
-            precision=args.precision,
-            device=args.device,
-            print_report=True,
-        )
+        opts = _inference_options(args, extra)
+        del opts["on_bad_file"]  # evaluation counts every file: a bad one is always an error
+        evaluate(args.checkpoint, args.data, out_dir=args.out, print_report=True, overwrite=args.overwrite, **opts)
         return 0
     if args.command == "predict":
         from fastft.api import predict
 
-        out = predict(
-            args.checkpoint, args.input, args.out, batch_size=args.batch_size, workers=args.workers, device=args.device
-        )
+        opts = _inference_options(args, extra)
+        del opts["loader"], opts["precision"]  # predict always decodes with torchvision, at the checkpoint's precision
+        out = predict(args.checkpoint, args.input, args.out, **opts)
         print(f"predictions written to {out}")
         return 0
+    if extra:
+        raise ConfigError(f"unrecognised argument {extra[0]!r}")
     if args.command == "bench":
         from fastft.bench import run_bench
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -153,10 +154,10 @@ class FinetuneConfig:
             f = self.model.freeze
             if f not in ("none", "backbone") and not (f.startswith("until:") and len(f) > len("until:")):
                 raise ConfigError(f"model.freeze: expected none | backbone | until:<module> | [patterns], got {f!r}")
-        if any(not lr > 0 for lr in self.head.sweep_lr):
-            raise ConfigError(f"head.sweep_lr: every LR must be > 0, got {self.head.sweep_lr}")
-        if any(not wd >= 0 for wd in self.head.sweep_weight_decay):
-            raise ConfigError(f"head.sweep_weight_decay: must be >= 0, got {self.head.sweep_weight_decay}")
+        if any(not 0 < lr < math.inf for lr in self.head.sweep_lr):
+            raise ConfigError(f"head.sweep_lr: every LR must be finite and > 0, got {self.head.sweep_lr}")
+        if any(not 0 <= wd < math.inf for wd in self.head.sweep_weight_decay):
+            raise ConfigError(f"head.sweep_weight_decay: must be finite and >= 0, got {self.head.sweep_weight_decay}")
         _range("data.val_fraction", self.data.val_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
         _min("data.image_size", self.data.image_size, 0)
         _min("data.batch_size", self.data.batch_size, 1)
@@ -165,8 +166,8 @@ class FinetuneConfig:
         _choice("data.loader", self.data.loader, ("auto", "torch", "dali", "synthetic"))
         _choice("data.on_bad_file", self.data.on_bad_file, ("error", "skip"))
         _choice("optim.name", self.optim.name, ("sgd", "adamw"))
-        if not self.optim.lr > 0:
-            raise ConfigError(f"optim.lr: must be > 0, got {self.optim.lr}")
+        if not 0 < self.optim.lr < math.inf:
+            raise ConfigError(f"optim.lr: must be finite and > 0, got {self.optim.lr}")
         _range("optim.momentum", self.optim.momentum, 0.0, 1.0, hi_open=True)
         _min("optim.weight_decay", self.optim.weight_decay, 0.0)
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
@@ -208,6 +209,22 @@ class FinetuneConfig:
         return dataclasses.asdict(self)
 
 
+def check_device(key: str, name: str) -> None:
+    """A CUDA device that this machine does not have is a one-line error (before torch initialises CUDA)."""
+    if not name.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(name[5:]) if name.startswith("cuda:") else 0
+    if count == 0:
+        raise ConfigError(f"{key}: {name!r} asked for, but no CUDA device is available here (use cpu or auto)")
+    if index >= count:
+        raise ConfigError(
+            f"{key}: {name!r} asked for, but this machine has {count} CUDA device(s) (cuda:0..{count - 1})"
+        )
+
+
 @dataclass(frozen=True)
 class UnfreezeStep:
     epoch: int  # 1-based: applied before that epoch's first batch
@@ -224,12 +241,12 @@ def parse_unfreeze(entries: list[str]) -> list[UnfreezeStep]:
                 raise ValueError
             epoch, module = int(parts[0]), parts[1]
             factor = float(parts[2]) if len(parts) == 3 else 1.0
-            if epoch < 2 or not module or not factor > 0:
+            if epoch < 2 or not module or not 0 < factor < math.inf:
                 raise ValueError
         except ValueError:
             raise ConfigError(
                 f"optim.unfreeze[{i}]: expected 'EPOCH:module[:lr_factor]' with EPOCH >= 2 and "
-                f"lr_factor > 0, got {entry!r}"
+                f"a finite lr_factor > 0, got {entry!r}"
             ) from None
         steps.append(UnfreezeStep(epoch, module, factor))
     return sorted(steps, key=lambda s: s.epoch)
@@ -241,8 +258,8 @@ def _choice(key: str, value: Any, allowed: tuple | None) -> None:
 
 
 def _min(key: str, value: float, lo: float) -> None:
-    if not value >= lo:  # written so that NaN fails too
-        raise ConfigError(f"{key}: must be >= {lo}, got {value}")
+    if not lo <= value < math.inf:  # written so that NaN fails too; no numeric field means anything at infinity
+        raise ConfigError(f"{key}: must be finite and >= {lo}, got {value}")
 
 
 def _range(key: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:

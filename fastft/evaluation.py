@@ -49,6 +49,14 @@ def build_metrics(num_classes: int, device: torch.device):
     return collection.to(device), {k: m.to(device) for k, m in extra.items()}
 
 
+def report_keys(num_classes: int) -> list[str]:
+    """The scalar keys of a `num_classes` report (what checkpoint.best_metric may name), read off the metrics that
+    :func:`build_metrics` builds, without evaluating anything."""
+    collection, extra = build_metrics(num_classes, torch.device("cpu"))
+    names = [k for k in collection.keys() if not k.endswith("_per_class") and k != "confusion_matrix"]
+    return names + list(extra)
+
+
 class StreamingEvaluator:
     """Accumulate predictions batch by batch; `compute()` returns the report dict (synced across ranks)."""
 

@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from fastft import checkpoint as ckpt_io
+from fastft import outputs
+from fastft import resume as resume_rules
 from fastft.compile import apply_compile, resolve_target
-from fastft.config import FinetuneConfig, UnfreezeStep, parse_unfreeze, to_toml
+from fastft.config import FinetuneConfig, UnfreezeStep, check_device, parse_unfreeze, to_toml
 from fastft.data.folder import index_from_config
 from fastft.data.loaders import build_loader
 from fastft.data.transforms import spec_from_weights
@@ -37,7 +39,8 @@ from fastft.optim import Schedule, build_optimizer, param_groups
 from fastft.parallel import env as penv
 from fastft.parallel.backend import LocalBackend
 from fastft.precision import resolve_precision
-from fastft.report import format_table, write_report
+from fastft.preflight import check_before_training
+from fastft.report import atomic_write_text, format_table, write_report
 from fastft.sweep import HeadBank, bank_param_groups, check_sweep, sweep_grid, sweep_table
 from fastft.timing import StepTimer
 from fastft.unfreeze import unfreeze_module
@@ -81,51 +84,14 @@ def prepare_run_dir(cfg: FinetuneConfig, env: penv.DistEnv) -> tuple[Path, Path 
     run_dir = Path(cfg.run.out_dir) / name
     if resume == "auto" and (run_dir / "last.pt").is_file():
         return run_dir, run_dir / "last.pt"
-    if env.is_main:
-        try:
-            if run_dir.exists() and any(run_dir.iterdir()):
-                if not cfg.run.overwrite:
-                    raise ConfigError(
-                        f"run folder {run_dir} already exists: pass --run.overwrite=true or another --run.name"
-                    )
-                _clear_outputs(run_dir)  # fastft's own outputs only: a stale last.pt must never be resumed
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_bytes(b"0" * 4096)
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(f"run folder {run_dir} is not writable: {e.strerror or e}") from None
+    if env.is_main:  # checks only: open_run_dir makes (or clears, with --overwrite) the folder after every check
+        outputs.check_run_dir(run_dir, overwrite=cfg.run.overwrite, inputs=outputs.run_inputs(cfg))
+        outputs.check_run_not_in_data(run_dir, cfg.data)
     return run_dir, None
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # The run
-
-
-_OUTPUTS = (
-    "last.pt",
-    "best.pt",
-    "events.jsonl",
-    "metrics.json",
-    "confusion_matrix.png",
-    "model.safetensors",
-    "model.json",
-    "head.safetensors",
-    "head.json",
-    "config.toml",
-    "skipped_files.txt",
-)
-
-
-def _clear_outputs(run_dir: Path) -> None:
-    import shutil
-
-    for name in _OUTPUTS:
-        (run_dir / name).unlink(missing_ok=True)
-    for name in ("tensorboard", "deepspeed"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    for tmp in run_dir.glob(".*.tmp*"):
-        tmp.unlink(missing_ok=True)
 
 
 def check_free_space(run_dir: Path, model: torch.nn.Module) -> None:
@@ -137,7 +103,7 @@ def check_free_space(run_dir: Path, model: torch.nn.Module) -> None:
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     need = 3 * (params + buffers + 2 * trainable) + (params + buffers)
-    free = shutil.disk_usage(run_dir).free
+    free = shutil.disk_usage(outputs.existing_ancestor(run_dir)).free  # the folder is made after the checks
     if free < need:
         raise ConfigError(
             f"run folder {run_dir}: not enough free space ({free / 2**20:.0f} MiB free, about "
@@ -154,6 +120,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
         FastftError (ConfigError, DataError, ModelError, CheckpointError) for bad input.
     """
     cfg.validate()
+    check_device("run.device", cfg.run.device)
     env = penv.init_distributed(cfg.run.device, timeout_s=cfg.parallel.timeout_s)
     prev_det = torch.are_deterministic_algorithms_enabled()
     opened: list = []  # loaders and feature sources: their workers end with the run, also when it fails
@@ -188,7 +155,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
         state = ckpt_io.load_checkpoint(resume_from)
         if state["meta"]["classes"] != index.classes:
             raise ConfigError(f"{resume_from}: trained on classes {state['meta']['classes'][:5]}..., data has others")
-        _check_resumable(state, cfg, env, resume_from)
+        # every changed key: refused (one line), or applied (and logged when it has a consequence)
+        resume_rules.reconcile(state, cfg, world_size=env.world_size, path=resume_from, main=env.is_main)
     resume_pos = (state["epoch"], state["batch"]) if state is not None else None
     plan = parse_unfreeze(cfg.optim.unfreeze)
     if plan and cfg.parallel.backend == "deepspeed":
@@ -239,6 +207,16 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
         f"{trainable:,}",
         f"{total:,}",
         100 * trainable / total,
+    )
+    check_before_training(
+        cfg,
+        model=model,
+        num_classes=num_classes,
+        plan=plan,
+        epochs=epochs,
+        total_steps=total_steps,
+        world_size=env.world_size,
+        main=env.is_main,
     )
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
@@ -339,7 +317,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
                 f"{resume_from}: saved by the DeepSpeed backend; resume it with --parallel.backend=deepspeed"
             )
         else:
-            optimizer.load_state_dict(state["optimizer"])
+            resume_rules.load_optimizer_state(optimizer, state["optimizer"])  # this run's LR, momentum, decay
         scheduler.load_state_dict(state["scheduler"])
         backend.load_state_dict(state["backend"])
         ckpt_io.set_rng_state(state["rng"][min(env.rank, len(state["rng"]) - 1)])
@@ -350,14 +328,15 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
         state = None  # the model and optimizer hold their copies now
         log.info("fastft: resumed from %s at epoch %d, batch %d, step %d", resume_from, start_epoch, start_batch, step)
 
-    if env.is_main:  # only now: a refused resume leaves the run folder as it was
-        if skipped:
-            (run_dir / "skipped_files.txt").write_text("".join(f"{p}\n" for p in skipped))
-            log.info("fastft: skipped %d unreadable files (listed in %s)", len(skipped), run_dir / "skipped_files.txt")
+    if env.is_main:  # only now: a refused run leaves the run folder as it was (or absent)
         check_free_space(run_dir, model)
+        outputs.open_run_dir(run_dir, overwrite=cfg.run.overwrite and resume_from is None)
+        if skipped:
+            atomic_write_text(run_dir / "skipped_files.txt", "".join(f"{p}\n" for p in skipped))
+            log.info("fastft: skipped %d unreadable files (listed in %s)", len(skipped), run_dir / "skipped_files.txt")
         for tmp in run_dir.glob(".*.tmp*"):  # left by a process killed mid-save
             tmp.unlink(missing_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
+        atomic_write_text(run_dir / "config.toml", to_toml(cfg))  # replaced whole, also on resume
 
     def model_state() -> dict[str, torch.Tensor]:
         """The model's state dict with full-precision weights: where the backend trains a bf16/fp16 copy (DeepSpeed),
@@ -553,6 +532,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
         img_s = (seen - seen0) * env.world_size / elapsed if elapsed > 0 else 0.0
         throughput[f"epoch{epoch}"] = img_s
         timings[f"epoch{epoch}"] = {**timer.result(), "wall": elapsed, "images": (seen - seen0) * env.world_size}
+        if cfg.log.step_timing:
+            _log_timing(logger, epoch, timings[f"epoch{epoch}"])
         train_loss = loss_sum.item() / max(loss_n, 1)
         if not math.isfinite(train_loss):
             _nonfinite(train_loss, epoch, step, run_dir)
@@ -615,6 +596,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
         from fastft.report import confusion_figure
 
         sweep_text = report.pop("sweep_table", None)
+        if cfg.data.loader == "synthetic":
+            report["synthetic_data"] = True  # one random batch: the metrics say nothing about the data folder
         paths.update(write_report(report, run_dir))
         logger.figure("val/confusion_matrix", confusion_figure(report), epochs)
         logger.hparams(
@@ -661,23 +644,17 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
     )
 
 
-def _check_resumable(state: dict, cfg: FinetuneConfig, env: penv.DistEnv, path: Path) -> None:
-    """The saved position (epoch, batch) only means the same samples under the same batching and world size."""
-    saved = state["meta"].get("config", {})
-    now = dataclasses.asdict(cfg)
-    for section, key in (("data", "batch_size"), ("optim", "grad_accum"), ("run", "seed"), ("model", "name")):
-        before = saved.get(section, {}).get(key)
-        if before is not None and before != now[section][key]:
-            raise ConfigError(
-                f"{path}: saved with {section}.{key}={before!r}, this run has {now[section][key]!r}; "
-                f"resume with the same value (or start a new run)"
-            )
-    world = state["meta"].get("world_size")
-    if world is not None and world != env.world_size and state["batch"]:
-        raise ConfigError(
-            f"{path}: saved mid-epoch by {world} processes, resumed by {env.world_size}; resume with "
-            f"{world} processes (the position in the epoch depends on it)"
-        )
+def _log_timing(logger: RunLogger, epoch: int, t: dict) -> None:
+    """log.step_timing: the epoch's per-segment seconds on the console, in events.jsonl and TensorBoard."""
+    segs = {k: v for k, v in t.items() if k not in ("wall", "images")}
+    log.info(
+        "fastft: epoch %d step time: %s (wall %.2fs)",
+        epoch + 1,
+        ", ".join(f"{k} {v:.3f}s" for k, v in segs.items()),
+        t["wall"],
+    )
+    logger.event("timing", epoch=epoch + 1, **t)
+    logger.scalars(epoch + 1, segs, prefix="time/")
 
 
 def _already_applied(u: UnfreezeStep, pos: tuple[int, int] | None) -> bool:
@@ -699,15 +676,10 @@ def _apply_unfreeze(model, u: UnfreezeStep, optimizer, cfg: FinetuneConfig) -> l
 
 
 def _nonfinite(loss, epoch: int, step: int, run_dir: Path, what: str = "loss"):
-    if what != "loss":
-        raise FastftError(
-            f"{what} is not finite at epoch {epoch + 1}, step {step}: stopping; the last good checkpoint is kept in "
-            f"{run_dir}"
-        )
-    raise FastftError(
-        f"loss is {float(loss)} at epoch {epoch + 1}, step {step}: stopping; the last good checkpoint "
-        f"is kept in {run_dir}"
-    )
+    value = f"{what} is not finite" if what != "loss" else f"loss is {float(loss)}"
+    kept = [p for p in (run_dir / "last.pt", run_dir / "best.pt") if p.is_file()]
+    where = f"the last good checkpoint is kept: {kept[0]}" if kept else f"no checkpoint was written to {run_dir} yet"
+    raise FastftError(f"{value} at epoch {epoch + 1}, step {step}: stopping; {where}")
 
 
 def _feature_sources(cfg: FinetuneConfig, index, spec, env: penv.DistEnv, eval_bs: int):

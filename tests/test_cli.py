@@ -144,3 +144,73 @@ def test_demo_config_is_valid_and_small(tmp_path) -> None:
         cfg = demo_config(Path(tmp_path), str(tmp_path), pretrained=pre)
         assert cfg.model.name == "resnet18" and cfg.data.image_size == 64
         assert cfg.model.freeze == ("backbone" if pre else "none")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# eval / predict options are range-checked like train's config (in-process: the same code path as the CLI)
+
+
+def _in_process(*args: str) -> str:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "reliability"))
+    from _reliability import cli, error_line
+
+    rc, err = cli(*args)
+    assert rc == 2, err[-2000:]
+    return error_line(err)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--batch-size", "0"), ("--workers", "-1"), ("--device", "cuda:99"), ("--device", "gpu")],
+)
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_eval_and_predict_options_are_range_checked(tmp_path, command, option, value) -> None:
+    # Checked before the checkpoint is opened: it does not exist, and the error still names the option.
+    place = (
+        ["--data", str(tmp_path)] if command == "eval" else ["--input", str(tmp_path), "--out", str(tmp_path / "p.csv")]
+    )
+    line = _in_process(command, "--checkpoint", str(tmp_path / "none.pt"), *place, option, value)
+    assert option in line and value in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cuda_device_that_is_not_there_is_one_line_for_train(tmp_path) -> None:
+    line = _in_process("train", f"--data.root={tmp_path}", "--run.device=cuda:99", f"--run.out_dir={tmp_path}")
+    assert "run.device" in line and "cuda:99" in line, line
+
+
+def test_eval_and_predict_take_a_run_file_and_overrides_with_the_flags_as_aliases(tmp_path, monkeypatch) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "reliability"))
+    from _reliability import cli
+
+    import fastft.api
+
+    seen: dict[str, dict] = {}
+    monkeypatch.setattr(fastft.api, "evaluate", lambda *a, **k: seen.setdefault("eval", k))
+    monkeypatch.setattr(fastft.api, "predict", lambda *a, **k: seen.setdefault("predict", k) and "p.csv")
+    run_file = tmp_path / "run.toml"
+    run_file.write_text('[data]\nbatch_size = 16\neval_batch_size = 12\nworkers = 3\n[precision]\ndtype = "bf16"\n')
+    where = ["--checkpoint", "c.pt", "--data", str(tmp_path)]
+    assert cli("eval", *where, "--config", str(run_file), "--data.workers=0", "--batch-size", "7")[0] == 0
+    assert {k: seen["eval"][k] for k in ("batch_size", "workers", "precision", "loader", "device")} == {
+        "batch_size": 7,  # the flag wins over the file
+        "workers": 0,  # the override wins over the file
+        "precision": "bf16",
+        "loader": "auto",  # the file's (default) value: auto picks torch on CPU
+        "device": "auto",
+    }
+    assert cli("predict", "--checkpoint", "c.pt", "--input", "x", "--out", "p.csv", "--config", str(run_file))[0] == 0
+    assert seen["predict"] == {"batch_size": 12, "workers": 3, "device": "auto"}
+
+
+def test_eval_overrides_are_validated_like_train(tmp_path) -> None:
+    where = ["--checkpoint", str(tmp_path / "c.pt"), "--data", str(tmp_path)]
+    assert "data.batch_size: must be finite and >= 1, got 0" in _in_process("eval", *where, "--data.batch_size=0")
+    assert "data.loader: expected one of" in _in_process("eval", *where, "--data.loader=spark")
+    assert "unknown config key 'data.workrs' (did you mean data.workers?)" in _in_process(
+        "eval", *where, "--data.workrs=1"
+    )

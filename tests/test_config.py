@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 import tomllib
 
 import pytest
@@ -318,3 +319,33 @@ def test_invalid_value_in_a_file_names_the_key(tmp_path):
     path.write_text("[precision]\ndtype = 'fp8'\n")
     with pytest.raises(ConfigError, match=r"^precision\.dtype:.*'fp8'"):
         load_config(path)
+
+
+def _float_fields() -> list[str]:
+    import typing
+
+    out = []
+    sections = typing.get_type_hints(FinetuneConfig)
+    for section in dataclasses.fields(FinetuneConfig):
+        hints = typing.get_type_hints(sections[section.name])
+        for f in dataclasses.fields(sections[section.name]):
+            tp = hints[f.name]
+            if tp is float or tp == list[float]:
+                out.append(f"{section.name}.{f.name}")
+    return out
+
+
+@pytest.mark.parametrize("key", _float_fields())
+@pytest.mark.parametrize("value", [math.inf, -math.inf])
+def test_no_numeric_field_takes_an_infinite_value(key, value):
+    # optim.lr = inf used to pass validation and fail at the first step (with a NaN message)
+    section, name = key.split(".")
+    default = getattr(FinetuneConfig(), section).__dict__[name]
+    data = {section: {name: [*default[:-1], value] if isinstance(default, list) else value}}
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        config_from_dict(data)
+
+
+def test_an_infinite_unfreeze_lr_factor_is_refused():
+    with pytest.raises(ConfigError, match=r"optim\.unfreeze\[0\]"):
+        config_from_dict({"optim": {"unfreeze": ["2:layer4:inf"]}})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import types
@@ -186,3 +187,163 @@ def test_a_refusal_happens_before_the_model_is_built(shapes4, tmp_path, monkeypa
     monkeypatch.setattr(fastft.train, "build_model", lambda *a, **k: pytest.fail("model built before the refusal"))
     rc, err = _train(shapes4, tmp_path)
     assert rc == 2 and "already exists" in error_line(err)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One rule for every output target: never an input, never a file fastft did not write, checked before any work
+
+
+@pytest.fixture(scope="module")
+def trained(shapes4, tmp_path_factory):
+    from _reliability import trained_run
+
+    return trained_run(shapes4, tmp_path_factory)["result"]
+
+
+def _first_class(root: Path) -> Path:
+    return sorted((root / "val").iterdir())[0]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _predict(ckpt: Path, inputs: Path, out: Path) -> tuple[int, str]:
+    return cli("predict", "--checkpoint", str(ckpt), "--input", str(inputs), "--out", str(out), "--workers", "0")
+
+
+def _eval(ckpt: Path, data: Path, *extra: str) -> tuple[int, str]:
+    return cli("eval", "--checkpoint", str(ckpt), "--data", str(data), "--workers", "0", "--device", "cpu", *extra)
+
+
+def test_predict_never_writes_over_the_checkpoint_it_reads(trained, shapes4, tmp_path) -> None:
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "best.pt").write_bytes(trained.paths["best"].read_bytes())
+    os.link(run / "best.pt", run / "last.pt")  # as a run links last.pt to best.pt: the same file under another name
+    before = _snapshot(run)
+    for target in (run / "best.pt", run / "last.pt", run / "sub" / ".." / "best.pt"):
+        rc, err = _predict(run / "best.pt", shapes4 / "val", target)
+        assert rc == 2 and mentions(error_line(err), str(target), "checkpoint"), err[-2000:]
+    assert _snapshot(run) == before
+
+
+def test_predict_onto_a_folder_is_one_line_and_leaves_no_temp_file(trained, shapes4, tmp_path, monkeypatch) -> None:
+    import fastft.api
+
+    monkeypatch.setattr(fastft.api, "load_trained", lambda *a, **k: pytest.fail("model loaded before the refusal"))
+    (tmp_path / "out").mkdir()
+    rc, err = _predict(trained.paths["best"], shapes4 / "val", tmp_path / "out")
+    assert rc == 2 and mentions(error_line(err), str(tmp_path / "out"), "folder")
+    assert list(tmp_path.rglob("*")) == [tmp_path / "out"]
+
+
+def test_predict_replaces_its_own_csv_but_no_other_file(trained, shapes4, tmp_path) -> None:
+    other = tmp_path / "notes.csv"
+    other.write_text("a,b\n1,2\n")
+    rc, err = _predict(trained.paths["best"], _first_class(shapes4), other)
+    assert rc == 2 and mentions(error_line(err), str(other), "not a fastft predictions CSV")
+    assert other.read_text() == "a,b\n1,2\n"
+    mine = tmp_path / "new" / "deeper" / "pred.csv"  # missing folders are made
+    assert _predict(trained.paths["best"], _first_class(shapes4), mine)[0] == 0
+    mine.write_text(mine.read_text().splitlines()[0] + "\nstale,row,1.0\n")
+    rc, err = _predict(trained.paths["best"], _first_class(shapes4), mine)
+    assert rc == 0, err[-2000:]
+    rows = mine.read_text().splitlines()
+    assert len(rows) == 1 + 6 and "stale" not in mine.read_text()
+    assert sorted(p.name for p in mine.parent.iterdir()) == ["pred.csv"]  # no temp file left
+
+
+def test_a_failed_predict_leaves_no_temp_file_and_no_folder(trained, shapes4, tmp_path, monkeypatch) -> None:
+    import fastft.api
+
+    real = fastft.api.load_trained
+
+    def breaks_midway(*args, **kwargs):
+        _model, meta = real(*args, **kwargs)
+        return (lambda x: (_ for _ in ()).throw(RuntimeError("boom"))), meta
+
+    monkeypatch.setattr(fastft.api, "load_trained", breaks_midway)
+    with pytest.raises(RuntimeError, match="boom"):
+        fastft.api.predict(trained.paths["best"], shapes4 / "val", tmp_path / "made" / "p.csv", workers=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_onto_an_existing_file_is_refused_before_evaluating(trained, shapes4, tmp_path, monkeypatch) -> None:
+    import fastft.api
+
+    monkeypatch.setattr(fastft.api, "run_evaluation", lambda *a, **k: pytest.fail("evaluated before the refusal"))
+    target = tmp_path / "report.txt"
+    target.write_text("mine")
+    rc, err = _eval(trained.paths["best"], shapes4 / "val", "--out", str(target))
+    assert rc == 2 and mentions(error_line(err), str(target), "not a folder")
+    assert target.read_text() == "mine"
+
+
+def test_eval_into_a_run_folder_keeps_its_report_unless_overwrite(trained, shapes4, tmp_path) -> None:
+    run = tmp_path / "r"
+    run.mkdir()
+    for name in ("metrics.json", "confusion_matrix.png", "best.pt"):
+        (run / name).write_bytes((trained.run_dir / name).read_bytes())
+    before = _snapshot(run)
+    rc, err = _eval(run / "best.pt", shapes4 / "val", "--out", str(run))
+    assert rc == 2 and mentions(error_line(err), str(run / "metrics.json"), "--overwrite")
+    assert _snapshot(run) == before
+    rc, err = _eval(run / "best.pt", shapes4 / "val", "--out", str(run), "--overwrite")
+    assert rc == 0, err[-2000:]
+    assert (run / "best.pt").read_bytes() == before["best.pt"]
+    (run / "metrics.json").write_text('{"mine": 1}')  # not a fastft report: kept even with --overwrite
+    rc, err = _eval(run / "best.pt", shapes4 / "val", "--out", str(run), "--overwrite")
+    assert rc == 2 and mentions(error_line(err), "not written by fastft")
+    assert (run / "metrics.json").read_text() == '{"mine": 1}'
+
+
+def test_overwrite_keeps_the_old_run_when_a_later_check_fails(shapes4, tmp_path) -> None:
+    # The data check (every file opened) and the metric check come after the run folder is picked: the old outputs
+    # may only go once they passed.
+    data = tmp_path / "data"
+    shutil.copytree(shapes4, data)
+    before = _previous_run(tmp_path / "r")
+    rc, err = _train(data, tmp_path, "--overwrite", "--checkpoint.best_metric=f1_makro")
+    assert rc == 2 and mentions(error_line(err), "f1_makro", "f1_macro")
+    (data / "train" / _first_class(shapes4).name / "broken.jpg").write_bytes(b"not a jpeg")
+    rc, err = _train(data, tmp_path, "--overwrite")
+    assert rc == 2 and mentions(error_line(err), "broken.jpg")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before
+
+
+def test_a_refused_run_leaves_no_folder_behind(shapes4, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(fastft.train, "build_optimizer", lambda *a, **k: pytest.fail("refused too late"))
+    for bad in ("--checkpoint.best_metric=auroc", "--optim.unfreeze=['2:layer9']", "--optim.unfreeze=['5:layer4']"):
+        rc, err = _train(shapes4, tmp_path / "out", bad, "--optim.max_steps=0", "--optim.epochs=2")
+        line = error_line(err)
+        assert rc == 2 and mentions(line, bad.split("=")[0].removeprefix("--").split(".")[0])
+        assert not (tmp_path / "out").exists(), bad
+
+
+def test_a_run_never_writes_over_its_own_inputs(shapes4, tmp_path) -> None:
+    run = tmp_path / "r"
+    before = _previous_run(run)
+    (run / "config.toml").write_text(f'[data]\nroot = "{shapes4}"\n')
+    before = _snapshot(run)
+    rc, err = _train(shapes4, tmp_path, "--overwrite", f"--model.weights={run / 'last.pt'}")
+    assert rc == 2 and mentions(error_line(err), str(run / "last.pt"), "model.weights")
+    rc, err = _train(shapes4, tmp_path, "--overwrite", "--config", str(run / "config.toml"))
+    assert rc == 2 and mentions(error_line(err), str(run / "config.toml"), "config file")
+    data = tmp_path / "data"
+    shutil.copytree(shapes4, data)
+    rc, err = _train(data, data / "train")  # the run folder would become a class folder of the next run
+    assert rc == 2 and mentions(error_line(err), str(data / "train" / "r"), "inside the data folder")
+    assert sorted(p.name for p in (data / "train").iterdir()) == sorted(p.name for p in (shapes4 / "train").iterdir())
+    assert _snapshot(run) == before
+
+
+def test_a_nan_before_any_save_does_not_point_at_a_checkpoint(shapes4, tmp_path, monkeypatch) -> None:
+    def nan_loss(*args, **kwargs):
+        return torch.nn.functional.cross_entropy(*args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(fastft.train, "F", types.SimpleNamespace(cross_entropy=nan_loss))
+    rc, err = _train(shapes4, tmp_path)
+    line = error_line(err)
+    assert rc == 2 and mentions(line, "step 1", "no checkpoint was written", str(tmp_path / "r"))
+    assert not (tmp_path / "r" / "last.pt").exists()
