@@ -4,7 +4,7 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.fastft-installed
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast test-zoo bench lint clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ test: setup
 
 test-fast: setup
 	$(VPY) -m pytest -q tests -m "not slow"
+
+# Every torchvision classifier x freeze policy (`make test` runs one model per family); writes a record.
+test-zoo: setup
+	FASTFT_TEST_ZOO=all $(VPY) -m pytest -q tests/test_model_zoo.py -k test_family_under_policy --junitxml=.zoo.xml || true
+	$(VPY) -m benchmarks.zoo_table .zoo.xml benchmarks/results/zoo-$$(date +%Y%m%d).md
 
 bench: setup
 	$(VPY) -m benchmarks.throughput --suite cpu

@@ -257,7 +257,8 @@ def replace_head(model: nn.Module, num_classes: int, *, hidden: int = 0, dropout
             in_features = hidden
         elif dropout > 0:
             layers.append(nn.Dropout(dropout))
-        layers.append(nn.Linear(in_features, num_classes))
+        # the family's own choice of bias (maxvit's classifier has none), so the state dict is torchvision's
+        layers.append(nn.Linear(in_features, num_classes, bias=old.bias is not None))
         new = layers[0] if len(layers) == 1 else nn.Sequential(*layers)
     set_submodule(model, path, new)
     model.fastft_head = path  # type: ignore[assignment]

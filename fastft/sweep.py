@@ -32,7 +32,7 @@ class HeadBank(nn.Module):
     def __init__(self, head: nn.Module, count: int) -> None:
         super().__init__()
         self.heads = nn.ModuleList(copy.deepcopy(head) for _ in range(count))
-        self.linear = isinstance(head, nn.Linear)
+        self.linear = isinstance(head, nn.Linear) and head.bias is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.linear:
