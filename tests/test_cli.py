@@ -193,7 +193,10 @@ def test_eval_and_predict_take_a_run_file_and_overrides_with_the_flags_as_aliase
     monkeypatch.setattr(fastft.api, "evaluate", lambda *a, **k: seen.setdefault("eval", k))
     monkeypatch.setattr(fastft.api, "predict", lambda *a, **k: seen.setdefault("predict", k) and "p.csv")
     run_file = tmp_path / "run.toml"
-    run_file.write_text('[data]\nbatch_size = 16\neval_batch_size = 12\nworkers = 3\n[precision]\ndtype = "bf16"\n')
+    run_file.write_text(
+        '[data]\nbatch_size = 16\neval_batch_size = 12\nworkers = 3\non_bad_file = "skip"\n'
+        '[precision]\ndtype = "bf16"\n'
+    )
     where = ["--checkpoint", "c.pt", "--data", str(tmp_path)]
     assert cli("eval", *where, "--config", str(run_file), "--data.workers=0", "--batch-size", "7")[0] == 0
     assert {k: seen["eval"][k] for k in ("batch_size", "workers", "precision", "loader", "device")} == {
@@ -204,7 +207,22 @@ def test_eval_and_predict_take_a_run_file_and_overrides_with_the_flags_as_aliase
         "device": "auto",
     }
     assert cli("predict", "--checkpoint", "c.pt", "--input", "x", "--out", "p.csv", "--config", str(run_file))[0] == 0
-    assert seen["predict"] == {"batch_size": 12, "workers": 3, "device": "auto"}
+    assert seen["predict"] == {"batch_size": 12, "workers": 3, "device": "auto", "on_bad_file": "skip"}
+    args = (
+        "--checkpoint",
+        "c.pt",
+        "--input",
+        "x",
+        "--out",
+        "p.csv",
+        "--config",
+        str(run_file),
+        "--on-bad-file",
+        "error",
+    )
+    seen.clear()
+    assert cli("predict", *args)[0] == 0
+    assert seen["predict"]["on_bad_file"] == "error"  # the flag wins over the file
 
 
 def test_eval_overrides_are_validated_like_train(tmp_path) -> None:
