@@ -35,7 +35,7 @@ from fastft.logging import RunLogger
 from fastft.model import Split, build_model, freeze, preset_weights, split_model
 from fastft.optim import Schedule, build_optimizer, param_groups
 from fastft.parallel import env as penv
-from fastft.parallel.backend import LocalBackend
+from fastft.parallel.backend import LocalBackend, apply_sync_bn, sync_buffers
 from fastft.precision import resolve_precision
 from fastft.report import format_table, write_report
 from fastft.sweep import HeadBank, bank_param_groups, check_sweep, sweep_grid, sweep_table
@@ -66,6 +66,13 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed)  # same on every rank: heads start identical (DDP also broadcasts at wrap)
+
+
+def seed_rank_streams(seed: int, rank: int, world_size: int) -> None:
+    """Once the model is built and wrapped (so heads start identical): give each rank its own torch stream, so dropout
+    and stochastic depth draw different masks on each rank's samples. (Resume then restores each rank's saved state.)"""
+    if world_size > 1:
+        torch.manual_seed(seed + rank)
 
 
 def prepare_run_dir(cfg: FinetuneConfig, env: penv.DistEnv) -> tuple[Path, Path | None]:
@@ -292,6 +299,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
     def assemble() -> None:
         """(Re)build what depends on the split: compiled suffix, wrapped module, and the prefix to run."""
         nonlocal suffix, prefix, train_module
+        if backend.name == "ddp":  # before compile: the compiled graph must see the SyncBatchNorm layers
+            apply_sync_bn(cfg.parallel.sync_bn, split.suffix, model, world_size=env.world_size, device=device)
         suffix = apply_compile(split.suffix, cfg.compile) if target in ("head", "all") else split.suffix
         cached = cfg.features.cache != "off" and train_loader is not image_loaders[0]
         prefix = None if cached else split.prefix
@@ -301,6 +310,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
 
     suffix = prefix = train_module = None
     assemble()
+    seed_rank_streams(cfg.run.seed, env.rank, env.world_size)
     log.info(
         "fastft: precision %s (%s), compile %s, split %s, backend %s, world %d, device %s",
         precision.name,
@@ -372,6 +382,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
 
     def save(name: str, epoch: int, batch: int) -> None:
         # Every rank contributes its RNG state (gathered); rank 0 writes.
+        sync_buffers(split.suffix)  # the ranks' BatchNorm statistics drift apart during training forwards
         rngs = [ckpt_io.rng_state()]
         stats = [{"loss_sum": float(loss_sum), "loss_n": loss_n, "seen": seen} if batch else None]
         if env.distributed:
@@ -413,6 +424,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
     )
 
     def evaluate_now() -> dict:
+        sync_buffers(split.suffix)  # every rank evaluates the model that is saved (rank 0's buffers)
         suffix_eval = suffix
         forward = (lambda x: suffix_eval(prefix(x))) if prefix is not None else suffix_eval
         if prefix is not None:

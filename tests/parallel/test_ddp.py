@@ -282,3 +282,33 @@ def test_ddp_gradual_unfreeze_with_cache(shapes4, tmp_path) -> None:
     saved = torch.load(tmp_path / "u" / "last.pt", weights_only=True)
     groups = saved["optimizer"]["param_groups"]
     assert any(g["name"].startswith("layer4:") for g in groups)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_run_report_describes_the_saved_model_with_trainable_batchnorm(shapes4, tmp_path, world) -> None:
+    """Trainable BatchNorm under DDP: each rank's last forward updates its own running statistics. The run's final
+    report must still be the evaluation of exactly the model in its checkpoint (ranks hold identical weights and
+    buffers before every evaluation and save). Tolerance: top-1 and the confusion matrix exact; the loss to 1e-6
+    (the distributed mean sums per-rank partial sums in another order than one process)."""
+    run = tmp_path / "r"
+    _ok(
+        run_torchrun(
+            world,
+            "train",
+            f"--data.root={shapes4}",
+            *FAST,
+            "--model.freeze=until:layer3",
+            "--data.batch_size=4",
+            "--optim.epochs=1",
+            f"--run.out_dir={tmp_path}",
+            "--run.name=r",
+        )
+    )
+    reported = json.loads((run / "metrics.json").read_text())
+    args = ["--data", str(shapes4 / "val"), "--batch-size", "8", "--workers", "0", "--precision", "fp32"]
+    _ok(run_cli("eval", "--checkpoint", str(run / "best.pt"), *args, "--device", "cpu", "--out", str(tmp_path / "e")))
+    saved = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert saved["num_samples"] == reported["num_samples"] == 24
+    assert saved["confusion_matrix"] == reported["confusion_matrix"]
+    assert saved["top1"] == reported["top1"]
+    assert saved["loss"] == pytest.approx(reported["loss"], abs=1e-6)
