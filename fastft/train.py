@@ -35,7 +35,7 @@ from fastft.logging import RunLogger
 from fastft.model import Split, build_model, freeze, preset_weights, split_model
 from fastft.optim import Schedule, build_optimizer, param_groups
 from fastft.parallel import env as penv
-from fastft.parallel.backend import LocalBackend, apply_sync_bn, sync_buffers
+from fastft.parallel.backend import LocalBackend, all_finite, apply_sync_bn, sync_buffers
 from fastft.precision import resolve_precision
 from fastft.report import format_table, write_report
 from fastft.sweep import HeadBank, bank_param_groups, check_sweep, sweep_grid, sweep_table
@@ -389,8 +389,15 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
             gathered: list = [None] * env.world_size
             torch.distributed.all_gather_object(gathered, (rngs[0], stats[0]))
             rngs, stats = [g[0] for g in gathered], [g[1] for g in gathered]
-        backend.save_checkpoint(run_dir, name.removesuffix(".pt"))  # collective for sharded optimizer state
+        # Nothing non-finite is ever written, whatever the device's check cadence in the loop: the gradient flag and
+        # the weights themselves are checked before the first byte (the same verdict on every rank).
+        shown = epoch - 1 if batch == 0 else epoch  # the epoch the state comes from (0-based)
+        if not backend.grads_finite():
+            _nonfinite(float("nan"), shown, step, run_dir, what="gradient norm")
         weights = model_state()
+        if not all_finite(weights):
+            _nonfinite(float("nan"), shown, step, run_dir, what="a weight")
+        backend.save_checkpoint(run_dir, name.removesuffix(".pt"))  # collective for sharded optimizer state
         if env.is_main:
             opt_state = None if backend.owns_optimizer_state else optimizer.state_dict()
             extra = {"sweep_bank": bank.state_dict()} if bank is not None else {}
@@ -525,7 +532,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
                         reduction="none",
                     )
                     loss = per.view(len(grid), -1).mean(dim=1).sum()
-                if device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on GPU checked below
+                if _eager_checks(device) and not torch.isfinite(loss):  # free on CPU; on GPU checked below
                     _nonfinite(loss.detach(), epoch, step + 1, run_dir)
                 backend.backward(loss)
             timer.mark("trainable")
@@ -538,7 +545,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
             timer.mark("optimizer")
             if not boundary:
                 continue
-            if device.type == "cpu" and not backend.grads_finite():  # on GPU: checked below, before any save
+            if _eager_checks(device) and not backend.grads_finite():  # on GPU: at log cadence and in every save
                 _nonfinite(float("nan"), epoch, step + 1, run_dir, what="gradient norm")
             scheduler.step()
             step += 1
@@ -708,6 +715,12 @@ def _apply_unfreeze(model, u: UnfreezeStep, optimizer, cfg: FinetuneConfig) -> l
         ):
             optimizer.add_param_group(g)
     return newly
+
+
+def _eager_checks(device: torch.device) -> bool:
+    """Check the loss and gradients at every step? Free on CPU; on a GPU each check is a host sync, so there they run
+    at the log cadence and before every save."""
+    return device.type == "cpu"
 
 
 def _nonfinite(loss, epoch: int, step: int, run_dir: Path, what: str = "loss"):

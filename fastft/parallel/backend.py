@@ -238,3 +238,9 @@ def apply_sync_bn(setting: str, suffix: nn.Module, model: nn.Module, *, world_si
     elif setting == "on" or (setting == "auto" and world_size > 1 and trainable_bn(suffix)):
         logging.getLogger("fastft").info("fastft: parallel.sync_bn=%s: not converted: %s", setting, why)
     return on
+
+
+def all_finite(state: dict[str, torch.Tensor]) -> bool:
+    """True when every floating tensor of a state dict is finite (one host sync for the whole dict)."""
+    flags = [torch.isfinite(t).all() for t in state.values() if t.is_floating_point()]
+    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
