@@ -83,7 +83,12 @@ def prepare_run_dir(cfg: FinetuneConfig, env: penv.DistEnv) -> tuple[Path, Path 
         if not path.is_file():
             raise ConfigError(f"checkpoint.resume: no such checkpoint {path}")
         return path.parent, path
-    name = cfg.run.name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if cfg.run.name:
+        name = cfg.run.name
+    elif resume == "auto":  # the same command finds its folder again (a requeued or restarted job)
+        name = default_run_name(cfg)
+    else:
+        name = f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     name = penv.broadcast_object(env, name)  # ranks may disagree on the clock
     run_dir = Path(cfg.run.out_dir) / name
     if resume == "auto" and (run_dir / "last.pt").is_file():
@@ -91,7 +96,9 @@ def prepare_run_dir(cfg: FinetuneConfig, env: penv.DistEnv) -> tuple[Path, Path 
     if env.is_main:
         try:
             if run_dir.exists() and any(run_dir.iterdir()):
-                if not cfg.run.overwrite:
+                if resume == "auto" and not cfg.run.name and _only_outputs(run_dir):
+                    log.info("fastft: %s holds no checkpoint yet (stopped before its first save): starting", run_dir)
+                elif not cfg.run.overwrite:
                     raise ConfigError(
                         f"run folder {run_dir} already exists: pass --run.overwrite=true or another --run.name"
                     )
@@ -103,6 +110,36 @@ def prepare_run_dir(cfg: FinetuneConfig, env: penv.DistEnv) -> tuple[Path, Path 
         except OSError as e:
             raise ConfigError(f"run folder {run_dir} is not writable: {e.strerror or e}") from None
     return run_dir, None
+
+
+# Keys that do not change what is trained: left out of the default run name, so a restarted command finds its run.
+_NAME_EXCLUDES = {
+    "run": ("name", "out_dir", "overwrite", "device"),
+    "checkpoint": ("resume", "every_steps", "every_epochs"),
+    "data": ("workers",),
+    "parallel": ("timeout_s",),
+    "log": None,  # the whole section
+}
+
+
+def default_run_name(cfg: FinetuneConfig) -> str:
+    """`<model>-<hash>`: a short hash of the resolved config without the keys in _NAME_EXCLUDES."""
+    import hashlib
+    import json
+
+    resolved = dataclasses.asdict(cfg)
+    for section, keys in _NAME_EXCLUDES.items():
+        if keys is None:
+            resolved.pop(section, None)
+        for key in keys or ():
+            resolved.get(section, {}).pop(key, None)
+    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{cfg.model.name}-{digest}"
+
+
+def _only_outputs(run_dir: Path) -> bool:
+    """True when the folder holds only fastft's own outputs (nothing a user put there)."""
+    return all(p.name in _OUTPUTS or p.name in ("tensorboard", "deepspeed") for p in run_dir.iterdir())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -178,6 +215,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
 
 def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult:
     device = env.device
+    stop = penv.StopSignal(env)  # closed with the loaders: the caller's signal handlers come back
+    opened.append(stop)
     seed_everything(cfg.run.seed, env.rank)
 
     # 1. Data index (one class mapping for every loader) and the run folder.
@@ -565,6 +604,10 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
                         bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{seen * env.world_size / elapsed:.0f}")
             if saving:
                 save("last.pt", epoch, batch_idx + 1)
+            if stop.requested():  # SIGTERM / SIGUSR1: save this step boundary, then end (resume=auto continues)
+                if not saving:
+                    save("last.pt", epoch, batch_idx + 1)
+                _stopped(stop.received, epoch, step, run_dir)
             timer.start()
         elapsed = time.perf_counter() - t0
         if bar is not None:
@@ -715,6 +758,13 @@ def _apply_unfreeze(model, u: UnfreezeStep, optimizer, cfg: FinetuneConfig) -> l
         ):
             optimizer.add_param_group(g)
     return newly
+
+
+def _stopped(signal_name: str | None, epoch: int, step: int, run_dir: Path):
+    raise FastftError(
+        f"stopped by {signal_name} at epoch {epoch + 1}, step {step}: the position is saved in {run_dir / 'last.pt'}; "
+        "run the same command with --resume=auto to continue"
+    )
 
 
 def _eager_checks(device: torch.device) -> bool:
