@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, run_torchrun, run_torchrun_script
+from conftest import REPO, free_port, run_cli, run_torchrun, run_torchrun_script
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -366,3 +366,40 @@ def test_sync_batchnorm_ddp_matches_single_process_on_same_global_batch(shapes4,
     for k in single:
         if k.startswith(("layer4", "fc")) and not k.endswith("num_batches_tracked"):
             torch.testing.assert_close(ddp[k], single[k], atol=1e-3, rtol=1e-2, msg=k)
+
+
+FAIL_ONCE = """import os
+if os.environ.get("LOCAL_RANK") is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    from fastft.parallel.backend import LocalBackend
+
+    _step, _calls = LocalBackend.step, {"n": 0}
+
+    def _faulty(self, boundary=True):
+        _calls["n"] += boundary
+        if boundary and _calls["n"] == int(os.environ["FAIL_STEP"]) and os.environ["RANK"] == "1":
+            raise RuntimeError("injected fault on the first attempt")
+        return _step(self, boundary)
+
+    LocalBackend.step = _faulty
+"""
+
+
+def test_torchrun_launcher_restarts_a_failed_worker_and_resumes(shapes4, tmp_path) -> None:
+    """launchers/torchrun.sh with --max-restarts: rank 1 fails at step 4 of the first attempt; torchrun restarts the
+    workers, and the same arguments (--resume=auto, no run.name) continue from the step-2 checkpoint to the end."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAIL_ONCE)
+    env = _launcher_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), MAX_RESTARTS="1", FAIL_STEP="4")
+    env["PYTHONPATH"] = f"{site}:{REPO}"
+    args = [f"--data.root={shapes4}", *FAST, "--data.batch_size=4", "--optim.epochs=2"]
+    args += ["--checkpoint.every_steps=2", "--log.every_steps=1", f"--run.out_dir={tmp_path / 'runs'}", "--resume=auto"]
+    p = subprocess.run(["bash", str(LAUNCHER), *args], capture_output=True, text=True, env=env, timeout=600)
+    _ok(p)
+    assert "injected fault on the first attempt" in p.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    starts = [i for i, e in enumerate(events) if e["event"] == "start"]
+    assert len(starts) == 2 and events[starts[1]]["resumed_from"] == str(run / "last.pt")
+    after = [e["step"] for e in events[starts[1] :] if e["event"] == "step"]
+    assert after[0] == 3 and events[-1]["event"] == "end" and events[-1]["step"] == 12
