@@ -191,10 +191,11 @@ def _wait_for_event_step(proc: subprocess.Popen, run_root: Path, min_step: int, 
 
 def _requeue_case(root: Path, out: Path, *, nproc: int, batch: int, stop: str) -> dict:
     """Reference run; then the same command (no run.name, --resume=auto) stopped mid-epoch by `stop` (SIGKILL after a
-    per-step save, or SIGTERM with no periodic saves) and run again unchanged."""
+    per-step save; SIGTERM with no periodic saves, sent to the launched process or, "SIGTERM-rank1", to rank 1's
+    worker alone) and run again unchanged."""
     ref_args = [*_common(root, out / "ref", batch=batch, workers=0), "--run.name=full"]
     again = [*_common(root, out / "job", batch=batch, workers=0), "--resume=auto"]
-    if stop == "SIGTERM":
+    if stop.startswith("SIGTERM"):
         again += ["--checkpoint.every_steps=0"]  # the only mid-epoch checkpoint is the one the signal asks for
     ref = start_fastft(ref_args, out / "ref.log", nproc=nproc)
     first = start_fastft(again, out / "first.log", nproc=nproc)
@@ -204,6 +205,10 @@ def _requeue_case(root: Path, out: Path, *, nproc: int, batch: int, stop: str) -
             pids = descendants(first.pid)
             kill_job(first)
             wait_gone(pids)
+        elif stop == "SIGTERM-rank1":  # one rank hears it: both must stop at the same step
+            (worker,) = [p for p in descendants(first.pid) if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
+            os.kill(worker, signal.SIGTERM)
+            first.wait(timeout=120)
         else:
             os.kill(first.pid, signal.SIGTERM)  # python, or torchrun, which passes SIGTERM on to its workers
             first.wait(timeout=120)
@@ -226,7 +231,10 @@ def _requeue_case(root: Path, out: Path, *, nproc: int, batch: int, stop: str) -
     }
 
 
-@pytest.fixture(scope="module", params=[("SIGKILL", 1), ("SIGTERM", 1), ("SIGTERM", 2)], ids=lambda p: f"{p[0]}-{p[1]}")
+STOPS = [("SIGKILL", 1), ("SIGTERM", 1), ("SIGTERM", 2), ("SIGTERM-rank1", 2)]
+
+
+@pytest.fixture(scope="module", params=STOPS, ids=lambda p: f"{p[0]}-{p[1]}")
 def requeued(request, shapes4, module_tmp) -> dict:
     stop, nproc = request.param
     case = _requeue_case(shapes4, module_tmp(f"requeue-{stop}-{nproc}"), nproc=nproc, batch=4, stop=stop)
@@ -246,14 +254,16 @@ def test_the_same_command_again_resumes_and_ends_with_the_uninterrupted_weights(
 
 def test_sigterm_saves_the_step_boundary_and_ends_with_one_line(requeued) -> None:
     c = requeued
-    if c["stop"] != "SIGTERM":
+    if c["stop"] == "SIGKILL":
         pytest.skip("SIGKILL cannot be handled")
     # the run said where it stopped, and that position is the checkpoint's (no periodic saves were asked for)
     k = c["stopped_at"]
-    line = f"stopped by SIGTERM at epoch {k['epoch'] + 1}, step {k['step']}: the position is saved in"
+    at = f"at epoch {k['epoch'] + 1}, step {k['step']}: the position is saved in"
     if c["nproc"] == 1:
-        assert line in c["first_log"] and "Traceback" not in c["first_log"], c["first_log"][-3000:]
-    else:  # every rank stopped at the same step (torchrun itself reports the signal it got with a traceback)
+        log = c["first_log"]
+        assert f"stopped by SIGTERM {at}" in log and "Traceback" not in log, log[-3000:]
+    else:  # every rank stopped at the same step (torchrun itself reports the end of its workers with a traceback)
         for rank in range(c["nproc"]):
-            assert f"fastft: error (rank {rank}): {line}" in c["first_log"], c["first_log"][-3000:]
+            heard = "SIGTERM" if c["stop"] == "SIGTERM" or rank == 1 else "a stop signal on another rank"
+            assert f"fastft: error (rank {rank}): stopped by {heard} {at}" in c["first_log"], c["first_log"][-3000:]
     assert c["first_rc"] != 0
