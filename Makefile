@@ -12,8 +12,18 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --no-cache-dir --upgrade pip wheel setuptools
-	$(VPY) -m pip install --quiet --no-cache-dir -e ".[dali,deepspeed,dev]"
+	$(VPY) -m pip install --quiet --no-cache-dir -e ".[deepspeed,dev]"
+	$(VPY) -m pip install --quiet --no-cache-dir -e ".[$$($(VPY) -c "$$DALI_EXTRA")]"
 	touch $(STAMP)
+
+# The DALI extra matching the installed torch's CUDA major (dali-cuda12 | dali-cuda13); a CPU-only torch gets the
+# CUDA 13 wheel, whose CPU pipeline runs (and is tested) without a GPU.
+define DALI_EXTRA
+import torch
+major = (torch.version.cuda or "13").split(".")[0]
+print({"12": "dali-cuda12"}.get(major, "dali-cuda13"))
+endef
+export DALI_EXTRA
 
 demo: setup
 	$(VENV)/bin/fastft demo

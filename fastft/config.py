@@ -92,6 +92,8 @@ class ParallelConfig:
     timeout_s: int = 600  # collective timeout: a dead rank ends the job instead of hanging
     deepspeed_config: str = ""  # optional user JSON merged over the generated DeepSpeed config
     zero_stage: int = 0
+    sync_bn: str = "auto"  # auto | on | off: SyncBatchNorm in the trainable part under DDP (auto: on with GPUs when
+    # it holds trainable BatchNorm; CPU falls back to per-rank statistics, logged)
 
 
 @dataclass
@@ -192,6 +194,7 @@ class FinetuneConfig:
         _choice("parallel.backend", self.parallel.backend, ("auto", "none", "ddp", "deepspeed"))
         _min("parallel.timeout_s", self.parallel.timeout_s, 1)
         _choice("parallel.zero_stage", self.parallel.zero_stage, (0, 1, 2))  # params stay whole for export
+        _choice("parallel.sync_bn", self.parallel.sync_bn, ("auto", "on", "off"))
         _choice("features.cache", self.features.cache, ("off", "memory", "disk"))
         _min("features.views", self.features.views, 0)
         _choice("features.dtype", self.features.dtype, ("fp16", "fp32"))

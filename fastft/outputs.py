@@ -213,6 +213,14 @@ def open_run_dir(run_dir: Path, *, overwrite: bool) -> None:
         raise ConfigError(f"run folder {run_dir} is not writable: {e.strerror or e}") from None
 
 
+def only_outputs(run_dir: Path) -> bool:
+    """True when the folder holds only fastft's own outputs (nothing a user put there)."""
+    return all(
+        p.name in RUN_OUTPUTS or p.name in RUN_OUTPUT_DIRS or (p.name.startswith(".") and ".tmp" in p.name)
+        for p in run_dir.iterdir()
+    )
+
+
 def clear_outputs(run_dir: Path) -> None:
     for name in RUN_OUTPUTS:
         (run_dir / name).unlink(missing_ok=True)

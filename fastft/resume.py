@@ -103,6 +103,7 @@ RULES: dict[str, Rule] = {
         same=_either_deepspeed,
     ),
     "parallel.timeout_s": Rule(MAY),
+    "parallel.sync_bn": Rule(NOTED, "the trainable BatchNorm layers normalise with (or without) all ranks' statistics"),
     "parallel.deepspeed_config": Rule(MUST, "DeepSpeed's saved state follows its config"),
     "parallel.zero_stage": Rule(MUST, "DeepSpeed's saved state is partitioned by it"),
     "features.cache": Rule(NOTED, "the rest of the run trains with (or without) the cache: equal up to rounding"),

@@ -37,7 +37,7 @@ from fastft.logging import RunLogger
 from fastft.model import Split, build_model, freeze, preset_weights, split_model
 from fastft.optim import Schedule, build_optimizer, param_groups
 from fastft.parallel import env as penv
-from fastft.parallel.backend import LocalBackend
+from fastft.parallel.backend import LocalBackend, all_finite, apply_sync_bn, sync_buffers
 from fastft.precision import resolve_precision
 from fastft.preflight import check_before_training
 from fastft.report import atomic_write_text, format_table, write_report
@@ -71,6 +71,13 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(seed)  # same on every rank: heads start identical (DDP also broadcasts at wrap)
 
 
+def seed_rank_streams(seed: int, rank: int, world_size: int) -> None:
+    """Once the model is built and wrapped (so heads start identical): give each rank its own torch stream, so dropout
+    and stochastic depth draw different masks on each rank's samples. (Resume then restores each rank's saved state.)"""
+    if world_size > 1:
+        torch.manual_seed(seed + rank)
+
+
 def prepare_run_dir(cfg: FinetuneConfig, env: penv.DistEnv) -> tuple[Path, Path | None]:
     """Pick the run folder and the checkpoint to resume from; fail before any training if it is unusable."""
     resume = cfg.checkpoint.resume
@@ -79,15 +86,54 @@ def prepare_run_dir(cfg: FinetuneConfig, env: penv.DistEnv) -> tuple[Path, Path 
         if not path.is_file():
             raise ConfigError(f"checkpoint.resume: no such checkpoint {path}")
         return path.parent, path
-    name = cfg.run.name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if cfg.run.name:
+        name = cfg.run.name
+    elif resume == "auto":  # the same command finds its folder again (a requeued or restarted job)
+        name = default_run_name(cfg)
+    else:
+        name = f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     name = penv.broadcast_object(env, name)  # ranks may disagree on the clock
     run_dir = Path(cfg.run.out_dir) / name
     if resume == "auto" and (run_dir / "last.pt").is_file():
         return run_dir, run_dir / "last.pt"
     if env.is_main:  # checks only: open_run_dir makes (or clears, with --overwrite) the folder after every check
-        outputs.check_run_dir(run_dir, overwrite=cfg.run.overwrite, inputs=outputs.run_inputs(cfg))
+        if _restarting(cfg, run_dir):
+            log.info("fastft: %s holds no checkpoint yet (stopped before its first save): starting", run_dir)
+        overwrite = cfg.run.overwrite or _restarting(cfg, run_dir)
+        outputs.check_run_dir(run_dir, overwrite=overwrite, inputs=outputs.run_inputs(cfg))
         outputs.check_run_not_in_data(run_dir, cfg.data)
     return run_dir, None
+
+
+# Keys that do not change what is trained: left out of the default run name, so a restarted command finds its run.
+_NAME_EXCLUDES = {
+    "run": ("name", "out_dir", "overwrite", "device"),
+    "checkpoint": ("resume", "every_steps", "every_epochs"),
+    "data": ("workers",),
+    "parallel": ("timeout_s",),
+    "log": None,  # the whole section
+}
+
+
+def default_run_name(cfg: FinetuneConfig) -> str:
+    """`<model>-<hash>`: a short hash of the resolved config without the keys in _NAME_EXCLUDES."""
+    import hashlib
+    import json
+
+    resolved = dataclasses.asdict(cfg)
+    for section, keys in _NAME_EXCLUDES.items():
+        if keys is None:
+            resolved.pop(section, None)
+        for key in keys or ():
+            resolved.get(section, {}).pop(key, None)
+    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{cfg.model.name}-{digest}"
+
+
+def _restarting(cfg: FinetuneConfig, run_dir: Path) -> bool:
+    """`resume=auto` without a run name, and the derived folder holds only fastft's outputs: the same command stopped
+    before its first save, so it starts again there (a folder holding anything else is still refused)."""
+    return cfg.checkpoint.resume == "auto" and not cfg.run.name and run_dir.is_dir() and outputs.only_outputs(run_dir)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -138,6 +184,8 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
 
 def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult:
     device = env.device
+    stop = penv.StopSignal(env)  # closed with the loaders: the caller's signal handlers come back
+    opened.append(stop)
     seed_everything(cfg.run.seed, env.rank)
 
     # 1. Data index (one class mapping for every loader) and the run folder.
@@ -270,6 +318,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
     def assemble() -> None:
         """(Re)build what depends on the split: compiled suffix, wrapped module, and the prefix to run."""
         nonlocal suffix, prefix, train_module
+        if backend.name == "ddp":  # before compile: the compiled graph must see the SyncBatchNorm layers
+            apply_sync_bn(cfg.parallel.sync_bn, split.suffix, model, world_size=env.world_size, device=device)
         suffix = apply_compile(split.suffix, cfg.compile) if target in ("head", "all") else split.suffix
         cached = cfg.features.cache != "off" and train_loader is not image_loaders[0]
         prefix = None if cached else split.prefix
@@ -279,6 +329,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
 
     suffix = prefix = train_module = None
     assemble()
+    seed_rank_streams(cfg.run.seed, env.rank, env.world_size)
     log.info(
         "fastft: precision %s (%s), compile %s, split %s, backend %s, world %d, device %s",
         precision.name,
@@ -330,7 +381,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
 
     if env.is_main:  # only now: a refused run leaves the run folder as it was (or absent)
         check_free_space(run_dir, model)
-        outputs.open_run_dir(run_dir, overwrite=cfg.run.overwrite and resume_from is None)
+        fresh = resume_from is None
+        outputs.open_run_dir(run_dir, overwrite=(cfg.run.overwrite or _restarting(cfg, run_dir)) and fresh)
         if skipped:
             atomic_write_text(run_dir / "skipped_files.txt", "".join(f"{p}\n" for p in skipped))
             log.info("fastft: skipped %d unreadable files (listed in %s)", len(skipped), run_dir / "skipped_files.txt")
@@ -351,14 +403,22 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
 
     def save(name: str, epoch: int, batch: int) -> None:
         # Every rank contributes its RNG state (gathered); rank 0 writes.
+        sync_buffers(split.suffix)  # the ranks' BatchNorm statistics drift apart during training forwards
         rngs = [ckpt_io.rng_state()]
         stats = [{"loss_sum": float(loss_sum), "loss_n": loss_n, "seen": seen} if batch else None]
         if env.distributed:
             gathered: list = [None] * env.world_size
             torch.distributed.all_gather_object(gathered, (rngs[0], stats[0]))
             rngs, stats = [g[0] for g in gathered], [g[1] for g in gathered]
-        backend.save_checkpoint(run_dir, name.removesuffix(".pt"))  # collective for sharded optimizer state
+        # Nothing non-finite is ever written, whatever the device's check cadence in the loop: the gradient flag and
+        # the weights themselves are checked before the first byte (the same verdict on every rank).
+        shown = epoch - 1 if batch == 0 else epoch  # the epoch the state comes from (0-based)
+        if not backend.grads_finite():
+            _nonfinite(float("nan"), shown, step, run_dir, what="gradient norm")
         weights = model_state()
+        if not all_finite(weights):
+            _nonfinite(float("nan"), shown, step, run_dir, what="a weight")
+        backend.save_checkpoint(run_dir, name.removesuffix(".pt"))  # collective for sharded optimizer state
         if env.is_main:
             opt_state = None if backend.owns_optimizer_state else optimizer.state_dict()
             extra = {"sweep_bank": bank.state_dict()} if bank is not None else {}
@@ -392,6 +452,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
     )
 
     def evaluate_now() -> dict:
+        sync_buffers(split.suffix)  # every rank evaluates the model that is saved (rank 0's buffers)
         suffix_eval = suffix
         forward = (lambda x: suffix_eval(prefix(x))) if prefix is not None else suffix_eval
         if prefix is not None:
@@ -492,7 +553,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
                         reduction="none",
                     )
                     loss = per.view(len(grid), -1).mean(dim=1).sum()
-                if device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on GPU checked below
+                if _eager_checks(device) and not torch.isfinite(loss):  # free on CPU; on GPU checked below
                     _nonfinite(loss.detach(), epoch, step + 1, run_dir)
                 backend.backward(loss)
             timer.mark("trainable")
@@ -505,7 +566,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
             timer.mark("optimizer")
             if not boundary:
                 continue
-            if device.type == "cpu" and not backend.grads_finite():  # on GPU: checked below, before any save
+            if _eager_checks(device) and not backend.grads_finite():  # on GPU: at log cadence and in every save
                 _nonfinite(float("nan"), epoch, step + 1, run_dir, what="gradient norm")
             scheduler.step()
             step += 1
@@ -525,6 +586,10 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
                         bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{seen * env.world_size / elapsed:.0f}")
             if saving:
                 save("last.pt", epoch, batch_idx + 1)
+            if stop.requested():  # SIGTERM / SIGUSR1: save this step boundary, then end (resume=auto continues)
+                if not saving:
+                    save("last.pt", epoch, batch_idx + 1)
+                _stopped(stop.received, epoch, step, run_dir)
             timer.start()
         elapsed = time.perf_counter() - t0
         if bar is not None:
@@ -673,6 +738,19 @@ def _apply_unfreeze(model, u: UnfreezeStep, optimizer, cfg: FinetuneConfig) -> l
         ):
             optimizer.add_param_group(g)
     return newly
+
+
+def _stopped(signal_name: str | None, epoch: int, step: int, run_dir: Path):
+    raise FastftError(
+        f"stopped by {signal_name} at epoch {epoch + 1}, step {step}: the position is saved in {run_dir / 'last.pt'}; "
+        "run the same command with --resume=auto to continue"
+    )
+
+
+def _eager_checks(device: torch.device) -> bool:
+    """Check the loss and gradients at every step? Free on CPU; on a GPU each check is a host sync, so there they run
+    at the log cadence and before every save."""
+    return device.type == "cpu"
 
 
 def _nonfinite(loss, epoch: int, step: int, run_dir: Path, what: str = "loss"):

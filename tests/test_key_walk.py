@@ -71,6 +71,7 @@ VALUES: dict[str, tuple[object, dict[str, object]]] = {
     "compile.backend": ("eager", {"compile.target": "head"}),
     "parallel.backend": ("ddp", {}),  # one process: runs without DDP, says so
     "parallel.timeout_s": (30, {}),
+    "parallel.sync_bn": ("on", {}),  # one process: nothing to synchronise
     "parallel.zero_stage": (1, {}),  # only DeepSpeed reads it
     "features.cache": ("memory", {}),
     "features.views": (2, {"features.cache": "memory"}),

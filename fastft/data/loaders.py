@@ -14,15 +14,42 @@ from fastft.parallel.env import DistEnv
 log = logging.getLogger("fastft")
 
 
-def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia.dali") is not None
+def dali_available(device=None) -> bool:
+    """DALI is installed (cheap check); with a CUDA `device`, also importable and built for a CUDA this driver runs."""
+    if device is None or device.type != "cuda":
+        return importlib.util.find_spec("nvidia.dali") is not None
+    return _dali_problem() is None
+
+
+def _dali_problem() -> str | None:
+    """Why DALI cannot run on this machine's GPU, or None."""
+    if importlib.util.find_spec("nvidia.dali") is None:
+        return "NVIDIA DALI is not installed"
+    try:
+        import nvidia.dali.backend as backend
+    except Exception as e:  # a broken install, or CUDA libraries it cannot load
+        return f"nvidia.dali cannot be imported ({type(e).__name__}: {e})"
+    built, driver = backend.__cuda_version__ // 1000, backend.GetCudaVersion() // 1000  # e.g. 13020 -> 13
+    if driver < built:
+        return (
+            f"this DALI is built for CUDA {built}, the driver runs CUDA {driver or 'none'}: install the matching "
+            f"DALI extra (fastft[dali-cuda{driver}])"
+        )
+    return None
 
 
 def resolve_loader(cfg: DataConfig, env: DistEnv) -> str:
-    """`auto`: DALI when it is installed and the device is a GPU (GPU decode); the torchvision loader otherwise."""
+    """`auto`: DALI on a GPU when it can run there (GPU decode); the torchvision loader otherwise (on a GPU, with the
+    reason logged)."""
     if cfg.loader != "auto":
         return cfg.loader
-    return "dali" if dali_available() and env.device.type == "cuda" else "torch"
+    if env.device.type != "cuda":
+        return "torch"
+    problem = _dali_problem()
+    if problem is None:
+        return "dali"
+    log.info("fastft: data.loader=auto: the torchvision loader (%s)", problem)
+    return "torch"
 
 
 def build_loader(

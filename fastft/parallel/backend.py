@@ -158,3 +158,89 @@ class LocalBackend:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# BatchNorm across ranks
+
+
+def sync_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), in place; called before every evaluation and
+    save, so the evaluated model is the saved one on every rank.
+
+    Why they differ: DDP (broadcast_buffers=True) copies rank 0's buffers into every rank at the start of each
+    training forward, and each rank's BatchNorm then updates them from its own batch during that forward; after the
+    last step nothing copies them again. Rank 0's are taken (not an average) because they are what DDP itself trains
+    with at every forward and what rank 0 writes. The parameters need no copy: DDP all-reduces the gradients, so every
+    rank's optimizer makes the same update. (With SyncBatchNorm the statistics agree already; the copy is a no-op.)"""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, src=0)
+
+
+def trainable_bn(module: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers in `module` that train (frozen ones never normalise with batch statistics)."""
+    from fastft.model import is_frozen_bn
+
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and not isinstance(m, nn.SyncBatchNorm)
+        and not is_frozen_bn(m)
+        and any(p.requires_grad for p in m.parameters())
+    ]
+
+
+def resolve_sync_bn(setting: str, suffix: nn.Module, *, world_size: int, device: torch.device) -> tuple[bool, str]:
+    """parallel.sync_bn (auto | on | off) -> (convert the suffix's BatchNorm to SyncBatchNorm?, why).
+
+    torch's SyncBatchNorm raises on CPU tensors when it has to synchronise (it needs a GPU), so on CPU with several
+    ranks each rank normalises with its own batch's statistics and only the buffers are made equal (sync_buffers)."""
+    if setting == "off":
+        return False, "parallel.sync_bn=off"
+    if world_size <= 1:
+        return False, "one process"
+    if not trainable_bn(suffix):
+        return False, "no trainable BatchNorm"
+    if device.type != "cuda":
+        return False, (
+            f"SyncBatchNorm needs a GPU (torch refuses {device.type} tensors): each rank normalises with its own "
+            "batch's statistics; rank 0's running statistics are copied to every rank before evaluation and saves"
+        )
+    return True, f"parallel.sync_bn={setting}: BatchNorm statistics over the global batch"
+
+
+def convert_sync_bn(suffix: nn.Module, *also: nn.Module) -> int:
+    """Replace the suffix's trainable BatchNorm layers by SyncBatchNorm (sharing their parameters and buffers), in
+    the suffix and wherever else they are registered (`also`: the full model, which the suffix may only reference).
+    Frozen BatchNorm stays as it is. Returns how many layers were converted."""
+    new = {id(m): nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in trainable_bn(suffix)}
+    for root in (suffix, *also):
+        for parent in root.modules():
+            for name, child in list(parent.named_children()):
+                if id(child) in new:
+                    setattr(parent, name, new[id(child)])
+    return len(new)
+
+
+def apply_sync_bn(setting: str, suffix: nn.Module, model: nn.Module, *, world_size: int, device: torch.device) -> bool:
+    """Resolve parallel.sync_bn for this suffix, convert when on, and log the decision. Returns whether it is on."""
+    import logging
+
+    on, why = resolve_sync_bn(setting, suffix, world_size=world_size, device=device)
+    if on:
+        n = convert_sync_bn(suffix, model)
+        logging.getLogger("fastft").info("fastft: SyncBatchNorm in the trainable part (%d layers): %s", n, why)
+    elif setting == "on" or (setting == "auto" and world_size > 1 and trainable_bn(suffix)):
+        logging.getLogger("fastft").info("fastft: parallel.sync_bn=%s: not converted: %s", setting, why)
+    return on
+
+
+def all_finite(state: dict[str, torch.Tensor]) -> bool:
+    """True when every floating tensor of a state dict is finite (one host sync for the whole dict)."""
+    flags = [torch.isfinite(t).all() for t in state.values() if t.is_floating_point()]
+    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())

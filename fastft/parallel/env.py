@@ -92,3 +92,52 @@ def broadcast_object(env: DistEnv, obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 ask the run to stop at the next step boundary, after saving its position (the time-limit
+    warning of a Slurm job with `--signal`, a preemption, torchrun shutting its workers down).
+
+    Handlers are installed only in the main thread (an embedding program's own handlers are restored by close()).
+    Under several ranks the request is agreed at every step (a MAX all-reduce of one CPU integer, on a gloo group,
+    so no GPU sync): a signal that reaches one rank first still stops every rank at the same step."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, env: DistEnv) -> None:
+        import signal
+        import threading
+
+        self.received: str | None = None
+        self._previous: dict = {}
+        self._group = None
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        if env.distributed:
+            # A CPU group for the flag: the default group may be NCCL (GPU tensors only). Collective: every rank.
+            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        self._flag = torch.zeros(1, dtype=torch.int32)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.received = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        """True on every rank once any rank has received a stop signal (collective under several ranks)."""
+        if self._group is None:
+            return self.received is not None
+        self._flag.fill_(self.received is not None)
+        dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group)
+        if self._flag.item() and self.received is None:
+            self.received = "a stop signal on another rank"
+        return bool(self._flag.item())
+
+    def close(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, run_torchrun, run_torchrun_script
+from conftest import REPO, free_port, run_cli, run_torchrun, run_torchrun_script
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -30,6 +30,7 @@ FAST = [
     "--run.seed=7",
 ]
 INJECT = Path(__file__).with_name("_inject.py")
+PROBE = Path(__file__).with_name("_dropout_probe.py")
 
 
 LAUNCHER = REPO / "launchers" / "torchrun.sh"
@@ -139,6 +140,8 @@ def test_ddp_resume_continues_from_saved_step(shapes4, tmp_path) -> None:
         "--data.batch_size=4",
         "--optim.epochs=2",
         "--model.freeze=until:layer4",
+        "--model.head_hidden=32",
+        "--model.head_dropout=0.3",  # each rank's own dropout stream is saved and restored
         "--checkpoint.every_steps=2",
         f"--run.out_dir={tmp_path}",
     ]
@@ -282,3 +285,121 @@ def test_ddp_gradual_unfreeze_with_cache(shapes4, tmp_path) -> None:
     saved = torch.load(tmp_path / "u" / "last.pt", weights_only=True)
     groups = saved["optimizer"]["param_groups"]
     assert any(g["name"].startswith("layer4:") for g in groups)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_run_report_describes_the_saved_model_with_trainable_batchnorm(shapes4, tmp_path, world) -> None:
+    """Trainable BatchNorm under DDP: each rank's last forward updates its own running statistics. The run's final
+    report must still be the evaluation of exactly the model in its checkpoint (ranks hold identical weights and
+    buffers before every evaluation and save). Tolerance: top-1 and the confusion matrix exact; the loss to 1e-6
+    (the distributed mean sums per-rank partial sums in another order than one process)."""
+    run = tmp_path / "r"
+    p = run_torchrun(
+        world,
+        "train",
+        f"--data.root={shapes4}",
+        *FAST,
+        "--model.freeze=until:layer3",
+        "--data.batch_size=4",
+        "--optim.epochs=1",
+        f"--run.out_dir={tmp_path}",
+        "--run.name=r",
+    )
+    _ok(p)
+    assert "parallel.sync_bn=auto: not converted: SyncBatchNorm needs a GPU" in p.stderr  # CPU: per-rank statistics
+    reported = json.loads((run / "metrics.json").read_text())
+    args = ["--data", str(shapes4 / "val"), "--batch-size", "8", "--workers", "0", "--precision", "fp32"]
+    _ok(run_cli("eval", "--checkpoint", str(run / "best.pt"), *args, "--device", "cpu", "--out", str(tmp_path / "e")))
+    saved = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert saved["num_samples"] == reported["num_samples"] == 24
+    assert saved["confusion_matrix"] == reported["confusion_matrix"]
+    assert saved["top1"] == reported["top1"]
+    assert saved["loss"] == pytest.approx(reported["loss"], abs=1e-6)
+
+
+def test_each_rank_draws_its_own_dropout_masks(shapes4, tmp_path) -> None:
+    """Dropout (and stochastic depth) must not repeat one mask on every rank: each rank seeds its own stream once the
+    model is built and wrapped (the run above checks the heads still start and stay identical)."""
+    p = run_torchrun_script(
+        2,
+        PROBE,
+        "train",
+        f"--data.root={shapes4}",
+        *FAST,
+        "--data.batch_size=4",
+        "--optim.max_steps=1",
+        "--model.freeze=backbone",
+        "--model.head_hidden=64",
+        "--model.head_dropout=0.5",
+        f"--run.out_dir={tmp_path}",
+        "--run.name=d",
+        env={"PROBE_DIR": str(tmp_path)},
+    )
+    _ok(p)
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(seen[0]["mask"]) == len(seen[1]["mask"]) == 4 * 64
+    assert all(0.3 < s["dropped_fraction"] < 0.7 for s in seen)  # it is the training-mode dropout (p=0.5)
+    assert seen[0]["mask"] != seen[1]["mask"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (SyncBatchNorm synchronises GPU tensors)")
+def test_sync_batchnorm_ddp_matches_single_process_on_same_global_batch(shapes4, tmp_path) -> None:
+    """Trainable BatchNorm with parallel.sync_bn=on: 2 ranks x batch 4 normalise over the global batch of 8, as one
+    process with batch 8 does. fp32 (cuDNN may use TF32 convolutions); tolerance: that and the reduction order
+    (atol 1e-3, rtol 1e-2 after 12 steps)."""
+    common = [
+        f"--data.root={shapes4}",
+        *[a for a in FAST if a != "--run.device=cpu"],
+        "--run.device=cuda",
+        "--run.deterministic=true",
+        "--optim.epochs=2",
+        "--model.freeze=until:layer3",
+        f"--run.out_dir={tmp_path}",
+    ]
+    _ok(run_cli("train", *common, "--data.batch_size=8", "--run.name=single", "--parallel.backend=none"))
+    p = run_torchrun(2, "train", *common, "--data.batch_size=4", "--run.name=ddp", "--parallel.sync_bn=on")
+    _ok(p)
+    assert "SyncBatchNorm in the trainable part" in p.stderr
+    single = load_file(tmp_path / "single" / "model.safetensors")
+    ddp = load_file(tmp_path / "ddp" / "model.safetensors")
+    for k in single:
+        if k.startswith(("layer4", "fc")) and not k.endswith("num_batches_tracked"):
+            torch.testing.assert_close(ddp[k], single[k], atol=1e-3, rtol=1e-2, msg=k)
+
+
+FAIL_ONCE = """import os
+if os.environ.get("LOCAL_RANK") is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    from fastft.parallel.backend import LocalBackend
+
+    _step, _calls = LocalBackend.step, {"n": 0}
+
+    def _faulty(self, boundary=True):
+        _calls["n"] += boundary
+        if boundary and _calls["n"] == int(os.environ["FAIL_STEP"]) and os.environ["RANK"] == "1":
+            raise RuntimeError("injected fault on the first attempt")
+        return _step(self, boundary)
+
+    LocalBackend.step = _faulty
+"""
+
+
+def test_torchrun_launcher_restarts_a_failed_worker_and_resumes(shapes4, tmp_path) -> None:
+    """launchers/torchrun.sh with --max-restarts: rank 1 fails at step 4 of the first attempt; torchrun restarts the
+    workers, and the same arguments (--resume=auto, no run.name) continue from the step-2 checkpoint to the end."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAIL_ONCE)
+    env = _launcher_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), MAX_RESTARTS="1", FAIL_STEP="4")
+    env["PYTHONPATH"] = f"{site}:{REPO}"
+    args = [f"--data.root={shapes4}", *FAST, "--data.batch_size=4", "--optim.epochs=2"]
+    args += ["--checkpoint.every_steps=2", "--log.every_steps=1", f"--run.out_dir={tmp_path / 'runs'}", "--resume=auto"]
+    p = subprocess.run(["bash", str(LAUNCHER), *args], capture_output=True, text=True, env=env, timeout=600)
+    _ok(p)
+    assert "injected fault on the first attempt" in p.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    starts = [i for i, e in enumerate(events) if e["event"] == "start"]
+    assert len(starts) == 2 and events[starts[1]]["resumed_from"] == str(run / "last.pt")
+    after = [e["step"] for e in events[starts[1] :] if e["event"] == "step"]
+    assert after[0] == 3 and events[-1]["event"] == "end" and events[-1]["step"] == 12

@@ -11,7 +11,10 @@ do not loosen to that unless it is shown to happen.)
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +168,102 @@ def test_resumed_epoch_train_loss_equals_the_uninterrupted_run(request, which) -
     ref = [e["train_loss"] for e in events(c["full"]) if e["event"] == "eval"]
     got = [e["train_loss"] for e in events(c["cut"]) if e["event"] == "eval"]
     assert got == pytest.approx(ref, rel=1e-6, abs=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A requeued job: the same command again (no run.name, resume=auto) finds its run; SIGTERM/SIGUSR1 save the position
+
+
+def _wait_for_event_step(proc: subprocess.Popen, run_root: Path, min_step: int, log: Path, timeout: float = 300):
+    """Poll the (only) run folder under run_root until its events show a step >= min_step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"child exited ({proc.returncode}) before step {min_step}:\n{log.read_text()[-3000:]}")
+        for ev in run_root.glob("*/events.jsonl"):
+            steps = [json.loads(x).get("step", 0) for x in ev.read_text().splitlines() if '"step"' in x]
+            if steps and max(steps) >= min_step:
+                return
+        time.sleep(0.05)
+    kill_job(proc)
+    raise AssertionError(f"no step >= {min_step} within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _requeue_case(root: Path, out: Path, *, nproc: int, batch: int, stop: str) -> dict:
+    """Reference run; then the same command (no run.name, --resume=auto) stopped mid-epoch by `stop` (SIGKILL after a
+    per-step save; SIGTERM with no periodic saves, sent to the launched process or, "SIGTERM-rank1", to rank 1's
+    worker alone) and run again unchanged."""
+    ref_args = [*_common(root, out / "ref", batch=batch, workers=0), "--run.name=full"]
+    again = [*_common(root, out / "job", batch=batch, workers=0), "--resume=auto"]
+    if stop.startswith("SIGTERM"):
+        again += ["--checkpoint.every_steps=0"]  # the only mid-epoch checkpoint is the one the signal asks for
+    ref = start_fastft(ref_args, out / "ref.log", nproc=nproc)
+    first = start_fastft(again, out / "first.log", nproc=nproc)
+    try:
+        _wait_for_event_step(first, out / "job", 2, out / "first.log")
+        if stop == "SIGKILL":
+            pids = descendants(first.pid)
+            kill_job(first)
+            wait_gone(pids)
+        elif stop == "SIGTERM-rank1":  # one rank hears it: both must stop at the same step
+            (worker,) = [p for p in descendants(first.pid) if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
+            os.kill(worker, signal.SIGTERM)
+            first.wait(timeout=120)
+        else:
+            os.kill(first.pid, signal.SIGTERM)  # python, or torchrun, which passes SIGTERM on to its workers
+            first.wait(timeout=120)
+        assert ref.wait(timeout=600) == 0, (out / "ref.log").read_text()[-4000:]
+    finally:
+        for proc in (first, ref):
+            if proc.poll() is None:
+                kill_job(proc)
+    (run,) = (out / "job").iterdir()  # one folder, named from the config
+    stopped = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    _run(again, out / "again.log", nproc)
+    assert [p.name for p in (out / "job").iterdir()] == [run.name]
+    return {
+        "first_rc": first.returncode,
+        "first_log": (out / "first.log").read_text(),
+        "stopped_at": {k: stopped[k] for k in ("epoch", "batch", "step")},
+        "run": run,
+        "full": out / "ref" / "full",
+        "again_log": (out / "again.log").read_text(),
+    }
+
+
+STOPS = [("SIGKILL", 1), ("SIGTERM", 1), ("SIGTERM", 2), ("SIGTERM-rank1", 2)]
+
+
+@pytest.fixture(scope="module", params=STOPS, ids=lambda p: f"{p[0]}-{p[1]}")
+def requeued(request, shapes4, module_tmp) -> dict:
+    stop, nproc = request.param
+    case = _requeue_case(shapes4, module_tmp(f"requeue-{stop}-{nproc}"), nproc=nproc, batch=4, stop=stop)
+    return {**case, "stop": stop, "nproc": nproc, "steps_per_epoch": 12 // nproc}
+
+
+def test_the_same_command_again_resumes_and_ends_with_the_uninterrupted_weights(requeued) -> None:
+    c = requeued
+    k = c["stopped_at"]  # mid-epoch (torchrun passes the signal on after its next poll: maybe a later epoch)
+    assert k["epoch"] < 2 and 0 < k["batch"] < c["steps_per_epoch"], k
+    assert k["step"] == k["epoch"] * c["steps_per_epoch"] + k["batch"], k
+    assert f"resumed from {c['run'] / 'last.pt'} at epoch {k['epoch']}, batch {k['batch']}" in c["again_log"]
+    full, resumed = load_file(c["full"] / "model.safetensors"), load_file(c["run"] / "model.safetensors")
+    differ = [n for n in full if not torch.equal(full[n], resumed[n])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+def test_sigterm_saves_the_step_boundary_and_ends_with_one_line(requeued) -> None:
+    c = requeued
+    if c["stop"] == "SIGKILL":
+        pytest.skip("SIGKILL cannot be handled")
+    # the run said where it stopped, and that position is the checkpoint's (no periodic saves were asked for)
+    k = c["stopped_at"]
+    at = f"at epoch {k['epoch'] + 1}, step {k['step']}: the position is saved in"
+    if c["nproc"] == 1:
+        log = c["first_log"]
+        assert f"stopped by SIGTERM {at}" in log and "Traceback" not in log, log[-3000:]
+    else:  # every rank stopped at the same step (torchrun itself reports the end of its workers with a traceback)
+        for rank in range(c["nproc"]):
+            heard = "SIGTERM" if c["stop"] == "SIGTERM" or rank == 1 else "a stop signal on another rank"
+            assert f"fastft: error (rank {rank}): stopped by {heard} {at}" in c["first_log"], c["first_log"][-3000:]
+    assert c["first_rc"] != 0

@@ -138,3 +138,41 @@ def test_an_fp16_run_reports_the_steps_the_scaler_skipped(shapes4, tmp_path, mon
     assert result.steps == 6 and result.skipped_steps == 6
     assert events(result.run_dir)[-1]["skipped_steps"] == 6
     assert any("skipped" in r and "6" in r for r in records), records
+
+
+def test_on_the_gpu_cadence_a_bad_last_step_of_an_epoch_never_reaches_a_checkpoint(shapes4, tmp_path, monkeypatch):
+    """On a GPU the loop checks loss and gradients only at the log cadence (each check is a host sync); every save
+    still checks. Here the CPU run takes the GPU path: the last step of epoch 2 (step 12, off the log cadence) gets an
+    infinite gradient, and neither last.pt nor best.pt may take it: both stay at epoch 1's finite state."""
+    monkeypatch.setattr(fastft.train, "_eager_checks", lambda device: False)
+    calls = {"n": 0}
+
+    def cross_entropy(logits, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            logits.register_hook(lambda g: g * float("inf"))
+        return F.cross_entropy(logits, *args, **kwargs)
+
+    monkeypatch.setattr(fastft.train, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+    rc, err = cli(
+        "train",
+        f"--data.root={shapes4}",
+        *FAST,
+        "--data.workers=0",
+        "--data.batch_size=8",
+        "--optim.epochs=2",
+        "--model.freeze=backbone",
+        "--log.every_steps=100",
+        "--checkpoint.best_mode=min",
+        "--checkpoint.best_metric=top1",  # min: a broken epoch 2 would count as the best one
+        f"--run.out_dir={tmp_path}",
+        "--run.name=r",
+    )
+    run = tmp_path / "r"
+    assert rc == 2
+    assert mentions(error_line(err), "gradient norm is not finite", "epoch 2, step 12", str(run))
+    for name in ("last.pt", "best.pt"):
+        saved = torch.load(run / name, map_location="cpu", weights_only=True)
+        assert (saved["epoch"], saved["step"]) == (1, 6), name
+        assert finite_state(saved["model"]), name
+    assert calls["n"] == 12  # the guard did not stop the run early: the bad step was the last one
