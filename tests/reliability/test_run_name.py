@@ -6,8 +6,9 @@ import pytest
 
 from fastft.config import FinetuneConfig
 from fastft.errors import ConfigError
+from fastft.outputs import open_run_dir
 from fastft.parallel.env import DistEnv
-from fastft.train import default_run_name, prepare_run_dir
+from fastft.train import _restarting, default_run_name, prepare_run_dir
 
 
 def _cfg(out, **changes) -> FinetuneConfig:
@@ -41,6 +42,7 @@ def test_the_same_command_finds_its_checkpoint(tmp_path) -> None:
     cfg = _cfg(tmp_path)
     run_dir, resume = prepare_run_dir(cfg, DistEnv())
     assert run_dir == tmp_path / default_run_name(cfg) and resume is None
+    run_dir.mkdir()  # made by the run once every check has passed
     (run_dir / "last.pt").write_bytes(b"x")
     assert prepare_run_dir(_cfg(tmp_path, data__workers=3), DistEnv()) == (run_dir, run_dir / "last.pt")
 
@@ -52,6 +54,8 @@ def test_a_run_stopped_before_its_first_save_starts_again_but_a_users_file_is_ne
     (run_dir / "config.toml").write_text("x")
     (run_dir / "events.jsonl").write_text("x")
     assert prepare_run_dir(cfg, DistEnv()) == (run_dir, None)
+    assert _restarting(cfg, run_dir)  # so the run clears the stale outputs once every check has passed
+    open_run_dir(run_dir, overwrite=_restarting(cfg, run_dir))
     assert not (run_dir / "events.jsonl").exists()  # the stale log of the attempt that saved nothing
     (run_dir / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="already exists"):
