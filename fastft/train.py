@@ -301,6 +301,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
 
     suffix = prefix = train_module = None
     assemble()
+    suffix_dtype = getattr(backend, "input_dtype", None)  # None: the suffix takes the prefix's output as it is
     log.info(
         "fastft: precision %s (%s), compile %s, split %s, backend %s, world %d, device %s",
         precision.name,
@@ -414,7 +415,11 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
 
     def evaluate_now() -> dict:
         suffix_eval = suffix
-        forward = (lambda x: suffix_eval(prefix(x))) if prefix is not None else suffix_eval
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            feats = prefix(x) if prefix is not None else x
+            return suffix_eval(feats if suffix_dtype is None else feats.to(suffix_dtype))
+
         if prefix is not None:
             prefix.eval()
         split.suffix.eval()
@@ -498,6 +503,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
                 feats = feats.clone()
             else:
                 feats = images
+            if suffix_dtype is not None:  # the wrapped suffix computes in its own dtype (DeepSpeed bf16/fp16)
+                feats = feats.to(suffix_dtype)
             timer.mark("frozen")
             boundary = (batch_idx + 1) % accum == 0
             with backend.no_sync() if not boundary else contextlib.nullcontext():

@@ -267,6 +267,42 @@ def test_bf16_module_weights_are_bf16_copies_of_fp32_masters(one_rank) -> None:
     assert moved > 0.05
 
 
+@pytest.mark.parametrize(("stage", "precision"), [(0, FP32), (2, BF16)])
+def test_channels_last_conv_part_trains_with_contiguous_weights(one_rank, stage, precision) -> None:
+    """A trainable conv part laid out channels_last (train.py's default), with BatchNorm: DeepSpeed broadcasts and
+    (ZeRO 2, bf16) flattens its parameters, which needs the row-major layout, so wrap() gives the same parameter
+    objects that layout, the 1x1 conv included (is_contiguous() passes it with stride(-1) = in_channels). The
+    activations stay channels_last, the BatchNorm statistics follow the module's dtype, and it trains."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 4, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ).to(memory_format=torch.channels_last)
+    assert net[3].weight.stride(-1) == 16 and net[3].weight.is_contiguous()  # the layout that passes is_contiguous()
+    params = list(net.parameters())
+    before = [p.detach().clone() for p in params]
+    backend = DeepSpeedBackend(_cfg(data__batch_size=4, parallel__zero_stage=stage), one_rank, precision)
+    engine = backend.wrap(net, _optimizer(net, _cfg(optim__lr=0.1).optim))
+    assert [id(p) for p in net.parameters()] == [id(p) for p in params]
+    for p in params:
+        assert p.is_contiguous() and p.stride()[-1] == 1, p.shape
+    dtype = torch.bfloat16 if precision is BF16 else None
+    assert backend.input_dtype == dtype
+    assert net[1].running_mean.dtype == (dtype or torch.float32)
+    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    x = x if dtype is None else x.to(dtype)  # train.py's cast at the boundary
+    assert net[0](x).is_contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 2, 3])
+    for _ in range(2):
+        backend.backward(F.cross_entropy(engine(x).float(), y))
+        assert backend.step(True)
+    assert all(not torch.equal(p.detach().float(), b.float()) for p, b in zip(params, before))
+
+
 def test_step_refuses_a_boundary_deepspeed_does_not_see(one_rank) -> None:
     head, data = _toy()
     backend = DeepSpeedBackend(_cfg(data__batch_size=4, optim__grad_accum=2), one_rank, FP32)
