@@ -267,7 +267,26 @@ def test_bf16_module_weights_are_bf16_copies_of_fp32_masters(one_rank) -> None:
     assert moved > 0.05
 
 
-@pytest.mark.parametrize(("stage", "precision"), [(0, FP32), (2, BF16)])
+def _cpu_fp16() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu" and bool(get_accelerator().is_fp16_supported())
+
+
+CPU_FP16 = Precision(torch.float16, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("stage", "precision"),
+    [
+        (0, FP32),
+        (2, BF16),
+        pytest.param(
+            1, CPU_FP16, marks=pytest.mark.skipif(not _cpu_fp16(), reason="DeepSpeed has no fp16 on this CPU")
+        ),
+    ],
+    ids=["z0-fp32", "z2-bf16", "z1-fp16"],
+)
 def test_channels_last_conv_part_trains_with_contiguous_weights(one_rank, stage, precision) -> None:
     """A trainable conv part laid out channels_last (train.py's default), with BatchNorm: DeepSpeed broadcasts and
     (ZeRO 2, bf16) flattens its parameters, which needs the row-major layout, so wrap() gives the same parameter
@@ -290,7 +309,7 @@ def test_channels_last_conv_part_trains_with_contiguous_weights(one_rank, stage,
     assert [id(p) for p in net.parameters()] == [id(p) for p in params]
     for p in params:
         assert p.is_contiguous() and p.stride()[-1] == 1, p.shape
-    dtype = torch.bfloat16 if precision is BF16 else None
+    dtype = None if precision is FP32 else precision.dtype
     assert backend.input_dtype == dtype
     assert net[1].running_mean.dtype == (dtype or torch.float32)
     x = torch.randn(4, 8, 6, 6).contiguous(memory_format=torch.channels_last)
@@ -301,6 +320,17 @@ def test_channels_last_conv_part_trains_with_contiguous_weights(one_rank, stage,
         backend.backward(F.cross_entropy(engine(x).float(), y))
         assert backend.step(True)
     assert all(not torch.equal(p.detach().float(), b.float()) for p, b in zip(params, before))
+
+
+def test_fp16_without_deepspeed_fp16_support_is_a_config_error(one_rank, monkeypatch) -> None:
+    """DeepSpeed's own refusal is a bare ValueError inside initialize; fastft names the setting first."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
+    head, _ = _toy()
+    backend = DeepSpeedBackend(_cfg(data__batch_size=4), one_rank, CPU_FP16)
+    with pytest.raises(ConfigError, match=r"^precision\.dtype: DeepSpeed has no fp16 support on this cpu device"):
+        backend.wrap(head, _optimizer(head, _cfg().optim))
 
 
 def test_step_refuses_a_boundary_deepspeed_does_not_see(one_rank) -> None:
