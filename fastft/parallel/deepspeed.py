@@ -143,11 +143,18 @@ def build_config(cfg, env: DistEnv, precision: Precision) -> dict[str, Any]:
                     f"precision.dtype, autocast follows it"
                 )
     stage = ds["zero_optimization"].get("stage", 0) if isinstance(ds.get("zero_optimization"), dict) else 0
+    where = "parallel.zero_stage" if stage == cfg.parallel.zero_stage else f"zero_optimization.stage in {source}"
     if stage not in (0, 1, 2):
-        where = "parallel.zero_stage" if stage == cfg.parallel.zero_stage else f"zero_optimization.stage in {source}"
         raise ConfigError(
             f"{where}: ZeRO stage {stage} is not supported, use 0, 1 or 2 (stage 3 partitions the "
             f"parameters; fastft trains only the suffix and exports whole weights)"
+        )
+    if stage == 0 and precision.dtype == torch.float16:
+        # DeepSpeed 0.19.8's engine.backward() applies the fp16 loss scale only for ZeRO optimizers, while its ZeRO 0
+        # fp16 optimizers still divide the gradients by it: every update would be 65536 times too small.
+        raise ConfigError(
+            f"{where}: fp16 with ZeRO stage 0 does not train under DeepSpeed (the loss scale is divided out of "
+            f"gradients it was never applied to); use ZeRO stage 1 or 2, or precision.dtype=bf16"
         )
     return ds
 

@@ -58,6 +58,13 @@ def case_config(case: dict, spec: dict) -> FinetuneConfig:
     cfg.parallel.backend, cfg.parallel.zero_stage = case["backend"], case.get("zero_stage", 0)
     cfg.run.out_dir, cfg.run.name, cfg.run.device, cfg.run.seed = spec["out"], case["name"], "cpu", 3
     cfg.log.progress, cfg.log.tensorboard, cfg.log.every_steps = False, False, 1
+    if case["dtype"] == "fp16":
+        # DeepSpeed's dynamic loss scale starts at 2**16 and halves per overflowing step: 2 steps leave it no room to
+        # come down (the ViT's both steps would be skipped). Start at 2**8; the scaler itself is DeepSpeed's.
+        path = Path(spec["out"]) / "fp16-scale.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"fp16": {"enabled": True, "initial_scale_power": 8}}))
+        cfg.parallel.deepspeed_config = str(path)
     return cfg.validate()
 
 

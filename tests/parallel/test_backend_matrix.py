@@ -14,7 +14,8 @@ What each case must show:
   does, so there the reference is the DDP run of the same case and DeepSpeed must equal it within FP32_ATOL;
 - fp32 with channels_last off: the same update as with it on, to LAYOUT_RTOL (relative norm of the difference of
   the updates; only the summation order inside the convolutions differs, amplified by trainable BatchNorm);
-- bf16, and fp16 where DeepSpeed has fp16 on the CPU (resnet18 until:layer3 under ZeRO 0/1/2, the ViT under ZeRO 2):
+- bf16, and fp16 where DeepSpeed has fp16 on the CPU (resnet18 until:layer3 under ZeRO 1/2, the ViT under ZeRO 2;
+  fp16 with ZeRO 0 is refused; loss scale from 2**8 and no step skipped):
   the first step's loss (same weights, same batch) within BF16_LOSS_RTOL of the fp32 run of the same case, and
   an update pointing the same way as fp32's (cosine > BF16_MIN_COS). Measured: cosine >= 0.9998 for linear probes,
   >= 0.95 for until:layer3 and the ViT, about 0.75 for resnet18 with everything training, where bf16 rounding
@@ -75,7 +76,7 @@ def _cases() -> list[dict]:
             for dtype in ("fp32", "bf16"):
                 cases.append(("vit_tiny_test", "deepspeed", stage, freeze, dtype, True))
     # DeepSpeed's fp16 (dynamic loss scaling), checked like bf16 against the fp32 run of the same case
-    cases += [("resnet18", "deepspeed", stage, "until:layer3", "fp16", True) for stage in (0, 1, 2)]
+    cases += [("resnet18", "deepspeed", stage, "until:layer3", "fp16", True) for stage in (1, 2)]  # 0: refused
     cases.append(("vit_tiny_test", "deepspeed", 2, "none", "fp16", True))
     keys = ("model", "backend", "zero_stage", "freeze", "dtype", "channels_last")
     return [{"name": _name(*c), **dict(zip(keys, c))} for c in cases]
@@ -207,6 +208,8 @@ def test_case_trains_its_part_and_matches_its_reference(matrix, case) -> None:
     unmoved = [k for k in trainable if torch.equal(trained[k], start[k])]
     assert not unmoved, f"trainable tensors that did not change: {unmoved[:5]}"
 
+    if dtype == "fp16":  # the loss scale starts at 2**8 here (_matrix_worker): no step may be skipped
+        assert events[-1]["event"] == "end" and events[-1]["skipped_steps"] == 0
     if dtype != "fp32":
         fp32_run = runs / case["name"].replace(f"-{dtype}-", "-fp32-")
         fp32_loss = next(e["loss"] for e in _events(fp32_run) if e["event"] == "step")

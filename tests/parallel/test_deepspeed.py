@@ -147,6 +147,13 @@ def test_zero_stage_3_is_refused_naming_where_it_was_set(tmp_path) -> None:
         build_config(_cfg(parallel__zero_stage=1, parallel__deepspeed_config=str(user)), DistEnv(), FP32)
 
 
+def test_fp16_with_zero_stage_0_is_refused() -> None:
+    """DeepSpeed 0.19.8 leaves the loss unscaled under ZeRO 0 fp16 while its optimizer unscales the gradients."""
+    with pytest.raises(ConfigError, match=r"^parallel\.zero_stage: fp16 with ZeRO stage 0 does not train"):
+        build_config(_cfg(parallel__zero_stage=0), DistEnv(), FP16)
+    assert build_config(_cfg(parallel__zero_stage=1), DistEnv(), FP16)["fp16"]["enabled"]
+
+
 def test_missing_or_invalid_user_json_names_the_file(tmp_path) -> None:
     missing = tmp_path / "nope.json"
     with pytest.raises(ConfigError, match=r"parallel\.deepspeed_config: no such file .*nope\.json"):
@@ -283,7 +290,7 @@ CPU_FP16 = Precision(torch.float16, "cpu")
         (2, BF16),
         pytest.param(
             1, CPU_FP16, marks=pytest.mark.skipif(not _cpu_fp16(), reason="DeepSpeed has no fp16 on this CPU")
-        ),
+        ),  # ZeRO 1: fp16 under ZeRO 0 is refused (test_fp16_with_zero_stage_0_is_refused)
     ],
     ids=["z0-fp32", "z2-bf16", "z1-fp16"],
 )
@@ -328,7 +335,7 @@ def test_fp16_without_deepspeed_fp16_support_is_a_config_error(one_rank, monkeyp
 
     monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
     head, _ = _toy()
-    backend = DeepSpeedBackend(_cfg(data__batch_size=4), one_rank, CPU_FP16)
+    backend = DeepSpeedBackend(_cfg(data__batch_size=4, parallel__zero_stage=1), one_rank, CPU_FP16)
     with pytest.raises(ConfigError, match=r"^precision\.dtype: DeepSpeed has no fp16 support on this cpu device"):
         backend.wrap(head, _optimizer(head, _cfg().optim))
 
