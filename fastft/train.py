@@ -330,6 +330,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
     suffix = prefix = train_module = None
     assemble()
     seed_rank_streams(cfg.run.seed, env.rank, env.world_size)
+    suffix_dtype = backend.input_dtype  # None: the suffix takes the prefix's output as it is
     log.info(
         "fastft: precision %s (%s), compile %s, split %s, backend %s, world %d, device %s",
         precision.name,
@@ -454,7 +455,11 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
     def evaluate_now() -> dict:
         sync_buffers(split.suffix)  # every rank evaluates the model that is saved (rank 0's buffers)
         suffix_eval = suffix
-        forward = (lambda x: suffix_eval(prefix(x))) if prefix is not None else suffix_eval
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            feats = prefix(x) if prefix is not None else x
+            return suffix_eval(feats if suffix_dtype is None else feats.to(suffix_dtype))
+
         if prefix is not None:
             prefix.eval()
         split.suffix.eval()
@@ -538,6 +543,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
                 feats = feats.clone()
             else:
                 feats = images
+            if suffix_dtype is not None:  # the wrapped suffix computes in its own dtype (DeepSpeed bf16/fp16)
+                feats = feats.to(suffix_dtype)
             timer.mark("frozen")
             boundary = (batch_idx + 1) % accum == 0
             with backend.no_sync() if not boundary else contextlib.nullcontext():

@@ -26,6 +26,10 @@ class Backend(Protocol):
         """Called after every micro-batch. At an accumulation boundary: clip, step the optimizer (and scaler), zero
         grads. Returns False when a boundary step was skipped (fp16 overflow)."""
 
+    # The dtype the wrapped module takes its inputs in, where it runs outside autocast (DeepSpeed's bf16/fp16 engine);
+    # None: the prefix's output as it is.
+    input_dtype: torch.dtype | None
+
     # Optimizer state: LocalBackend leaves it to the checkpoint file (optimizer.state_dict()); a backend that
     # partitions it (DeepSpeed ZeRO) sets owns_optimizer_state and writes/reads it itself, on every rank.
     owns_optimizer_state: bool
@@ -62,6 +66,7 @@ class LocalBackend:
     ) -> None:
         self.name = "ddp" if ddp else "none"
         self.owns_optimizer_state = False
+        self.input_dtype: torch.dtype | None = None  # autocast covers the module: inputs go in as they are
         self.grad_accum = grad_accum
         self.clip_grad_norm = clip_grad_norm
         self.scaler = scaler

@@ -38,6 +38,7 @@ _DERIVED_KEYS = {
 }
 # fastft passes its optimizer and steps its own schedule; a DeepSpeed section would silently replace them.
 _OWNED_SECTIONS = {"optimizer": "[optim]", "scheduler": "optim.schedule and optim.warmup_steps"}
+_LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _import_deepspeed():
@@ -95,6 +96,12 @@ def build_config(cfg, env: DistEnv, precision: Precision) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,  # fastft logs; DeepSpeed's progress lines would interleave with them
         "wall_clock_breakdown": False,
     }
+    if precision.dtype in (torch.bfloat16, torch.float16):
+        # DeepSpeed casts the module's parameters to the low dtype and (0.19.8 at least) leaves its buffers in fp32;
+        # torch's batch norm refuses bf16/fp16 weights with fp32 running statistics, so a trainable BatchNorm (a
+        # partial or full fine-tune of a CNN) would fail. Buffers follow the parameters, as in DeepSpeed's older
+        # whole-module cast.
+        ds["data_types"] = {"buffer_dtype": precision.name}
     if precision.dtype == torch.bfloat16:
         ds["bf16"] = {"enabled": True}
     elif precision.dtype == torch.float16:
@@ -136,11 +143,18 @@ def build_config(cfg, env: DistEnv, precision: Precision) -> dict[str, Any]:
                     f"precision.dtype, autocast follows it"
                 )
     stage = ds["zero_optimization"].get("stage", 0) if isinstance(ds.get("zero_optimization"), dict) else 0
+    where = "parallel.zero_stage" if stage == cfg.parallel.zero_stage else f"zero_optimization.stage in {source}"
     if stage not in (0, 1, 2):
-        where = "parallel.zero_stage" if stage == cfg.parallel.zero_stage else f"zero_optimization.stage in {source}"
         raise ConfigError(
             f"{where}: ZeRO stage {stage} is not supported, use 0, 1 or 2 (stage 3 partitions the "
             f"parameters; fastft trains only the suffix and exports whole weights)"
+        )
+    if stage == 0 and precision.dtype == torch.float16:
+        # DeepSpeed 0.19.8's engine.backward() applies the fp16 loss scale only for ZeRO optimizers, while its ZeRO 0
+        # fp16 optimizers still divide the gradients by it: every update would be 65536 times too small.
+        raise ConfigError(
+            f"{where}: fp16 with ZeRO stage 0 does not train under DeepSpeed (the loss scale is divided out of "
+            f"gradients it was never applied to); use ZeRO stage 1 or 2, or precision.dtype=bf16"
         )
     return ds
 
@@ -157,6 +171,11 @@ class DeepSpeedBackend:
         self.config = build_config(cfg, env, precision)  # config errors surface before any process group work
         self.engine = None
         self.skipped_steps = 0
+        # The dtype the engine's module computes in: DeepSpeed's bf16/fp16 sections cast it to that dtype and run its
+        # forward with autocast switched off, so what enters it (prefix output, cached features, images) must match.
+        self.input_dtype: torch.dtype | None = next(
+            (dtype for key, dtype in _LOW_PRECISION.items() if self.config.get(key, {}).get("enabled")), None
+        )
         self._saved: dict[str, str] = {}  # fastft tag ("last", "best") -> DeepSpeed tag its checkpoint file names
         self._last_tag: str | None = None  # the DeepSpeed tag of the checkpoint file being written right now
 
@@ -178,6 +197,8 @@ class DeepSpeedBackend:
         deepspeed = _import_deepspeed()
         self._ensure_process_group()
         _forget_dead_deepspeed_groups()
+        _check_dtype_supported(self.input_dtype)
+        _contiguous_parameters(module)
         params = [p for p in module.parameters() if p.requires_grad]  # the optimizer holds exactly these
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, model_parameters=params, config=self.config
@@ -317,6 +338,44 @@ class DeepSpeedBackend:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+def _check_dtype_supported(dtype: torch.dtype | None) -> None:
+    """DeepSpeed refuses fp16 where its accelerator has no fp16 kernels (CPUs without AVX512-FP16/AMX-FP16) with a
+    bare ValueError deep in initialize: say it in fastft's terms first."""
+    if dtype != torch.float16:
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if not accelerator.is_fp16_supported():
+        raise ConfigError(
+            f"precision.dtype: DeepSpeed has no fp16 support on this {accelerator.device_name()} device; "
+            f"use bf16 or fp32"
+        )
+
+
+def _contiguous_parameters(module: nn.Module) -> None:
+    """Give every parameter of the module DeepSpeed wraps the plain contiguous layout.
+
+    DeepSpeed broadcasts each parameter as ``p.data.view(torch.uint8)`` and ZeRO 1/2 (and its bf16/fp16 optimizers)
+    flatten the parameters into one buffer and make them views of it; a channels_last conv weight fails the first
+    and cannot survive the second. channels_last still applies where it pays, to the activations: a convolution
+    with a channels_last input computes in channels_last whatever its weight's layout. The parameter objects stay the
+    same (only their storage changes), so the optimizer and the canonical model keep pointing at them."""
+    for p in module.parameters():
+        # Compared with the row-major strides, not is_contiguous(): that ignores size-1 dimensions, so a channels_last
+        # 1x1 conv weight passes it with stride(-1) = in_channels, and DeepSpeed's view(uint8) still fails.
+        if p.stride() != _row_major_strides(p.shape):
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
+
+
+def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def _group_masters(optimizer) -> dict[int, torch.Tensor]:

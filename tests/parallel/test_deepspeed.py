@@ -147,6 +147,13 @@ def test_zero_stage_3_is_refused_naming_where_it_was_set(tmp_path) -> None:
         build_config(_cfg(parallel__zero_stage=1, parallel__deepspeed_config=str(user)), DistEnv(), FP32)
 
 
+def test_fp16_with_zero_stage_0_is_refused() -> None:
+    """DeepSpeed 0.19.8 leaves the loss unscaled under ZeRO 0 fp16 while its optimizer unscales the gradients."""
+    with pytest.raises(ConfigError, match=r"^parallel\.zero_stage: fp16 with ZeRO stage 0 does not train"):
+        build_config(_cfg(parallel__zero_stage=0), DistEnv(), FP16)
+    assert build_config(_cfg(parallel__zero_stage=1), DistEnv(), FP16)["fp16"]["enabled"]
+
+
 def test_missing_or_invalid_user_json_names_the_file(tmp_path) -> None:
     missing = tmp_path / "nope.json"
     with pytest.raises(ConfigError, match=r"parallel\.deepspeed_config: no such file .*nope\.json"):
@@ -265,6 +272,72 @@ def test_bf16_module_weights_are_bf16_copies_of_fp32_masters(one_rank) -> None:
         torch.testing.assert_close(master, local.detach(), atol=5e-3, rtol=0)
     moved = (local_head.weight - _toy()[0].weight).abs().max().item()
     assert moved > 0.05
+
+
+def _cpu_fp16() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu" and bool(get_accelerator().is_fp16_supported())
+
+
+CPU_FP16 = Precision(torch.float16, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("stage", "precision"),
+    [
+        (0, FP32),
+        (2, BF16),
+        pytest.param(
+            1, CPU_FP16, marks=pytest.mark.skipif(not _cpu_fp16(), reason="DeepSpeed has no fp16 on this CPU")
+        ),  # ZeRO 1: fp16 under ZeRO 0 is refused (test_fp16_with_zero_stage_0_is_refused)
+    ],
+    ids=["z0-fp32", "z2-bf16", "z1-fp16"],
+)
+def test_channels_last_conv_part_trains_with_contiguous_weights(one_rank, stage, precision) -> None:
+    """A trainable conv part laid out channels_last (train.py's default), with BatchNorm: DeepSpeed broadcasts and
+    (ZeRO 2, bf16) flattens its parameters, which needs the row-major layout, so wrap() gives the same parameter
+    objects that layout, the 1x1 conv included (is_contiguous() passes it with stride(-1) = in_channels). The
+    activations stay channels_last, the BatchNorm statistics follow the module's dtype, and it trains."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 4, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ).to(memory_format=torch.channels_last)
+    assert net[3].weight.stride(-1) == 16 and net[3].weight.is_contiguous()  # the layout that passes is_contiguous()
+    params = list(net.parameters())
+    before = [p.detach().clone() for p in params]
+    backend = DeepSpeedBackend(_cfg(data__batch_size=4, parallel__zero_stage=stage), one_rank, precision)
+    engine = backend.wrap(net, _optimizer(net, _cfg(optim__lr=0.1).optim))
+    assert [id(p) for p in net.parameters()] == [id(p) for p in params]
+    for p in params:
+        assert p.is_contiguous() and p.stride()[-1] == 1, p.shape
+    dtype = None if precision is FP32 else precision.dtype
+    assert backend.input_dtype == dtype
+    assert net[1].running_mean.dtype == (dtype or torch.float32)
+    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    x = x if dtype is None else x.to(dtype)  # train.py's cast at the boundary
+    assert net[0](x).is_contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 2, 3])
+    for _ in range(2):
+        backend.backward(F.cross_entropy(engine(x).float(), y))
+        assert backend.step(True)
+    assert all(not torch.equal(p.detach().float(), b.float()) for p, b in zip(params, before))
+
+
+def test_fp16_without_deepspeed_fp16_support_is_a_config_error(one_rank, monkeypatch) -> None:
+    """DeepSpeed's own refusal is a bare ValueError inside initialize; fastft names the setting first."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
+    head, _ = _toy()
+    backend = DeepSpeedBackend(_cfg(data__batch_size=4, parallel__zero_stage=1), one_rank, CPU_FP16)
+    with pytest.raises(ConfigError, match=r"^precision\.dtype: DeepSpeed has no fp16 support on this cpu device"):
+        backend.wrap(head, _optimizer(head, _cfg().optim))
 
 
 def test_step_refuses_a_boundary_deepspeed_does_not_see(one_rank) -> None:
