@@ -530,9 +530,9 @@ def test_bf16_runs_save_and_export_the_fp32_master_weights(runs, stage) -> None:
 
 @pytest.mark.slow
 def test_resume_after_killing_a_run_continues_from_the_saved_step(runs, shapes4, tmp_path) -> None:
-    """Two ranks, ZeRO 1, last.pt every 2 steps. One training image is swapped for a FIFO, so the run blocks reading
-    step 5's batch right after saving step 4; the workers are then SIGKILLed. The resumed run starts at step 5 and
-    ends with the head of an uninterrupted run."""
+    """Two ranks, ZeRO 1, last.pt every 2 steps. Reading one training image blocks (tests/parallel/_stall.py), so the
+    run stops in step 5's batch right after saving step 4; the workers are then SIGKILLed. The resumed run starts at
+    step 5 and ends with the head of an uninterrupted run."""
     from fastft.data.folder import index_from_config
     from fastft.data.torch_loader import ShardedBatchSampler
 
@@ -541,9 +541,6 @@ def test_resume_after_killing_a_run_continues_from_the_saved_step(runs, shapes4,
     index = index_from_config(tiny_config(data, tmp_path).data, seed=0)
     sampler = ShardedBatchSampler(len(index.train), 8, train=True, seed=0)  # the global batches of epoch 0
     victim = Path(index.train[list(sampler)[4][0][0]][0])  # first read by the 5th step's batch
-    image = victim.read_bytes()
-    victim.unlink()
-    os.mkfifo(victim)
 
     run = tmp_path / "cut"
     args = [
@@ -558,7 +555,7 @@ def test_resume_after_killing_a_run_continues_from_the_saved_step(runs, shapes4,
         f"--run.out_dir={tmp_path}",
         "--run.name=cut",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "STALL_FILE": str(victim)}
     cmd = [
         sys.executable,
         "-m",
@@ -567,8 +564,7 @@ def test_resume_after_killing_a_run_continues_from_the_saved_step(runs, shapes4,
         "--nproc_per_node=2",
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
-        "-m",
-        "fastft",
+        str(REPO / "tests" / "parallel" / "_stall.py"),
         *args,
     ]
     with open(tmp_path / "cut.log", "w") as logf:
@@ -583,7 +579,7 @@ def test_resume_after_killing_a_run_continues_from_the_saved_step(runs, shapes4,
                 break
             time.sleep(0.2)
         time.sleep(1.0)
-        assert proc.poll() is None  # blocked on the FIFO: nothing after step 4 can happen
+        assert proc.poll() is None  # blocked on the stalled read: nothing after step 4 can happen
         workers = child_pids(proc.pid)
         assert len(workers) == 2
         for pid in workers:
@@ -596,8 +592,6 @@ def test_resume_after_killing_a_run_continues_from_the_saved_step(runs, shapes4,
             except ProcessLookupError:
                 pass
         proc.wait(timeout=30)
-    victim.unlink()
-    victim.write_bytes(image)
 
     saved = torch.load(run / "last.pt", weights_only=True)
     assert (saved["step"], saved["epoch"], saved["batch"]) == (4, 0, 4)
