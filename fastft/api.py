@@ -103,6 +103,7 @@ def evaluate(
             paths = write_report(report, Path(out_dir))
         if print_report and env.is_main:
             print(format_table(report))
+        penv.barrier(env)  # no rank tears the group down while rank 0 still writes
         return EvalResult(report, paths)
     finally:
         if dl is not None:
