@@ -135,6 +135,16 @@ def run_torchrun_script(nproc: int, script: Path, *args: str, timeout: int = 600
     )
 
 
+def run_deepspeed_launcher(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`launchers/deepspeed.sh` with 2 processes on CPU (skips where the `deepspeed` launcher is not installed)."""
+    runner = Path(sys.executable).parent / "deepspeed"
+    if not runner.is_file():
+        pytest.skip(f"no `deepspeed` launcher next to {sys.executable}")
+    env = {**_dist_env(None), "NUM_GPUS": "2", "MASTER_PORT": str(free_port()), "DEEPSPEED": str(runner)}
+    cmd = ["bash", str(REPO / "launchers" / "deepspeed.sh"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """`gpu`-marked tests skip, saying why, where no CUDA device is visible (DALI and DeepSpeed run on CPU here)."""
     import torch

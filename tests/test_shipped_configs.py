@@ -10,14 +10,11 @@ comes from the file.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, run_cli
+from conftest import REPO, run_cli, run_deepspeed_launcher
 
 pytestmark = pytest.mark.slow
 
@@ -36,22 +33,6 @@ def tiny_folder(tmp_path_factory) -> Path:
         image_size=32,
         seed=6,
     )
-
-
-def _deepspeed_launch(args: list[str]) -> subprocess.CompletedProcess:
-    runner = Path(sys.executable).parent / "deepspeed"
-    if not runner.is_file():
-        pytest.skip(f"no `deepspeed` launcher next to {sys.executable}")
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "NUM_GPUS": "2",
-        "MASTER_PORT": str(free_port()),
-        "DEEPSPEED": str(runner),
-    }
-    cmd = ["bash", str(REPO / "launchers" / "deepspeed.sh"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, check=False)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -75,7 +56,7 @@ def test_shipped_config_trains_two_steps_through_its_launcher(path, tiny_folder,
     ]
     if not model.startswith("vit"):  # torchvision's ViTs are built for one input size
         args.append("--data.image_size=32")
-    p = _deepspeed_launch(args) if deepspeed else run_cli("train", *args)
+    p = run_deepspeed_launcher(*args) if deepspeed else run_cli("train", *args)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-6000:])
 
     run = tmp_path / "shipped"

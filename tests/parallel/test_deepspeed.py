@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import REPO, child_pids, free_port, run_torchrun, tiny_config
+from conftest import REPO, child_pids, free_port, run_deepspeed_launcher, run_torchrun, tiny_config
 from safetensors.torch import load_file
 from torch import nn
 
@@ -612,33 +612,14 @@ def test_resume_after_killing_a_run_continues_from_the_saved_step(runs, shapes4,
 @pytest.mark.slow
 def test_launcher_script_runs_two_processes_like_torchrun(runs, shapes4, tmp_path) -> None:
     """launchers/deepspeed.sh (the `deepspeed` launcher, --num_gpus 2 on CPU) trains as torchrun does."""
-    runner = Path(sys.executable).parent / "deepspeed"
-    if not runner.is_file():
-        pytest.skip(f"no `deepspeed` launcher next to {sys.executable}")
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "NUM_GPUS": "2",
-        "MASTER_PORT": str(free_port()),
-        "DEEPSPEED": str(runner),
-    }
-    p = subprocess.run(
-        [
-            "bash",
-            str(REPO / "launchers" / "deepspeed.sh"),
-            f"--data.root={shapes4}",
-            *FAST,
-            "--parallel.zero_stage=1",
-            "--data.batch_size=4",
-            f"--run.out_dir={tmp_path}",
-            "--run.name=launched",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
+    p = run_deepspeed_launcher(
+        f"--data.root={shapes4}",
+        *FAST,
+        "--parallel.zero_stage=1",
+        "--data.batch_size=4",
+        f"--run.out_dir={tmp_path}",
+        "--run.name=launched",
         timeout=600,
-        env=env,
     )
     _ok(p)
     run = tmp_path / "launched"
