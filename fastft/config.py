@@ -21,7 +21,8 @@ from fastft.errors import ConfigError
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet18"  # any name from torchvision.models.list_models(module=torchvision.models)
+    source: str = "torchvision"  # torchvision | timm | hf (a Hugging Face text encoder)
+    name: str = "resnet18"  # a torchvision or timm model name; for hf a local folder or a hub-cache model id
     weights: str = "DEFAULT"  # DEFAULT | a weights enum name (IMAGENET1K_V2) | none | path to .pt/.pth/.safetensors
     num_classes: int = 0  # 0 = infer from the data
     freeze: str | list[str] = "backbone"  # none | backbone | until:<module> | [name patterns to freeze]
@@ -148,6 +149,7 @@ class FinetuneConfig:
 
     def validate(self) -> FinetuneConfig:
         """Check values and relations between them; raise ConfigError naming the key."""
+        _choice("model.source", self.model.source, ("torchvision", "timm", "hf"))
         _choice("model.weights", self.model.weights, None)
         _min("model.num_classes", self.model.num_classes, 0)
         _min("model.head_hidden", self.model.head_hidden, 0)

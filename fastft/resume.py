@@ -48,6 +48,7 @@ _GROUPS = "the optimizer's parameter groups and their state are built from it"
 _ORDER = "the saved position in the epoch means the same samples only with the same value"
 
 RULES: dict[str, Rule] = {
+    "model.source": Rule(MUST, "the saved weights are this source's model"),
     "model.name": Rule(MUST, "the saved weights are this model's"),
     "model.weights": Rule(MUST, "it picks the preprocessing preset (crop size, mean/std) the run trained with"),
     "model.num_classes": Rule(MUST, "the head's shape", same=_inferred_or_equal),
