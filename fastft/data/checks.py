@@ -11,7 +11,8 @@ it later (`check_image`):
   headers, tables or scans fail, at a fraction of a full decode's cost), other formats fully.
 
 `screen` applies the policy to the result: "error" raises one DataError naming the first bad file; "skip" drops
-them, logs each, and returns them for the run folder's skipped_files.txt. Under torchrun each rank checks a strided
+them, logs each, and returns them for the run folder's skipped_files.txt. `build_loader` calls it once per sample
+list, for every loader; the loaders themselves apply no policy. Under torchrun each rank checks a strided
 1/world of the files and the bad lists are all-gathered, so every rank drops exactly the same files (the batch plans
 of all ranks stay consistent) and the check costs 1/world of the time.
 
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING
 from fastft.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from fastft.data.folder import Sample
+    from fastft.data.index import Sample
     from fastft.parallel.env import DistEnv
 
 log = logging.getLogger("fastft")
