@@ -57,7 +57,7 @@ def _max_sample_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_synthetic_batches_live_on_the_gpu(shapes4) -> None:
     from fastft.config import DataConfig
-    from fastft.data.folder import index_from_config
+    from fastft.data.index import index_from_config
     from fastft.data.loaders import build_loader
     from fastft.data.transforms import TransformSpec
     from fastft.parallel.env import DistEnv
@@ -73,7 +73,7 @@ def test_synthetic_batches_live_on_the_gpu(shapes4) -> None:
 
 def test_dali_gpu_decode_matches_the_cpu_pipeline(shapes4) -> None:
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
-    from fastft.data.dali_loader import DaliLoader
+    from fastft.data.dali_feed import DaliLoader
 
     files = sorted(str(p) for p in (shapes4 / "val").rglob("*.jpg"))
     samples = [(f, i) for i, f in enumerate(files)]
@@ -91,7 +91,7 @@ def test_dali_gpu_training_crops_match_the_cpu_pipeline(shapes4) -> None:
     """Training with augmentation: the GPU's ROI decode of each sample's window (`decoders.image_slice`, mixed) gives
     the CPU pipeline's crops and flips."""
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
-    from fastft.data.dali_loader import DaliLoader
+    from fastft.data.dali_feed import DaliLoader
 
     files = sorted(str(p) for p in (shapes4 / "train").rglob("*.jpg"))
     samples = [(f, i) for i, f in enumerate(files)]

@@ -1,4 +1,5 @@
-"""The loader seam: pick the torchvision or DALI path from `data.loader` and shard it by rank."""
+"""The loader seam: pick the torchvision, DALI or synthetic loader from `data.loader`, check the files once, and
+shard the loader by rank (`build_loader`, the one place loaders are made)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import importlib.util
 import logging
 
 from fastft.config import DataConfig
+from fastft.data.base import PREFETCH_PER_WORKER, Loader
 from fastft.data.checks import screen
-from fastft.data.folder import Sample
+from fastft.data.index import Sample
 from fastft.data.transforms import TransformSpec
 from fastft.parallel.env import DistEnv
 
@@ -61,62 +63,87 @@ def build_loader(
     seed: int,
     env: DistEnv,
     batch_size: int | None = None,
-):
-    """An iterable of (images float32 B3HW, labels int64 B) batches with `len()`, `set_epoch(epoch, start_batch)`,
-    `start(epoch, start_batch)` (begin loading that epoch ahead of its iteration) and `close()` (end its workers)."""
+) -> Loader:
+    """The loader `data.loader` picks (`resolve_loader`) for one rank, after the file checks.
+
+    Every file is checked here, before training starts, and `data.on_bad_file` applied once, for every loader: a bad
+    file stops the run now, naming it, or is dropped on every rank alike and listed in the loader's `skipped` (see
+    checks.py). The synthetic loader reads no file and checks none.
+
+    Returns:
+        A `Loader` of (images float32 B3HW, labels int64 B) batches.
+
+    Raises:
+        DataError: `data.on_bad_file = "error"` and a file is unusable, or too few samples for one batch per rank.
+    """
     bs = batch_size or cfg.batch_size
     kind = resolve_loader(cfg, env)
+    skipped: list[str] = []
     if kind != "synthetic":
-        # Every file is checked now, before training starts, and `data.on_bad_file` applied once for both loaders:
-        # a bad file stops the run now, naming it, or is dropped on every rank alike (see checks.py).
         samples, skipped = screen(samples, on_bad_file=cfg.on_bad_file, threads=max(2, cfg.workers), env=env)
     if kind == "synthetic":
-        return SyntheticLoader(
-            samples,
-            spec,
-            batch_size=bs,
-            train=train,
-            seed=seed,
-            rank=env.rank,
-            world=env.world_size,
-            device=env.device,
-        )
-    if kind == "dali":
-        from fastft.data.dali_loader import DaliLoader
-        from fastft.data.torch_loader import PREFETCH_PER_WORKER
+        loader = _synthetic_loader(samples, spec, train=train, seed=seed, env=env, batch_size=bs)
+    elif kind == "dali":
+        loader = _dali_loader(samples, spec, cfg, train=train, seed=seed, env=env, batch_size=bs)
+    else:
+        loader = _torch_loader(samples, spec, cfg, train=train, seed=seed, env=env, batch_size=bs)
+    loader.skipped = skipped
+    return loader
 
-        cuda = env.device.type == "cuda"
-        dali = DaliLoader(
-            samples,
-            train=train,
-            augment=cfg.augment,
-            batch_size=bs,
-            crop_size=spec.crop_size,
-            resize_size=spec.resize_size,
-            mean=spec.mean,
-            std=spec.std,
-            shard_id=env.rank,
-            num_shards=env.world_size,
-            threads=max(1, cfg.workers),
-            # CPU training: as many batches ahead as the torchvision loader keeps, so the first epoch's decode
-            # overlaps model set-up as far; GPU decode keeps up with DALI's default queue of 2.
-            prefetch=PREFETCH_PER_WORKER * max(1, cfg.workers) if train and not cuda else 2,
-            seed=seed,
-            device="cuda" if cuda else "cpu",
-            device_id=env.device.index if cuda else None,
-            on_bad_file=None,  # screened above
-            interpolation=spec.interpolation,
-        )
-        dali.skipped = skipped
-        return dali
+
+def _dali_loader(
+    samples: list[Sample],
+    spec: TransformSpec,
+    cfg: DataConfig,
+    *,
+    train: bool,
+    seed: int,
+    env: DistEnv,
+    batch_size: int,
+) -> Loader:
+    from fastft.data.dali_feed import DaliLoader
+
+    cuda = env.device.type == "cuda"
+    return DaliLoader(
+        samples,
+        train=train,
+        augment=cfg.augment,
+        batch_size=batch_size,
+        crop_size=spec.crop_size,
+        resize_size=spec.resize_size,
+        mean=spec.mean,
+        std=spec.std,
+        shard_id=env.rank,
+        num_shards=env.world_size,
+        threads=max(1, cfg.workers),
+        # CPU training: as many batches ahead as the torchvision loader keeps, so the first epoch's decode
+        # overlaps model set-up as far; GPU decode keeps up with DALI's default queue of 2.
+        prefetch=PREFETCH_PER_WORKER * max(1, cfg.workers) if train and not cuda else 2,
+        seed=seed,
+        device="cuda" if cuda else "cpu",
+        device_id=env.device.index if cuda else None,
+        interpolation=spec.interpolation,
+    )
+
+
+def _torch_loader(
+    samples: list[Sample],
+    spec: TransformSpec,
+    cfg: DataConfig,
+    *,
+    train: bool,
+    seed: int,
+    env: DistEnv,
+    batch_size: int,
+) -> Loader:
     from fastft.data.torch_loader import TorchLoader
 
-    loader = TorchLoader(
+    return TorchLoader(
         samples,
         spec,
         train=train,
         augment=cfg.augment,
-        batch_size=bs,
+        batch_size=batch_size,
         workers=cfg.workers,
         seed=seed,
         rank=env.rank,
@@ -124,8 +151,21 @@ def build_loader(
         pin_memory=cfg.pin_memory and env.device.type == "cuda",
         persistent_workers=cfg.persistent_workers,
     )
-    loader.skipped = skipped
-    return loader
+
+
+def _synthetic_loader(
+    samples: list[Sample], spec: TransformSpec, *, train: bool, seed: int, env: DistEnv, batch_size: int
+):
+    return SyntheticLoader(
+        samples,
+        spec,
+        batch_size=batch_size,
+        train=train,
+        seed=seed,
+        rank=env.rank,
+        world=env.world_size,
+        device=env.device,
+    )
 
 
 class SyntheticLoader:
@@ -147,12 +187,13 @@ class SyntheticLoader:
     ) -> None:
         import torch
 
-        from fastft.data.torch_loader import ShardedBatchSampler
+        from fastft.data.sampler import ShardedBatchSampler
 
         self.sampler = ShardedBatchSampler(len(samples), batch_size, train=train, seed=seed, rank=rank, world=world)
         self.labels = torch.tensor([y for _, y in samples], dtype=torch.long, device=device)
         g = torch.Generator().manual_seed(seed)
         self.images = torch.randn(batch_size, 3, spec.crop_size, spec.crop_size, generator=g).to(device)
+        self.skipped: list[str] = []  # no file is read
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch)

@@ -1,18 +1,19 @@
-"""The torchvision DataLoader path: sharded, resumable batch sampling and augmentation that is a pure function of
-(seed, epoch, sample index), so results do not depend on the worker count, the world size or a resume."""
+"""The torchvision DataLoader path: the shared sampler's batches (sampler.py) and augmentation that is a pure function
+of (seed, epoch, sample index), so results do not depend on the worker count, the world size or a resume."""
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator
 
 import torch
 from PIL import Image, ImageOps
 
+from fastft.data.base import PREFETCH_PER_WORKER
 from fastft.data.checks import check_size, open_regular, reason_of
-from fastft.data.folder import Sample
-from fastft.data.transforms import TransformSpec, sample_seed, torchvision_transform
+from fastft.data.index import Sample
+from fastft.data.sampler import ShardedBatchSampler, sample_seed
+from fastft.data.transforms import TransformSpec, torchvision_transform
 from fastft.errors import DataError
 
 
@@ -75,49 +76,6 @@ class ImageDataset(torch.utils.data.Dataset):
             return self.transform(image), label
 
 
-class ShardedBatchSampler:
-    """Batches of (index, epoch) for one rank.
-
-    Training: one permutation per epoch (seeded by seed + epoch, identical on every rank); rank r takes every
-    world-th index, truncated so all ranks hold the same count, then drops the ragged last batch, so every rank
-    runs the same number of steps and the union of one step's batches is a slice of the permutation (the same
-    global batch as one process with batch_size * world).
-    Evaluation: contiguous unpadded shards, no sample duplicated or dropped; the last batch may be short.
-    `start_batch` skips batches already trained in this epoch (exact mid-epoch resume).
-    """
-
-    def __init__(self, n: int, batch_size: int, *, train: bool, seed: int = 0, rank: int = 0, world: int = 1) -> None:
-        self.n, self.batch_size, self.train, self.seed, self.rank, self.world = n, batch_size, train, seed, rank, world
-        self.epoch = 0
-        self.start_batch = 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def _indices(self) -> list[int]:
-        if self.train:
-            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-            perm = torch.randperm(self.n, generator=g).tolist()
-            per_rank = self.n // self.world
-            return perm[self.rank :: self.world][:per_rank]
-        lo, hi = self.rank * self.n // self.world, (self.rank + 1) * self.n // self.world
-        return list(range(lo, hi))
-
-    def __len__(self) -> int:
-        if self.train:
-            return (self.n // self.world) // self.batch_size
-        lo, hi = self.rank * self.n // self.world, (self.rank + 1) * self.n // self.world
-        return math.ceil((hi - lo) / self.batch_size)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        idx = self._indices()
-        for b in range(self.start_batch, len(self)):
-            yield [(i, self.epoch) for i in idx[b * self.batch_size : (b + 1) * self.batch_size]]
-
-
-PREFETCH_PER_WORKER = 4  # batches each DataLoader worker keeps ready (DALI's CPU training queue matches it)
-
-
 def batch_loader(
     dataset: ImageDataset,
     sampler: ShardedBatchSampler,
@@ -171,6 +129,7 @@ class TorchLoader:
         )
         self._started: tuple[tuple[int, int], Iterator] | None = None
         self._live: Iterator | None = None
+        self.skipped: list[str] = []  # the bad-file policy is applied before a loader is made (build_loader)
 
     @property
     def num_samples(self) -> int:

@@ -70,12 +70,6 @@ def torchvision_transform(spec: TransformSpec, *, train: bool):
     return T.Compose([T.ToImage(), *head, T.ToDtype(torch.float32, scale=True), T.Normalize(spec.mean, spec.std)])
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one training sample's augmentation draws: a function of (run seed, epoch, sample index) only, so
-    the draws do not depend on the loader, the worker count, the world size or a resume."""
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index
-
-
 @functools.cache
 def _log_crop_ratio():
     import torch

@@ -23,7 +23,7 @@ def trained(shapes4, module_tmp):
 def test_dali_and_torchvision_eval_agree(trained, shapes4) -> None:
     from fastft.api import load_trained
     from fastft.config import DataConfig
-    from fastft.data.folder import index_for_eval
+    from fastft.data.index import index_for_eval
     from fastft.data.loaders import build_loader
     from fastft.data.transforms import TransformSpec
     from fastft.parallel.env import DistEnv
@@ -88,7 +88,7 @@ def test_cpu_training_prefetches_as_far_as_the_torchvision_loader(shapes4, worke
     """On the CPU, DALI's training queue holds as many batches as the torchvision loader's workers prefetch (so the
     first epoch's decode overlaps set-up as far with either); evaluation keeps DALI's default queue."""
     from fastft.config import DataConfig
-    from fastft.data.folder import index_for_eval
+    from fastft.data.index import index_for_eval
     from fastft.data.loaders import build_loader
     from fastft.data.transforms import TransformSpec
     from fastft.parallel.env import DistEnv

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.dali
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'fastft[dali]')")
 
 from fastft.data import checks
-from fastft.data.dali_loader import DaliLoader
+from fastft.data.dali_feed import DaliLoader
 from fastft.errors import ConfigError, DataError
 
 MEAN = (0.485, 0.456, 0.406)
@@ -57,6 +57,18 @@ def make(samples, **kw) -> DaliLoader:
     args = {"batch_size": 8, "crop_size": CROP, "resize_size": RESIZE, "mean": MEAN, "std": STD, "threads": 1}
     args.update(kw)
     return DaliLoader(samples, **args)
+
+
+def built(samples, *, on_bad_file: str) -> DaliLoader:
+    """The evaluation DaliLoader that build_loader makes: it checks the files and applies `data.on_bad_file` first."""
+    from fastft.config import DataConfig
+    from fastft.data.loaders import build_loader
+    from fastft.data.transforms import TransformSpec
+    from fastft.parallel.env import DistEnv
+
+    cfg = DataConfig(loader="dali", batch_size=8, workers=1, on_bad_file=on_bad_file)
+    spec = TransformSpec(crop_size=CROP, resize_size=RESIZE, mean=MEAN, std=STD)
+    return build_loader(samples, spec, cfg, train=False, seed=0, env=DistEnv())
 
 
 def labels_of(loader: DaliLoader) -> list[list[int]]:
@@ -223,7 +235,7 @@ def test_augmented_resume_repeats_the_crops_bit_for_bit(tmp_path):
 def test_train_epochs_advance_jump_and_drop_abandoned_batches(folders):
     """Without set_epoch each iteration is the next epoch; an abandoned epoch's prefetched batches never leak into the
     next one; start() prepares the epoch that the next set_epoch + iteration asks for."""
-    from fastft.data.torch_loader import ShardedBatchSampler
+    from fastft.data.sampler import ShardedBatchSampler
 
     samples = folders(60)
     sampler = ShardedBatchSampler(60, 4, train=True, seed=2, rank=1, world=2)
@@ -390,8 +402,8 @@ def test_bad_file_raises_data_error_naming_it_or_is_skipped(tmp_path, kind):
     bad = samples[5][0]
     corrupt(bad, kind)
     with pytest.raises(DataError, match=re.escape(f"unreadable image file {bad}")):
-        make(samples, train=False)
-    ld = make(samples, train=False, on_bad_file="skip")
+        built(samples, on_bad_file="error")
+    ld = built(samples, on_bad_file="skip")
     assert ld.skipped == [bad]
     assert ld.num_samples == 11
     seen = [label for b in labels_of(ld) for label in b]
@@ -464,7 +476,7 @@ def test_argument_errors(folders):
     with pytest.raises(ConfigError, match="device_id"):
         make(samples, train=False, device="cuda")
     with pytest.raises(ConfigError, match="on_bad_file"):
-        make(samples, train=False, on_bad_file="ignore")
+        built(samples, on_bad_file="ignore")
     with pytest.raises(DataError, match="less than one batch"):
         make(samples, train=True, num_shards=3)  # 20 // 3 = 6 < 8
 
@@ -476,5 +488,5 @@ def test_missing_dali_gives_install_hint(folders, monkeypatch):
 
 
 def test_importing_fastft_does_not_import_dali():
-    code = "import sys, fastft, fastft.data.dali_loader; assert 'nvidia.dali' not in sys.modules"
+    code = "import sys, fastft, fastft.data.dali_feed, fastft.data.loaders; assert 'nvidia.dali' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from fastft.data.transforms import TransformSpec, sample_seed, torchvision_transform, train_crop
+from fastft.data.sampler import sample_seed
+from fastft.data.transforms import TransformSpec, torchvision_transform, train_crop
 
 
 # Sizes cover windows that fit at once, sizes where few fit (many redraws), and both centre-crop fallbacks (too

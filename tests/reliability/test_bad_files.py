@@ -162,7 +162,7 @@ def test_unusual_images_are_converted_and_trained_on(base, tmp_path, loader) -> 
 def test_dali_decodes_unusual_images_like_the_torchvision_path(tmp_path, loader) -> None:
     """Each unusual file comes out of open_rgb as RGB, and DALI's eval pipeline gives the same pixels as the
     torchvision path within one 8-bit level (the same contract as for ordinary JPEGs)."""
-    from fastft.data.dali_loader import DaliLoader
+    from fastft.data.dali_feed import DaliLoader
     from fastft.data.torch_loader import TorchLoader, open_rgb
     from fastft.data.transforms import TransformSpec
 

@@ -11,7 +11,7 @@ from _reliability import FAST, cli, error_line, mentions, trained_run
 from PIL import Image
 
 from fastft.config import DataConfig
-from fastft.data.folder import index_from_config
+from fastft.data.index import index_from_config
 from fastft.errors import DataError
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fastft.data.loaders import dali_available
-from fastft.data.torch_loader import ShardedBatchSampler, TorchLoader
+from fastft.data.sampler import ShardedBatchSampler, TorchLoader
 
 
 def _batches(sampler: ShardedBatchSampler, epoch: int, start: int = 0) -> list[list[int]]:
@@ -74,7 +74,7 @@ def test_the_loader_resumes_at_the_same_files(shapes4) -> None:
 
 def _dali_labels(samples, epochs: list[tuple[int, int]]) -> list[list[list[int]]]:
     """Iterate one DaliLoader through (epoch, start_batch) pairs; returns the label batches of each."""
-    from fastft.data.dali_loader import DaliLoader
+    from fastft.data.dali_feed import DaliLoader
 
     dl = DaliLoader(
         samples,
