@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from fastft.data.loaders import dali_available
-from fastft.data.sampler import ShardedBatchSampler, TorchLoader
+from fastft.data.sampler import ShardedBatchSampler
+from fastft.data.torch_loader import TorchLoader
 
 
 def _batches(sampler: ShardedBatchSampler, epoch: int, start: int = 0) -> list[list[int]]:
