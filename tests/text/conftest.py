@@ -61,3 +61,9 @@ def make_tiny_bert(folder: Path, *, seed: int = 0, dropout: float = 0.1) -> Path
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_maker():
+    """make_tokenizer(folder, words=...), for tests that need a second, different tokenizer."""
+    return make_tokenizer
