@@ -1,6 +1,6 @@
 """Text classification data: CSV/JSONL files of `text,label`, tokenised once into a cache, batched by length.
 
-Behaviour (documented in the README):
+Behaviour:
 - A `.csv` file has a header naming the columns `text` and `label` (any order, other columns ignored); a `.jsonl`
   file holds one object with "text" and "label" per line. Blank lines are skipped. A bad row (a missing column,
   empty text or label, bad JSON, bytes that are not UTF-8) is a one-line DataError naming the file and line.
