@@ -157,3 +157,23 @@ def test_everything_trainable_is_not_split(backbone) -> None:
     assert split.kind == "none" and split.prefix is None and split.suffix is backbone.model
     with pytest.raises(ModelError, match="nothing to train"):
         split_text(backbone, set())
+
+
+def test_a_hub_name_is_read_from_the_hub_cache_offline(tiny_bert, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    from fastft.backbones.hf_text import HFTextBackbone
+
+    repo = tmp_path / "hub" / "models--fastft-test--tiny-bert"
+    shutil.copytree(tiny_bert, repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    backbone = HFTextBackbone("fastft-test/tiny-bert", 2, max_length=16)
+    assert backbone.name == "fastft-test/tiny-bert"
+    assert backbone.preprocess().tokenizer == str((repo / "snapshots" / "0123abc").resolve())
+    assert backbone.hf.classifier.out_features == 2 and len(backbone.stages()) == 4
