@@ -118,7 +118,8 @@ def test_tokens_are_cached_under_a_key_of_tokenizer_length_and_data(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from fastft.data.text import read_text_file, tokenize_file
+    from fastft.data.text import read_text_file
+    from fastft.data.text_tokens import tokenize_file
 
     data = write_csv(tmp_path / "d.csv", [("the cat is good", "a"), (" ".join(["dog"] * 40), "b")])
     spec, cache = TextSpec(str(tiny_bert), 12), tmp_path / "cache"
@@ -153,7 +154,8 @@ def test_tokens_are_cached_under_a_key_of_tokenizer_length_and_data(
 
 
 def _loader(n: int, *, train: bool, batch_size: int, rank=0, world=1, seed=0, lengths=None):
-    from fastft.data.text import TextLoader, TextSplit, Tokens
+    from fastft.data.text import TextLoader, TextSplit
+    from fastft.data.text_tokens import Tokens
 
     rng = random.Random(5)
     lengths = lengths or [rng.randint(3, 40) for _ in range(n)]
