@@ -170,10 +170,12 @@ class HFTextBackbone:
         AutoTokenizer `from_pretrained`."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        stamp = lambda: {p: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()}
+        before = stamp()
         with _quiet_transformers():
-            self.hf.save_pretrained(folder)  # safetensors
-            written = self.tokenizer.save_pretrained(folder)
-        return sorted({folder / "config.json", folder / "model.safetensors", *(Path(f) for f in written)})
+            self.hf.save_pretrained(folder)  # safetensors (sharded with an index when large)
+            self.tokenizer.save_pretrained(folder)
+        return sorted(p for p, t in stamp().items() if before.get(p) != t)
 
 
 # --------------------------------------------------------------------------------------------------------------------
