@@ -46,6 +46,7 @@ class DataConfig:
     train_list: str = ""  # CSV of path,label (alternative to root)
     val_list: str = ""
     image_size: int = 0  # 0 = the weights' preset crop size
+    max_length: int = 128  # text: tokens per row (longer rows are truncated; batches pad to their longest row)
     batch_size: int = 32
     eval_batch_size: int = 0  # 0 = batch_size
     workers: int = 2
@@ -164,6 +165,7 @@ class FinetuneConfig:
             raise ConfigError(f"head.sweep_weight_decay: must be finite and >= 0, got {self.head.sweep_weight_decay}")
         _range("data.val_fraction", self.data.val_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
         _min("data.image_size", self.data.image_size, 0)
+        _min("data.max_length", self.data.max_length, 1)
         _min("data.batch_size", self.data.batch_size, 1)
         _min("data.eval_batch_size", self.data.eval_batch_size, 0)
         _min("data.workers", self.data.workers, 0)

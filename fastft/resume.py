@@ -69,6 +69,7 @@ RULES: dict[str, Rule] = {
     ),
     "data.val_list": Rule(NOTED, "the classes must match (checked); other files change the evaluation set"),
     "data.image_size": Rule(MUST, "the transform the weights were trained with"),
+    "data.max_length": Rule(MUST, "the token sequences the weights were trained with (and the length buckets)"),
     "data.batch_size": Rule(MUST, _ORDER),
     "data.eval_batch_size": Rule(MAY),
     "data.workers": Rule(MAY),
