@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from fastft.config import DataConfig
-from fastft.data.folder import _label_sort_key, _split
-from fastft.data.torch_loader import ShardedBatchSampler
+from fastft.data.index import _label_sort_key, _split
+from fastft.data.sampler import ShardedBatchSampler
 from fastft.errors import DataError
 
 if TYPE_CHECKING:
