@@ -21,7 +21,8 @@ def test_minilm_builds_tokenises_and_gives_finite_logits(minilm, tmp_path) -> No
     from fastft.backbones.hf_text import HFTextBackbone, split_text
     from fastft.config import DataConfig
     from fastft.data.synthetic_text import write_text_dataset
-    from fastft.data.text import TextLoader, index_text
+    from fastft.data.text import index_text
+    from fastft.data.text_loader import TextLoader
     from fastft.data.text_tokens import tokenize_file
 
     train, val = write_text_dataset(tmp_path / "data", num_classes=6, train_rows=24, val_rows=12, seed=0)

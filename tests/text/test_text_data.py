@@ -154,7 +154,8 @@ def test_tokens_are_cached_under_a_key_of_tokenizer_length_and_data(
 
 
 def _loader(n: int, *, train: bool, batch_size: int, rank=0, world=1, seed=0, lengths=None):
-    from fastft.data.text import TextLoader, TextSplit
+    from fastft.data.text import TextSplit
+    from fastft.data.text_loader import TextLoader
     from fastft.data.text_tokens import Tokens
 
     rng = random.Random(5)
