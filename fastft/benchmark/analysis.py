@@ -11,8 +11,9 @@ def attach_ratios(doc: dict) -> None:
     """Each mode as a fraction of what bounds it and a multiple of its model's baseline, from this document only.
 
     A mode that runs the backbone is bounded by the backbone's forward-only limit (same model, precision, batch,
-    size). A mode trained from the feature cache never runs the backbone after its first epoch: its bound is the
-    host's memory bandwidth (`attach_bandwidth`), and its `ratio_to_limit` stays None."""
+    size). A mode trained from the feature cache runs the backbone only to build the cache, before its first epoch
+    (`cache_build_s`): its epochs are bounded by the host's memory bandwidth (`attach_bandwidth`), and its ratios to
+    the backbone's limit (`ratio_to_limit`, `first_epoch_ratio_to_limit`) are None."""
     measurements = doc["limit_measurements"]
     baselines = {b["model"]: b for b in doc["baselines"]}
 
@@ -26,11 +27,11 @@ def attach_ratios(doc: dict) -> None:
     for c in doc["cases"]:
         if c["status"] == "ok":
             lim = around(c)
-            if c["config"]["cache"] == "off":
-                c["ratio_to_limit"] = ratio(c, lim)
-            else:
-                attach_bandwidth(c, doc.get("memcpy"))
             c["ratio_to_baseline"] = ratio(c, baselines.get(c["config"]["model"]))
+            if c["config"]["cache"] != "off":
+                attach_bandwidth(c, doc.get("memcpy"))
+                continue
+            c["ratio_to_limit"] = ratio(c, lim)
             c["first_epoch_ratio_to_limit"] = ratio({"run_id": c["run_id"], "images_per_s":
                                                      c["first_epoch_images_per_s"]}, lim)
     for first in (doc["headline"] or {}).get("first_epochs", []):
@@ -46,9 +47,9 @@ def attach_ratios(doc: dict) -> None:
 def attach_bandwidth(case: dict, memcpy: dict | None) -> None:
     """A cached mode's feature bytes read per second (images/s x bytes of one cached row) against the host memcpy
     bandwidth measured in the same run. The backbone's limit says nothing about it: 100x "above" the limit only
-    repeats that the cache skips the backbone. (The first epoch builds the cache: it keeps its ratio to the limit.)"""
+    repeats that the cache skips the backbone."""
     case["bound"] = "host memory bandwidth"
-    case["ratio_to_limit"] = None
+    case["ratio_to_limit"] = case["first_epoch_ratio_to_limit"] = None
     row = case.get("cache_row_bytes")
     case["cache_bytes_per_s"] = case["images_per_s"] * row if row else None
     measured = {"run_id": case["run_id"], "bytes_per_s": case["cache_bytes_per_s"]}

@@ -98,7 +98,7 @@ def limit_cell(c: dict) -> str:
     if c["config"]["cache"] == "off":
         return _f(c["ratio_to_limit"], ".2f")
     if c.get("ratio_to_memcpy") is None:
-        return "n/a (cached)"
+        return "n/a (cached; run without memcpy)"
     return f"{c['cache_bytes_per_s'] / 1e6:.2f} MB/s = {c['ratio_to_memcpy']:.2g} x memcpy"
 
 
