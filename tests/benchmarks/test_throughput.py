@@ -376,3 +376,16 @@ def test_fastft_bench_subcommand_drives_the_same_harness(monkeypatch, tmp_path) 
     assert (seen["args"].suite, seen["args"].out, seen["args"].time_budget) == ("smoke", str(tmp_path), 5.0)
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--suite", "nope"])
+
+
+@pytest.mark.slow
+def test_world_size_two_mode_runs_the_package_worker_under_torchrun(monkeypatch, tmp_path) -> None:
+    # The ranks run `python -m fastft.benchmark.worker` from a scratch cwd: no source tree needed beside them.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    s = Settings(batch_size=4, image_size=32, workers=0, train_images=8, val_images=4, repeats=1)
+    entry = cases.run_case(Case("linear/synthetic world 2", "resnet18", world=2), s,
+                           device=measure.resolve_device("cpu"), run_id="r", work=tmp_path)
+    # resnet18's head at the bench folder's 4 classes: 512 x 4 + 4 fp32 gradients all-reduced per step.
+    assert entry["comm_bytes_per_step"] == 4 * (512 * 4 + 4)
+    assert entry["breakdown_ms_per_step"]["communication"] > 0 and len(entry["epochs_images_per_s"]) == 2
+    assert entry["steps_per_epoch"] == 1  # 8 images / (batch 4 x 2 ranks)
