@@ -43,7 +43,7 @@ test-zoo: setup
 	$(VPY) -m benchmarks.zoo_table .zoo.xml benchmarks/results/zoo-$$(date +%Y%m%d).md
 
 bench: setup
-	$(VPY) -m benchmarks.throughput --suite cpu
+	$(VPY) -m fastft.benchmark --suite cpu
 
 lint: setup
 	$(VENV)/bin/ruff check fastft tests benchmarks

@@ -8,7 +8,7 @@
 #    torchvision, torchmetrics, safetensors, tensorboard, matplotlib, tqdm, pillow, numpy, nvidia-dali-cuda130 (when
 #    a wheel is there; without DALI the DALI modes are reported as skipped), and fastft itself from this checkout
 #    (--no-deps). Nothing is downloaded.
-# 2. Runs the `gpu` suite of benchmarks/throughput.py: resnet50 @224, bf16, channels_last, batch 256 on photo-like
+# 2. Runs the `gpu` suite of fastft/benchmark (`fastft bench`): resnet50 @224, bf16, channels_last, batch 256 on photo-like
 #    JPEGs it generates (4096 train + 512 val): the forward-only limit, linear probe (in-memory synthetic input, DALI
 #    and torchvision JPEG input, compile on/off), linear probe from the feature cache, partial and full fine-tune
 #    (compile on/off), the naive seed loop, and the 10-epoch cached-probe vs seed-loop comparison.
@@ -88,7 +88,7 @@ fi
 log "running the gpu suite (budget ${BUDGET}s, hard stop ${HARD_STOP}s)"
 status=0
 timeout --signal=INT --kill-after=20 "$HARD_STOP" \
-    "$PY" -m benchmarks.throughput --suite gpu --device cuda --out "$OUT" --time-budget "$BUDGET" 2>&1 | tee -a "$LOG" \
+    "$PY" -m fastft.benchmark --suite gpu --device cuda --out "$OUT" --time-budget "$BUDGET" 2>&1 | tee -a "$LOG" \
     || status=$?
 if [ "$status" -ne 0 ]; then
     log "the harness exited with status $status (124: the hard stop was reached; what it had measured is written); see $LOG"

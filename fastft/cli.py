@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out-dir", default="runs")
     d.add_argument("--data-dir", default=None, help="where the generated dataset is cached")
     d.add_argument("--epochs", type=int, default=None)
-    from fastft.bench import add_bench_parser
+    from fastft.benchmark.cli import add_bench_parser
 
     add_bench_parser(sub)
     return p
@@ -145,7 +145,7 @@ def run(argv: list[str]) -> int:
     if extra:
         raise ConfigError(f"unrecognised argument {extra[0]!r}")
     if args.command == "bench":
-        from fastft.bench import run_bench
+        from fastft.benchmark.cli import run_bench
 
         return run_bench(args)
     if args.command == "demo":

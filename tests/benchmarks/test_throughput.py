@@ -1,27 +1,25 @@
-"""The throughput harness itself: warm-up is never timed, ratios come from one run's own measurements, and the
-results document keeps a stable schema. Mock timings make the arithmetic exact; one tiny real run checks the wiring."""
+"""The throughput harness itself (fastft/benchmark): warm-up is never timed, ratios come from one run's own
+measurements, cached modes are set against the host's memory bandwidth, and the results document keeps a stable schema.
+Mock timings make the arithmetic exact; one tiny real run checks the wiring."""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-# benchmarks/ is not part of the installed package: import it from the checkout even under a bare `pytest`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks import throughput as tp
-from fastft.bench import add_arguments
+from fastft.benchmark import analysis, baseline, cases, harness, headline, measure, report, suites
+from fastft.benchmark.cli import add_arguments
+from fastft.benchmark.suites import Block, Case, Headline, Settings, Suite
 
 
 def _args(tmp_path: Path, **kw) -> argparse.Namespace:
-    args = add_arguments(argparse.ArgumentParser()).parse_args(["--out", str(tmp_path / "results")])
+    args = add_arguments(argparse.ArgumentParser()).parse_args(["--suite", "smoke", "--out", str(tmp_path / "results")])
     for k, v in kw.items():
         setattr(args, k, v)
     return args
@@ -41,18 +39,18 @@ def test_time_calls_times_only_after_warmup_and_syncs_around_each_block() -> Non
         if calls["n"] <= 2:  # a slow first-call (kernel selection, allocation) that must not be timed
             time.sleep(0.2)
 
-    secs = tp.time_calls(fn, warmup=2, iters=3, repeats=3, sync=lambda: events.append("sync"))
+    secs = measure.time_calls(fn, warmup=2, iters=3, repeats=3, sync=lambda: events.append("sync"))
     assert len(secs) == 3 and max(secs) < 0.1
     # Warm-up calls untimed, then sync | iters calls | sync for every repeat: queued device work is never missed.
     assert events == ["call"] * 2 + (["sync"] + ["call"] * 3 + ["sync"]) * 3
     calls["n"] = 0
-    assert tp.time_calls(fn, warmup=0, iters=1, repeats=3, sync=lambda: None)[0] > 0.15  # would be caught
+    assert measure.time_calls(fn, warmup=0, iters=1, repeats=3, sync=lambda: None)[0] > 0.15  # would be caught
 
 
 def test_time_calls_warmup_seconds_extends_the_untimed_calls() -> None:
     calls = []
     fn = lambda: (calls.append(1), time.sleep(0.01))
-    tp.time_calls(fn, warmup=1, iters=1, repeats=2, sync=lambda: None, warmup_s=0.1)
+    measure.time_calls(fn, warmup=1, iters=1, repeats=2, sync=lambda: None, warmup_s=0.1)
     assert len(calls) - 2 >= 9  # ~0.1 s of warm-up calls before the 2 timed ones
 
 
@@ -67,7 +65,7 @@ def test_summarise_epochs_excludes_the_warmup_epoch_even_past_ten_epochs() -> No
     walls = {0: 40.0, **{i: 1.0 for i in range(1, 11)}, 2: 2.0, 3: 0.5}
     timings = {f"epoch{i}": _epoch(walls[i], frozen=0.4) for i in sorted(walls, reverse=True)}
     timings["epoch0"]["frozen"] = 39.0
-    out = tp.summarise_epochs(timings, warmup=1, batch_size=8)
+    out = measure.summarise_epochs(timings, warmup=1, batch_size=8)
     assert out["images_per_s"] == pytest.approx(32.0)  # median of the timed epochs, epoch0 (0.8 img/s) excluded
     assert out["spread"]["min"] == pytest.approx(16.0) and out["spread"]["max"] == pytest.approx(64.0)
     assert out["first_epoch_images_per_s"] == pytest.approx(0.8)
@@ -75,14 +73,14 @@ def test_summarise_epochs_excludes_the_warmup_epoch_even_past_ten_epochs() -> No
     # 4 steps per epoch: frozen 0.4 s -> 100 ms per step; epoch0's 39 s never enters the median.
     assert out["breakdown_ms_per_step"]["frozen"] == pytest.approx(100.0)
     assert out["steps_per_epoch"] == 4
-    assert set(out["breakdown_ms_per_step"]) == set(tp.BREAKDOWN)
+    assert set(out["breakdown_ms_per_step"]) == set(measure.BREAKDOWN)
 
 
 def test_summarise_epochs_breakdown_per_step_with_world_size_and_other() -> None:
     # Two ranks, batch 8 each: 32 global images = 2 steps. `other` is what the four segments do not cover.
     timings = {f"epoch{i}": {"data": 0.1, "frozen": 0.6, "trainable": 0.2, "optimizer": 0.0, "wall": 1.0,
                              "images": 32} for i in range(4)}
-    out = tp.summarise_epochs(timings, warmup=1, batch_size=8, world=2, comm_s_per_step=0.003)
+    out = measure.summarise_epochs(timings, warmup=1, batch_size=8, world=2, comm_s_per_step=0.003)
     b = out["breakdown_ms_per_step"]
     assert b["frozen"] == pytest.approx(300.0) and b["other"] == pytest.approx(50.0)
     assert b["communication"] == pytest.approx(3.0)
@@ -90,7 +88,7 @@ def test_summarise_epochs_breakdown_per_step_with_world_size_and_other() -> None
 
 def test_summarise_epochs_refuses_when_nothing_is_left_after_warmup() -> None:
     with pytest.raises(ValueError, match="warm-up"):
-        tp.summarise_epochs({"epoch0": _epoch(1.0)}, warmup=1, batch_size=8)
+        measure.summarise_epochs({"epoch0": _epoch(1.0)}, warmup=1, batch_size=8)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -103,7 +101,8 @@ def _measurement(i: int, rate: float, run_id: str = "run-a", key: str = "m/bf16/
 
 
 def _doc(measurements: list[dict], case_ids: list[int], *, case_run: str = "run-a") -> dict:
-    case = {"name": "m linear", "status": "ok", "config": {"model": "m"}, "run_id": case_run, "images_per_s": 75.0,
+    case = {"name": "m linear", "status": "ok", "config": {"model": "m", "cache": "off"}, "run_id": case_run,
+            "images_per_s": 75.0,
             "first_epoch_images_per_s": 25.0, "limit_key": "m/bf16/bs8/32px", "limit_ids": case_ids}
     return {"run_id": "run-a", "limit_measurements": measurements, "limits": [], "headline": None, "cases": [case],
             "baselines": [{"model": "m", "run_id": "run-a", "images_per_s": 30.0}]}
@@ -111,7 +110,7 @@ def _doc(measurements: list[dict], case_ids: list[int], *, case_run: str = "run-
 
 def test_attach_ratios_uses_the_measurements_taken_around_the_mode() -> None:
     doc = _doc([_measurement(0, 1000.0), _measurement(1, 50.0), _measurement(2, 200.0)], [1, 2])
-    tp.attach_ratios(doc)
+    analysis.attach_ratios(doc)
     case = doc["cases"][0]
     # median of the 6 repeats of measurements 1 and 2 = 125; measurement 0 (taken earlier) is not used.
     assert case["limit_images_per_s"] == pytest.approx(125.0)
@@ -124,19 +123,63 @@ def test_attach_ratios_uses_the_measurements_taken_around_the_mode() -> None:
 
 def test_ratios_refuse_measurements_from_another_run() -> None:
     with pytest.raises(ValueError, match="across runs"):
-        tp.ratio({"run_id": "a", "images_per_s": 1.0}, {"run_id": "b", "images_per_s": 2.0})
+        measure.ratio({"run_id": "a", "images_per_s": 1.0}, {"run_id": "b", "images_per_s": 2.0})
     doc = _doc([_measurement(0, 100.0), _measurement(1, 100.0)], [0, 1], case_run="run-b")
     with pytest.raises(ValueError, match="across runs"):
-        tp.attach_ratios(doc)
+        analysis.attach_ratios(doc)
     doc = _doc([_measurement(0, 100.0), _measurement(1, 100.0, run_id="run-b")], [0, 1])
     with pytest.raises(ValueError, match="same"):
-        tp.attach_ratios(doc)
+        analysis.attach_ratios(doc)
+
+
+def test_cached_mode_is_set_against_memory_bandwidth_not_the_backbone() -> None:
+    doc = _doc([_measurement(0, 100.0), _measurement(1, 100.0)], [0, 1])
+    doc["cases"][0]["config"]["cache"] = "memory"
+    doc["cases"][0]["cache_row_bytes"] = 1024
+    doc["memcpy"] = {"run_id": "run-a", "bytes_per_s": 2e9}
+    analysis.attach_ratios(doc)
+    case = doc["cases"][0]
+    assert case["ratio_to_limit"] is None and case["bound"] == "host memory bandwidth"
+    assert case["cache_bytes_per_s"] == pytest.approx(75.0 * 1024)
+    assert case["ratio_to_memcpy"] == pytest.approx(75.0 * 1024 / 2e9)
+    assert case["first_epoch_ratio_to_limit"] is None  # epoch 0 trains from the cache too (built before it)
+    assert case["ratio_to_baseline"] == pytest.approx(75.0 / 30.0)  # a multiple of the seed loop stays meaningful
+    assert report.limit_cell(case) == "0.08 MB/s = 3.8e-05 x memcpy"
+    doc["memcpy"]["run_id"] = "run-b"
+    with pytest.raises(ValueError, match="across runs"):
+        analysis.attach_ratios(doc)
+
+
+def test_measure_memcpy_reports_bytes_copied_per_second(monkeypatch) -> None:
+    copies = []
+
+    def time_calls(fn, **kw):
+        fn()
+        copies.append(kw)
+        return [0.5, 0.25, 1.0]
+
+    monkeypatch.setattr(measure, "time_calls", time_calls)
+    m = measure.measure_memcpy(run_id="r", mib=4, repeats=3)
+    assert copies and m["buffer_bytes"] == 4 << 20 and m["run_id"] == "r"
+    assert m["bytes_per_s"] == pytest.approx((4 << 20) / 0.5)  # the median copy time
+
+
+# resnet18: the pooled 512 features; mobilenet_v3_small: the head is the last Linear (classifier.3), so the cache holds
+# the 1024 outputs of classifier.0 - 2.
+@pytest.mark.parametrize(("model", "dtype", "expected"), [("resnet18", "fp16", 512 * 2),
+                                                          ("mobilenet_v3_small", "fp32", 1024 * 4)])
+def test_cache_row_bytes_is_the_prefix_output_at_the_stored_dtype(tmp_path, model, dtype, expected) -> None:
+    s = Settings(batch_size=4, image_size=32, workers=0, train_images=4, val_images=4)
+    cfg = cases.case_config(Case("linear/cache", model, loader="torch", cache="memory"), s, tmp_path, tmp_path,
+                            epochs=1, device=measure.resolve_device("cpu"))
+    cfg.features.dtype = dtype
+    assert cases.cache_row_bytes(cfg) == expected
 
 
 def test_ratio_refuses_a_limit_of_another_precision() -> None:
     doc = _doc([_measurement(0, 100.0, key="m/fp32/bs8/32px"), _measurement(1, 100.0, key="m/fp32/bs8/32px")], [0, 1])
     with pytest.raises(ValueError, match="compared with"):
-        tp.attach_ratios(doc)
+        analysis.attach_ratios(doc)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -147,24 +190,25 @@ def test_ratio_refuses_a_limit_of_another_precision() -> None:
 def mocked(monkeypatch, tmp_path):
     """The harness with fastft, the seed loop and the limit replaced by deterministic fakes."""
     state = {"limit_calls": 0}
-    suite = tp.Suite("smoke", tp.Settings(batch_size=8, image_size=32, workers=0, train_images=16, val_images=8,
-                                          device="cpu"),
-                     [tp.Block("resnet18", [tp.Case("linear/synthetic", "resnet18"),
-                                            tp.Case("linear/synthetic fp32", "resnet18", precision="fp32"),
-                                            tp.Case("full/synthetic", "resnet18", "full")], baseline_epochs=4)],
-                     tp.Headline("resnet18", epochs=10, train_images=16, val_images=8, first_epoch_repeats=3,
-                                 dali_first_epoch=False))
-    monkeypatch.setattr(tp, "make_suite", lambda name: copy.deepcopy(suite))
-    monkeypatch.setattr(tp, "bench_folder", lambda *a, **k: tmp_path)
-    monkeypatch.setattr(tp, "precision_name", lambda dtype, device: "fp32" if dtype == "fp32" else "bf16")
-    monkeypatch.setattr(tp, "decode_ms_per_image", lambda *a, **k: 2.0)
+    suite = Suite("smoke", Settings(batch_size=8, image_size=32, workers=0, train_images=16, val_images=8,
+                                    device="cpu"),
+                  [Block("resnet18", [Case("linear/synthetic", "resnet18"),
+                                      Case("linear/synthetic fp32", "resnet18", precision="fp32"),
+                                      Case("full/synthetic", "resnet18", "full")], baseline_epochs=4)],
+                  Headline("resnet18", epochs=10, train_images=16, val_images=8, first_epoch_repeats=3,
+                           dali_first_epoch=False))
+    monkeypatch.setitem(suites.SUITES, "smoke", lambda: copy.deepcopy(suite))
+    monkeypatch.setattr(cases, "bench_folder", lambda *a, **k: tmp_path)
+    monkeypatch.setattr(measure, "precision_name", lambda dtype, device: "fp32" if dtype == "fp32" else "bf16")
+    monkeypatch.setattr(headline, "decode_ms_per_image", lambda *a, **k: 2.0)
 
     def measure_limit(model, *, precision, s, device, run_id, warmup_s=0.0):
         state["limit_calls"] += 1
         state.setdefault("warmups", []).append(warmup_s)
         rate = 100.0 * state["limit_calls"]  # every measurement differs: which ones a ratio uses is visible
-        size = tp.crop_size(model, s.image_size)
-        return {"key": tp.limit_key(model, tp.precision_name(precision, device), s.batch_size, size), "run_id": run_id,
+        size = measure.crop_size(model, s.image_size)
+        key = measure.limit_key(model, measure.precision_name(precision, device), s.batch_size, size)
+        return {"key": key, "run_id": run_id,
                 "model": model, "precision": precision, "batch_size": s.batch_size, "image_size": size,
                 "channels_last": True, "images_per_s": rate, "spread": {"min": rate, "max": rate, "rel": 0.0},
                 "repeats_images_per_s": [rate] * 3, "warmup_iters": 1, "iters_per_repeat": 1}
@@ -183,14 +227,14 @@ def mocked(monkeypatch, tmp_path):
                 "top1": 0.25, "images_per_epoch": 16, "model": model_name, "batch_size": batch_size,
                 "workers": workers, "image_size": 32, "settings": {}}
 
-    monkeypatch.setattr(tp, "measure_limit", measure_limit)
-    monkeypatch.setattr(tp, "finetune_quiet", finetune_quiet)
-    monkeypatch.setattr(tp, "run_seed", run_seed)
+    monkeypatch.setattr(measure, "measure_limit", measure_limit)
+    monkeypatch.setattr(measure, "finetune_quiet", finetune_quiet)
+    monkeypatch.setattr(baseline, "run_seed", run_seed)
     return state
 
 
 def test_mocked_run_brackets_every_mode_with_its_own_limit_measurements(mocked, tmp_path) -> None:
-    doc = tp.run(_args(tmp_path))
+    doc = harness.run(_args(tmp_path))
     m = {x["id"]: x for x in doc["limit_measurements"]}  # measurement #i reads 100 * (i + 1) img/s
     # The side-by-side run comes first. Each first-epoch variant is 3 fresh runs, each between two measurements
     # (limit, run, limit, run, limit, run, limit); the in-memory variant at the same size starts from the JPEG one's
@@ -222,7 +266,7 @@ def test_mocked_run_brackets_every_mode_with_its_own_limit_measurements(mocked, 
 
 
 def test_mocked_run_reports_targets_honestly(mocked, tmp_path) -> None:
-    doc = tp.run(_args(tmp_path))
+    doc = harness.run(_args(tmp_path))
     firsts = [x for x in doc["targets"] if x["name"].startswith("first_epoch_vs_limit")]
     assert len(firsts) == 3 and all(x["met"] is False and "epoch 0 split" in x["why"] for x in firsts)
     # JPEG input: the decode cost the limit leaves out, as a ceiling (2 ms vs 1000 * cores / limit); in memory: not.
@@ -236,21 +280,21 @@ def test_mocked_run_reports_targets_honestly(mocked, tmp_path) -> None:
 
 
 def test_results_files_follow_the_schema(mocked, tmp_path) -> None:
-    doc = tp.run(_args(tmp_path))
+    doc = harness.run(_args(tmp_path))
     out = tmp_path / "results"
     (json_path,) = out.glob("*.json")
-    stem = f"{tp.hardware_slug(doc['hardware'])}-{doc['date'][:10].replace('-', '')}"
+    stem = f"{report.hardware_slug(doc['hardware'])}-{doc['date'][:10].replace('-', '')}"
     assert json_path.name == f"{stem}.json" and (out / f"{stem}.md").is_file() and (out / "LATEST.md").is_file()
     on_disk = json.loads(json_path.read_text())
-    assert on_disk["schema_version"] == tp.SCHEMA_VERSION == 1
-    tp.validate(on_disk)
+    assert on_disk["schema_version"] == report.SCHEMA_VERSION == 1
+    report.validate(on_disk)
     for kind, keys in (("document", on_disk), ("hardware", on_disk["hardware"])):
-        assert set(tp.REQUIRED_KEYS[kind]) <= set(keys)
+        assert set(report.REQUIRED_KEYS[kind]) <= set(keys)
     for case in on_disk["cases"]:
-        assert set(tp.REQUIRED_KEYS["case"]) | set(tp.REQUIRED_KEYS["case_ok"]) <= set(case)
+        assert set(report.REQUIRED_KEYS["case"]) | set(report.REQUIRED_KEYS["case_ok"]) <= set(case)
     # Stamped: config, versions, CPU/GPU model and count, in both files.
     assert {"torch", "torchvision", "fastft", "python"} <= set(on_disk["versions"])
-    assert on_disk["settings"]["batch_size"] == 8 and on_disk["command"].startswith("python -m benchmarks.throughput")
+    assert on_disk["settings"]["batch_size"] == 8 and on_disk["command"].startswith("fastft bench --suite smoke")
     md = (out / f"{stem}.md").read_text()
     assert on_disk["hardware"]["cpu_model"] in md and on_disk["versions"]["torch"] in md and on_disk["run_id"] in md
     assert "| model | mode | input |" in (out / "LATEST.md").read_text()
@@ -258,8 +302,8 @@ def test_results_files_follow_the_schema(mocked, tmp_path) -> None:
 
 @pytest.mark.parametrize("breakage", ["version", "top", "case", "limit"])
 def test_validate_rejects_documents_that_break_the_schema(mocked, tmp_path, breakage) -> None:
-    doc = tp.run(_args(tmp_path))
-    tp.validate(doc)
+    doc = harness.run(_args(tmp_path))
+    report.validate(doc)
     bad = copy.deepcopy(doc)
     if breakage == "version":
         bad["schema_version"] = 2
@@ -270,17 +314,17 @@ def test_validate_rejects_documents_that_break_the_schema(mocked, tmp_path, brea
     else:
         del bad["limits"][0]["images_per_s"]
     with pytest.raises(ValueError):
-        tp.validate(bad)
+        report.validate(bad)
 
 
 def test_time_budget_skips_modes_but_keeps_the_document_valid(mocked, tmp_path) -> None:
-    doc = tp.run(_args(tmp_path, time_budget=1e-9))
+    doc = harness.run(_args(tmp_path, time_budget=1e-9))
     assert [c["status"] for c in doc["cases"]] == ["skipped"] * 3
     assert doc["headline"] is not None  # the side-by-side run goes first and is never cut
-    tp.validate(doc)
-    doc = tp.run(_args(tmp_path, only="nothing matches"))
+    report.validate(doc)
+    doc = harness.run(_args(tmp_path, only="nothing matches"))
     assert doc["cases"] == [] and doc["headline"] is None and all(t["met"] is None for t in doc["targets"])
-    tp.validate(doc)
+    report.validate(doc)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -288,37 +332,43 @@ def test_time_budget_skips_modes_but_keeps_the_document_valid(mocked, tmp_path) 
 
 
 def test_real_smoke_run_writes_consistent_results(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # data_bench's generated JPEGs
-    suite = tp.Suite("smoke", tp.Settings(batch_size=4, image_size=32, workers=0, train_images=8, val_images=4,
-                                          limit_warmup=1, limit_iters=1, limit_first_warmup_s=0.0, device="cpu"),
-                     [tp.Block("resnet18", [tp.Case("linear/cache", "resnet18", loader="torch", cache="memory")],
-                               baseline_epochs=2)],
-                     tp.Headline("resnet18", epochs=2, train_images=8, val_images=4, preset_first_epoch=False,
-                                 first_epoch_repeats=1, dali_first_epoch=False))
-    monkeypatch.setattr(tp, "make_suite", lambda name: suite)
-    doc = tp.run(_args(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the generated JPEGs
+    suite = Suite("smoke", Settings(batch_size=4, image_size=32, workers=0, train_images=8, val_images=4,
+                                    limit_warmup=1, limit_iters=1, limit_first_warmup_s=0.0, device="cpu"),
+                  [Block("resnet18", [Case("linear/cache", "resnet18", loader="torch", cache="memory")],
+                         baseline_epochs=2)],
+                  Headline("resnet18", epochs=2, train_images=8, val_images=4, preset_first_epoch=False,
+                           first_epoch_repeats=1, dali_first_epoch=False))
+    monkeypatch.setitem(suites.SUITES, "smoke", lambda: suite)
+    doc = harness.run(_args(tmp_path))
     (case,) = doc["cases"]
     assert case["status"] == "ok", case.get("reason")
     assert len(case["epochs_images_per_s"]) == 4 and case["cache_build_s"] is not None
-    # The ratio in the file is this run's figure over this run's limit measurements.
-    lim = tp.combine_limits([doc["limit_measurements"][i] for i in case["limit_ids"]])
-    assert case["ratio_to_limit"] == pytest.approx(case["images_per_s"] / lim["images_per_s"])
+    # A cached mode's epochs never run the backbone (the cache is built before epoch 0): no ratio to its limit, but
+    # its feature bytes/s against this run's host memcpy bandwidth (resnet18's pooled features: 512 values, fp16).
+    assert case["ratio_to_limit"] is None and case["first_epoch_ratio_to_limit"] is None
+    assert case["cache_row_bytes"] == 512 * 2
+    bw = doc["memcpy"]["bytes_per_s"]
+    assert bw > 1e8 and doc["memcpy"]["run_id"] == doc["run_id"]
+    assert case["ratio_to_memcpy"] == pytest.approx(case["images_per_s"] * 1024 / bw)
+    md = next(p for p in (tmp_path / "results").glob("*.md") if p.name != "LATEST.md").read_text()
+    assert f"= {case['ratio_to_memcpy']:.2g} x memcpy" in md and f"{bw / 1e9:.2f} GB/s" in md
     h = doc["headline"]
     assert h["time_ratio_fastft_over_baseline"] == pytest.approx(h["fastft_cached"]["wall_s"] / h["baseline"]["wall_s"])
     assert len(h["baseline"]["epoch_wall_s"]) == 2
     assert [len(r["epoch_wall_s"]) for r in h["fastft_cached"]["runs"]] == [2, 2]
     for first in h["first_epochs"]:
         (run,) = first["repeats"]
-        lim = tp.combine_limits([doc["limit_measurements"][i] for i in run["limit_ids"]])
+        lim = measure.combine_limits([doc["limit_measurements"][i] for i in run["limit_ids"]])
         assert first["ratio_to_limit"] == pytest.approx(run["images_per_s"] / lim["images_per_s"])
-    tp.validate(json.loads(next((tmp_path / "results").glob("*.json")).read_text()))
+    report.validate(json.loads(next((tmp_path / "results").glob("*.json")).read_text()))
 
 
 def test_fastft_bench_subcommand_drives_the_same_harness(monkeypatch, tmp_path) -> None:
-    from fastft import bench
+    from fastft.benchmark import cli as bench
 
     seen = {}
-    monkeypatch.setattr(tp, "run", lambda args: seen.setdefault("args", args))
+    monkeypatch.setattr(harness, "run", lambda args: seen.setdefault("args", args))
     parser = argparse.ArgumentParser(prog="fastft")
     bench.add_bench_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "--suite", "smoke", "--out", str(tmp_path), "--time-budget", "5"])
@@ -326,3 +376,16 @@ def test_fastft_bench_subcommand_drives_the_same_harness(monkeypatch, tmp_path) 
     assert (seen["args"].suite, seen["args"].out, seen["args"].time_budget) == ("smoke", str(tmp_path), 5.0)
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--suite", "nope"])
+
+
+@pytest.mark.slow
+def test_world_size_two_mode_runs_the_package_worker_under_torchrun(monkeypatch, tmp_path) -> None:
+    # The ranks run `python -m fastft.benchmark.worker` from a scratch cwd: no source tree needed beside them.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    s = Settings(batch_size=4, image_size=32, workers=0, train_images=8, val_images=4, repeats=1)
+    entry = cases.run_case(Case("linear/synthetic world 2", "resnet18", world=2), s,
+                           device=measure.resolve_device("cpu"), run_id="r", work=tmp_path)
+    # resnet18's head at the bench folder's 4 classes: 512 x 4 + 4 fp32 gradients all-reduced per step.
+    assert entry["comm_bytes_per_step"] == 4 * (512 * 4 + 4)
+    assert entry["breakdown_ms_per_step"]["communication"] > 0 and len(entry["epochs_images_per_s"]) == 2
+    assert entry["steps_per_epoch"] == 1  # 8 images / (batch 4 x 2 ranks)

@@ -1,0 +1,3 @@
+from fastft.benchmark.cli import main
+
+raise SystemExit(main())
