@@ -57,7 +57,7 @@ def summarise(per_epoch: list[dict]) -> dict:
 
 
 def bench_dali(samples, args) -> dict:
-    from fastft.data.dali_loader import DaliLoader
+    from fastft.data.dali_feed import DaliLoader
 
     loader = DaliLoader(
         samples,

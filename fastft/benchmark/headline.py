@@ -52,7 +52,7 @@ def _first_epoch(h: Headline, hs: Settings, root: Path, limits: LimitLog, loader
 
 def decode_ms_per_image(root: Path, model: str, image_size: int, n: int = 64) -> float:
     """CPU milliseconds to decode and transform one training JPEG (fastft's eval transform, one thread)."""
-    from fastft.data.folder import scan_folder
+    from fastft.data.index import scan_folder
     from fastft.data.torch_loader import ImageDataset
     from fastft.data.transforms import spec_from_weights
     from fastft.model import preset_weights

@@ -48,7 +48,7 @@ def worker_main(spec_path: str) -> None:
     import torch.distributed as dist
 
     from fastft.config import config_from_dict
-    from fastft.data.folder import index_from_config
+    from fastft.data.index import index_from_config
     from fastft.model import build_model, count_parameters, freeze
 
     spec = json.loads(Path(spec_path).read_text())
