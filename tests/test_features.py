@@ -144,7 +144,9 @@ def test_disk_cache_key_covers_seed_precision_and_layout(shapes4, tmp_path) -> N
     samples = index_from_config(DataConfig(root=str(shapes4))).train[:8]
 
     def build(*, views=2, seed=0, dtype=torch.float32, channels_last=False) -> str:
-        src = ImageSource(samples, TransformSpec(32, 36), views=views, env=DistEnv(), batch_size=8, workers=0, seed=seed)
+        src = ImageSource(
+            samples, TransformSpec(32, 36), views=views, env=DistEnv(), batch_size=8, workers=0, seed=seed
+        )
         table = build_features(
             prefix,
             src,
