@@ -31,7 +31,7 @@ FAST = [
 ]
 
 
-def _two_nodes(*args: str) -> None:
+def _two_nodes(*args: str, cache_env: str = "") -> None:
     port = str(free_port())
     procs = []
     for node in (0, 1):
@@ -51,18 +51,21 @@ def _two_nodes(*args: str) -> None:
             *args,
         ]
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        if cache_env:  # the cache folder set per node through the environment, as a job script would
+            env["FASTFT_CACHE"] = f"{cache_env}/node{node}"
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, (out[-2000:], err[-4000:])
 
 
-@pytest.mark.parametrize("mode", ["disk", "memory"])
-def test_node_local_cache_folders_train_like_one_process(shapes4, tmp_path, mode) -> None:
+@pytest.mark.parametrize("mode,where", [("disk", "env"), ("disk", "placeholder"), ("memory", "placeholder")])
+def test_node_local_cache_folders_train_like_one_process(shapes4, tmp_path, mode, where) -> None:
     common = [f"--data.root={shapes4}", *FAST, f"--run.out_dir={tmp_path}"]
-    # "$GROUP_RANK" is expanded by fastft in each process: node 0 and node 1 get folders of their own.
-    cache = [f"--features.cache={mode}", "--features.dtype=fp32", f"--features.dir={tmp_path}/node$GROUP_RANK"]
-    _two_nodes(*common, "--data.batch_size=4", "--run.name=nodes", *cache)
+    cache = [f"--features.cache={mode}", "--features.dtype=fp32"]
+    if where == "placeholder":  # "$GROUP_RANK" is expanded by fastft in each process: a folder per node
+        cache.append(f"--features.dir={tmp_path}/node$GROUP_RANK")
+    _two_nodes(*common, "--data.batch_size=4", "--run.name=nodes", *cache, cache_env=str(tmp_path) * (where == "env"))
     _ok = run_cli("train", *common, "--data.batch_size=8", "--run.name=single", "--parallel.backend=none")
     assert _ok.returncode == 0, _ok.stderr[-4000:]
     single, nodes = (
@@ -74,5 +77,6 @@ def test_node_local_cache_folders_train_like_one_process(shapes4, tmp_path, mode
     if mode == "memory":
         return
     for node in (0, 1):  # each node-local folder holds the whole train (48) and val (24) tables, checksummed
-        shapes = sorted(json.loads(m.read_text())["shape"][1] for m in (tmp_path / f"node{node}").glob("*/table.json"))
+        folder = tmp_path / f"node{node}" / ("features" if where == "env" else "")
+        shapes = sorted(json.loads(m.read_text())["shape"][1] for m in folder.glob("*/table.json"))
         assert shapes == [24, 48], node
