@@ -263,10 +263,13 @@ def build_features(
             if events is not None:
                 events("feature_cache_invalid", path=str(path), reason=reason)
     if built:
+        # Disk: built under a name of its own, renamed into place when complete, so a crash never leaves a partial
+        # table.npy and two writers that failed to see they share a folder each publish a whole, identical table.
+        work = path if mode == "memory" else folder / f".table-{token}-{layout.writer_of(env.rank)}.npy"
         _fill(
             prefix,
             source,
-            path,
+            work,
             layout,
             full=full,
             np_dtype=np_dtype,
@@ -275,6 +278,8 @@ def build_features(
             channels_last=channels_last,
         )
         if mode != "memory" and env.rank == layout.writer_of(env.rank):
+            meta_path.unlink(missing_ok=True)  # the manifest goes first: a crash leaves no valid cache
+            os.replace(work, path)
             _write_manifest(path, meta_path, full, dtype, folder.name)
         barrier(env)
     # Memory-mapped, read-only in effect (copy-on-write gives torch a writable view; nothing writes it): the ranks
@@ -331,7 +336,6 @@ def _fill(prefix, source, path: Path, layout: _Layout, *, full, np_dtype, env: D
     """Compute this rank's rows into its copy (or a private array, sent on), then complete every copy with the rows
     it lacks, sent once from the rank that computed them (collective)."""
     if env.rank == layout.writer_of(env.rank):
-        path.with_suffix(".json").unlink(missing_ok=True)  # the manifest goes first: a crash leaves no valid cache
         np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=full).flush()
     barrier(env)
     lo, hi = _shard_bounds(full[1], env.rank, env.world_size)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +81,30 @@ def test_node_local_cache_folders_train_like_one_process(shapes4, tmp_path, mode
         folder = tmp_path / f"node{node}" / ("features" if where == "env" else "")
         shapes = sorted(json.loads(m.read_text())["shape"][1] for m in folder.glob("*/table.json"))
         assert shapes == [24, 48], node
+
+
+def test_two_nodes_of_two_ranks_each_hold_the_whole_table(shapes4, tmp_path) -> None:
+    """2 nodes x 2 ranks, a folder per node: every rank maps a table equal, row for row, to the prefix run directly
+    on the images (disk: built, then reused on both nodes; memory)."""
+    port, procs = str(free_port()), []
+    worker = [
+        str(Path(__file__).with_name("_cache_worker.py")),
+        str(shapes4),
+        str(tmp_path),
+        f"{tmp_path}/n$GROUP_RANK",
+    ]
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=2"]
+        cmd += ["--rdzv_backend=static", "--master_addr=127.0.0.1", f"--master_port={port}", *worker]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, (out[-2000:], err[-4000:])
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [r["node"] for r in ranks] == [0, 0, 1, 1]
+    for r in ranks:
+        # fp32; the prefix ran on batches of 4 there and of 21 here, so only the summation order may differ
+        assert r["sources"] == ["built", "disk", "built"] and max(r["max_diff"]) < 1e-5, r
+    for node in (0, 1):
+        assert [json.loads(m.read_text())["shape"][1] for m in (tmp_path / f"n{node}").glob("*/table.json")] == [21]
