@@ -252,10 +252,41 @@ def build_features(
     token = all_gather_object(env, uuid.uuid4().hex[:16])[0]  # one name per call, the same on every rank
     layout = _layout(env, folder, token)
     path = folder / (name or f".fastft-features-{token}.npy")
+    writer = env.rank == layout.writer_of(env.rank)
+    try:
+        built, table = _build_or_reuse(
+            prefix,
+            source,
+            folder,
+            path,
+            layout,
+            token,
+            mode=mode,
+            dtype=dtype,
+            full=full,
+            env=env,
+            events=events,
+            precision=precision,
+            channels_last=channels_last,
+        )
+    finally:  # on success and on failure: nothing is left behind but a complete disk table
+        if writer and mode == "memory":  # mapped by every rank (or failed): the file goes, its pages stay mapped
+            path.unlink(missing_ok=True)
+        elif writer:  # a disk build that failed before its rename into place
+            (folder / f".table-{token}-{env.rank}.npy").unlink(missing_ok=True)
+    return FeatureTable([table], [0], labels, views, "built" if built else "disk")
+
+
+def _build_or_reuse(
+    prefix, source, folder: Path, path: Path, layout, token: str, *, mode, dtype, full, env: DistEnv, events, **common
+) -> tuple[bool, torch.Tensor]:
+    """Check (disk), build when needed, then map the table: (built, table)."""
+    np_dtype = _NP_DTYPES[dtype]
     meta_path = path.with_suffix(".json")
+    writer = env.rank == layout.writer_of(env.rank)
     built = True
     if mode != "memory":
-        reason = _check_shard(path, meta_path, full, np_dtype) if env.rank == layout.writer_of(env.rank) else None
+        reason = _check_shard(path, meta_path, full, np_dtype) if writer else None
         reasons = all_gather_object(env, reason)
         built = any(reasons[w] is not None for w in layout.writers)  # any copy stale: rebuild them all
         if built and reason not in (None, "missing"):
@@ -266,18 +297,8 @@ def build_features(
         # Disk: built under a name of its own, renamed into place when complete, so a crash never leaves a partial
         # table.npy and two writers that failed to see they share a folder each publish a whole, identical table.
         work = path if mode == "memory" else folder / f".table-{token}-{layout.writer_of(env.rank)}.npy"
-        _fill(
-            prefix,
-            source,
-            work,
-            layout,
-            full=full,
-            np_dtype=np_dtype,
-            env=env,
-            precision=precision,
-            channels_last=channels_last,
-        )
-        if mode != "memory" and env.rank == layout.writer_of(env.rank):
+        _fill(prefix, source, work, layout, full=full, np_dtype=np_dtype, env=env, **common)
+        if mode != "memory" and writer:
             meta_path.unlink(missing_ok=True)  # the manifest goes first: a crash leaves no valid cache
             os.replace(work, path)
             _write_manifest(path, meta_path, full, dtype, folder.name)
@@ -286,10 +307,8 @@ def build_features(
     # that share a copy share its pages, one copy per node in host memory.
     table = torch.from_numpy(np.load(path, mmap_mode="c"))
     if mode == "memory":
-        barrier(env)  # every rank has mapped the file: it can go (the pages live until the last mapping closes)
-        if env.rank == layout.writer_of(env.rank):
-            path.unlink()
-    return FeatureTable([table], [0], labels, views, "built" if built else "disk")
+        barrier(env)  # every rank has mapped the file before it goes
+    return built, table
 
 
 @dataclass
