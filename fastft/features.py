@@ -1,13 +1,17 @@
 """Frozen-feature cache: run the frozen prefix once, train every later epoch from its stored outputs.
 
-Each rank computes the features of its own contiguous shard (no work duplicated), then every rank sees the whole
-table (memory: all-gathered; disk: every rank memory-maps every shard file), so training samples exactly the same
-batches as uncached training in any world size. Training augmentation is either off (the eval transform) or
-`features.views = K` fixed augmented views per image, view `epoch % K` being used in epoch `epoch`.
+Each rank computes the features of its own contiguous shard (no work duplicated) into one table file per node: the
+ranks of a node write their rows straight into it, the rows computed on other nodes are sent to the node once (CPU,
+rank to rank, in chunks) and every rank memory-maps the whole table read-only. So a node holds one copy in host
+memory however many ranks it runs, nothing is gathered onto a GPU (batches move to the device step by step), and
+training samples exactly the same batches as uncached training in any world size. Memory: the file lives in
+/dev/shm and is unlinked once mapped. Disk: it lives in `cache_dir/<key>/`, which may be node-local (each node ends
+with the whole table) or shared (one copy, written once). Training augmentation is either off (the eval transform)
+or `features.views = K` fixed augmented views per image, view `epoch % K` being used in epoch `epoch`.
 
-The disk cache is keyed by everything that determines the features (prefix weights, transform, views, the file list
-with sizes and mtimes, dtype) and each shard has a manifest written last with its byte size and SHA-256: a stale,
-truncated or half-written cache is detected and rebuilt, never silently used.
+The disk cache is keyed by everything that determines the features (see `fingerprint`) and the table has a manifest
+written last with its byte size and SHA-256: a stale, truncated or half-written cache is detected and rebuilt, never
+silently used.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +32,7 @@ from torch import nn
 from fastft.data.folder import Sample
 from fastft.data.torch_loader import ImageDataset, ShardedBatchSampler, batch_loader, shutdown_workers
 from fastft.data.transforms import TransformSpec
-from fastft.parallel.env import DistEnv, barrier
+from fastft.parallel.env import DistEnv, all_gather_object, barrier, cpu_group
 from fastft.precision import Precision
 
 log = logging.getLogger("fastft")
@@ -36,7 +42,8 @@ _NP_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
 @dataclass
 class FeatureTable:
-    """Rank shards `parts[r]`: (V, n_r, *shape) with V = max(views, 1), rows starts[r]..; labels: (N,)."""
+    """Table parts `parts[i]`: (V, n_i, *shape) with V = max(views, 1), rows starts[i]..; labels: (N,). The cache
+    builds one part, the whole memory-mapped table."""
 
     parts: list[torch.Tensor]
     starts: list[int]
@@ -61,20 +68,47 @@ class FeatureTable:
         return out
 
 
+CACHE_FORMAT = 2  # bump when the stored layout or what a key covers changes
+
+
 def fingerprint(
-    prefix: nn.Module, samples: list[Sample], spec: TransformSpec, *, views: int, dtype: str, train: bool
+    prefix: nn.Module,
+    samples: list[Sample],
+    spec: TransformSpec,
+    *,
+    views: int,
+    dtype: str,
+    train: bool,
+    seed: int = 0,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    model: dict | None = None,
 ) -> str:
-    """A key over everything that determines the cached features."""
+    """A key over everything that determines the cached features: the prefix (its architecture, which also fixes
+    the frozen cut, and every weight and buffer, so the weights file's content), the preprocessing, the views and,
+    when they are augmented, the run seed (it seeds each view's augmentation), the compute precision, the storage
+    dtype, the memory layout, the fastft and torch versions, and the file list with sizes and mtimes."""
+    import fastft
+
     h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            {"spec": spec.to_dict(), "views": views, "dtype": dtype, "train": train, "prefix": type(prefix).__name__},
-            sort_keys=True,
-        ).encode()
-    )
+    desc = {
+        "format": CACHE_FORMAT,
+        "fastft": fastft.__version__,
+        "torch": torch.__version__,
+        "spec": spec.to_dict(),
+        "views": views,
+        "seed": seed if views > 0 else None,  # the eval transform draws nothing from the seed
+        "dtype": dtype,
+        "precision": precision,
+        "channels_last": channels_last,
+        "train": train,
+        "prefix": repr(prefix),
+        "model": model or {},
+    }
+    h.update(json.dumps(desc, sort_keys=True, default=str).encode())
     for name, t in sorted(prefix.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     for path, label in samples:
         st = os.stat(path)
         h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -111,7 +145,7 @@ class ImageSource:
         workers: int,
         seed: int,
     ) -> None:
-        self.samples, self.spec, self.views = samples, spec, views
+        self.samples, self.spec, self.views, self.seed = samples, spec, views, seed
         self.dataset = ImageDataset(samples, spec, train=views > 0, seed=seed)
         self.sampler = ShardedBatchSampler(len(samples), batch_size, train=False, rank=env.rank, world=env.world_size)
         self.loader = batch_loader(self.dataset, self.sampler, workers=workers, seed=seed)
@@ -186,64 +220,189 @@ def build_features(
     channels_last: bool,
     train: bool,
     events=None,
+    model: dict | None = None,
 ) -> FeatureTable:
-    """Compute (or reuse from disk) the prefix features of `source`'s images; see the module docstring."""
+    """Compute (or reuse from disk) the prefix features of `source`'s images; see the module docstring.
+
+    `cache_dir` may name environment variables (`/scratch/$SLURM_JOB_ID`, `/local/node$GROUP_RANK`): node-local
+    folders are fine, each ends with the whole table. `model` adds fields to the key (e.g. the model's name)."""
     samples, spec, views = source.samples, source.spec, source.views
     n, V = len(samples), max(views, 1)
     labels = torch.tensor([y for _, y in samples], dtype=torch.long)
     np_dtype = _NP_DTYPES[dtype]
-    lo, hi = _shard_bounds(n, env.rank, env.world_size)
-    common = {"env": env, "precision": precision, "channels_last": channels_last}
-
+    full = (V, n, *_feature_shape(prefix, spec, env, precision))
+    cache_dir = Path(os.path.expandvars(str(cache_dir))).expanduser()
     if mode == "memory":
-        mine = _compute_shard(
-            prefix, source, allocate=lambda shape: np.zeros((V, hi - lo, *shape), dtype=np_dtype), **common
+        folder, name = _memory_folder(cache_dir, int(np.prod(full)) * np.dtype(np_dtype).itemsize), None
+    else:
+        key = fingerprint(
+            prefix,
+            samples,
+            spec,
+            views=views,
+            dtype=dtype,
+            train=train,
+            seed=source.seed,
+            precision=precision.name,
+            channels_last=channels_last,
+            model=model,
         )
-        if mine is None:  # an empty shard (more ranks than images) still has the table's shape
-            mine = np.zeros((V, 0, *_feature_shape(prefix, spec, env, precision)), dtype=np_dtype)
-        feats = _all_gather_shards(torch.from_numpy(mine), n, env)
-        return FeatureTable([feats], [0], labels, views, "built")
-
-    key = fingerprint(prefix, samples, spec, views=views, dtype=dtype, train=train)
-    folder = cache_dir / key
+        folder, name = cache_dir / key, "table.npy"
     folder.mkdir(parents=True, exist_ok=True)
-    shard_path = folder / f"shard-{env.rank}-of-{env.world_size}.npy"
-    meta_path = shard_path.with_suffix(".json")
-    shape = _feature_shape(prefix, spec, env, precision)
-    reason = _check_shard(shard_path, meta_path, (V, hi - lo, *shape), np_dtype)
-    built = reason is not None
-    if built:
-        if reason != "missing":
-            log.warning("fastft: feature cache %s is %s; rebuilding it", shard_path, reason)
+    token = all_gather_object(env, uuid.uuid4().hex[:16])[0]  # one name per call, the same on every rank
+    layout = _layout(env, folder, token)
+    path = folder / (name or f".fastft-features-{token}.npy")
+    writer = env.rank == layout.writer_of(env.rank)
+    try:
+        built, table = _build_or_reuse(
+            prefix,
+            source,
+            folder,
+            path,
+            layout,
+            token,
+            mode=mode,
+            dtype=dtype,
+            full=full,
+            env=env,
+            events=events,
+            precision=precision,
+            channels_last=channels_last,
+        )
+    finally:  # on success and on failure: nothing is left behind but a complete disk table
+        if writer and mode == "memory":  # mapped by every rank (or failed): the file goes, its pages stay mapped
+            path.unlink(missing_ok=True)
+        elif writer:  # a disk build that failed before its rename into place
+            (folder / f".table-{token}-{env.rank}.npy").unlink(missing_ok=True)
+    return FeatureTable([table], [0], labels, views, "built" if built else "disk")
+
+
+def _build_or_reuse(
+    prefix, source, folder: Path, path: Path, layout, token: str, *, mode, dtype, full, env: DistEnv, events, **common
+) -> tuple[bool, torch.Tensor]:
+    """Check (disk), build when needed, then map the table: (built, table)."""
+    np_dtype = _NP_DTYPES[dtype]
+    meta_path = path.with_suffix(".json")
+    writer = env.rank == layout.writer_of(env.rank)
+    built = True
+    if mode != "memory":
+        reason = _check_shard(path, meta_path, full, np_dtype) if writer else None
+        reasons = all_gather_object(env, reason)
+        built = any(reasons[w] is not None for w in layout.writers)  # any copy stale: rebuild them all
+        if built and reason not in (None, "missing"):
+            log.warning("fastft: feature cache %s is %s; rebuilding it", path, reason)
             if events is not None:
-                events("feature_cache_invalid", path=str(shard_path), reason=reason)
-        meta_path.unlink(missing_ok=True)  # the manifest goes first, so a crash mid-write leaves no valid cache
-        arr = np.lib.format.open_memmap(shard_path, mode="w+", dtype=np_dtype, shape=(V, hi - lo, *shape))
-        _compute_shard(prefix, source, allocate=lambda _: arr, **common)
-        arr.flush()
-        del arr
-        meta = {
-            "shape": [V, hi - lo, *shape],
-            "dtype": dtype,
-            "bytes": shard_path.stat().st_size,
-            "sha256": _sha256_file(shard_path),
-            "key": key,
-        }
-        tmp = meta_path.with_name(f".{meta_path.name}.tmp")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, meta_path)
+                events("feature_cache_invalid", path=str(path), reason=reason)
+    if built:
+        # Disk: built under a name of its own, renamed into place when complete, so a crash never leaves a partial
+        # table.npy and two writers that failed to see they share a folder each publish a whole, identical table.
+        work = path if mode == "memory" else folder / f".table-{token}-{layout.writer_of(env.rank)}.npy"
+        _fill(prefix, source, work, layout, full=full, np_dtype=np_dtype, env=env, **common)
+        if mode != "memory" and writer:
+            meta_path.unlink(missing_ok=True)  # the manifest goes first: a crash leaves no valid cache
+            os.replace(work, path)
+            _write_manifest(path, meta_path, full, dtype, folder.name)
+        barrier(env)
+    # Memory-mapped, read-only in effect (copy-on-write gives torch a writable view; nothing writes it): the ranks
+    # that share a copy share its pages, one copy per node in host memory.
+    table = torch.from_numpy(np.load(path, mmap_mode="c"))
+    if mode == "memory":
+        barrier(env)  # every rank has mapped the file before it goes
+    return built, table
+
+
+@dataclass
+class _Layout:
+    """Who holds which copy of the table. A copy is one file in one folder as the ranks see it: a node-local folder
+    (or /dev/shm) gives one copy per node, a shared folder one copy for the job. Per rank: the writer of its copy
+    (its lowest rank, which creates and completes it) and whether it writes its own rows straight into the file
+    (same node as the writer) or sends them to the writer."""
+
+    copy_of: list[int]
+    direct: list[bool]
+
+    @property
+    def writers(self) -> list[int]:
+        return sorted(set(self.copy_of))
+
+    def writer_of(self, rank: int) -> int:
+        return self.copy_of[rank]
+
+
+def _layout(env: DistEnv, folder: Path, token: str) -> _Layout:
+    """Find which ranks see the same folder: each leaves a probe file there and lists the others' (collective)."""
+    probe = folder / f".fastft-probe-{token}-{env.rank}"
+    probe.touch()
     barrier(env)
-    parts, starts = [], []
-    for r in range(env.world_size):
-        p = folder / f"shard-{r}-of-{env.world_size}.npy"
-        # Memory-mapped (copy-on-write so torch gets a writable view; the file is never modified).
-        parts.append(torch.from_numpy(np.load(p, mmap_mode="c")))
-        starts.append(_shard_bounds(n, r, env.world_size)[0])
-    return FeatureTable(parts, starts, labels, views, "built" if built else "disk")
+    seen = [int(p.name.rsplit("-", 1)[1]) for p in folder.glob(f".fastft-probe-{token}-*")]
+    infos = all_gather_object(env, (min(seen), env.node_rank))  # also the point after which every rank has listed
+    probe.unlink()
+    copy_of = [w for w, _ in infos]
+    return _Layout(copy_of, [infos[r][1] == infos[copy_of[r]][1] for r in range(env.world_size)])
+
+
+def _memory_folder(cache_dir: Path, nbytes: int) -> Path:
+    """/dev/shm (node-local shared memory) when it has room for the table, else the cache folder (node-local or not,
+    the ranks that see it share one copy)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > nbytes + (256 << 20):
+        return shm
+    log.info("fastft: /dev/shm has no room for the %.1f GB feature table: it goes to %s", nbytes / 1e9, cache_dir)
+    return cache_dir
+
+
+def _fill(prefix, source, path: Path, layout: _Layout, *, full, np_dtype, env: DistEnv, **common) -> None:
+    """Compute this rank's rows into its copy (or a private array, sent on), then complete every copy with the rows
+    it lacks, sent once from the rank that computed them (collective)."""
+    if env.rank == layout.writer_of(env.rank):
+        np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=full).flush()
+    barrier(env)
+    lo, hi = _shard_bounds(full[1], env.rank, env.world_size)
+    table = np.load(path, mmap_mode="r+") if layout.direct[env.rank] else None
+    mine = table[:, lo:hi] if table is not None else np.zeros((full[0], hi - lo, *full[2:]), dtype=np_dtype)
+    _compute_shard(prefix, source, allocate=lambda _: mine, env=env, **common)
+    _exchange(env, layout, full, mine, table)
+    if table is not None:
+        table.flush()
+        del table
+    barrier(env)
+
+
+def _exchange(env: DistEnv, layout: _Layout, full, mine: np.ndarray, table: np.ndarray | None) -> None:
+    """Send each copy the rows its own node did not compute, rank to rank over a CPU (gloo) group, in chunks of at
+    most ~64 MB. Every rank walks the same list of transfers in the same order, so sends and receives pair up."""
+    if not env.distributed:
+        return
+    import torch.distributed as dist
+
+    group = cpu_group(env)
+    row_bytes = int(np.prod(full[2:])) * mine.dtype.itemsize * full[0]
+    step = max(1, (64 << 20) // max(row_bytes, 1))
+    for w in layout.writers:
+        for r in range(env.world_size):
+            if (layout.writer_of(r) == w and layout.direct[r]) or env.rank not in (r, w):
+                continue
+            lo, hi = _shard_bounds(full[1], r, env.world_size)
+            for a in range(lo, hi, step):
+                b = min(hi, a + step)
+                if env.rank == r:
+                    chunk = np.ascontiguousarray(mine[:, a - lo : b - lo])
+                    dist.send(torch.from_numpy(chunk.reshape(-1).view(np.uint8)), dst=w, group=group)
+                else:
+                    buf = torch.empty((b - a) * row_bytes, dtype=torch.uint8)
+                    dist.recv(buf, src=r, group=group)
+                    table[:, a:b] = buf.numpy().view(mine.dtype).reshape(full[0], b - a, *full[2:])
+
+
+def _write_manifest(path: Path, meta_path: Path, full, dtype: str, key: str) -> None:
+    meta = {"shape": list(full), "dtype": dtype, "bytes": path.stat().st_size, "sha256": _sha256_file(path), "key": key}
+    tmp = meta_path.with_name(f".{meta_path.name}.tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, meta_path)
 
 
 def _check_shard(path: Path, meta_path: Path, shape: tuple[int, ...], dtype) -> str | None:
-    """None when the shard is complete and intact; otherwise why not."""
+    """None when the table file is complete and intact; otherwise why not."""
     if not path.exists() or not meta_path.exists():
         return "missing"
     try:
@@ -258,27 +417,6 @@ def _check_shard(path: Path, meta_path: Path, shape: tuple[int, ...], dtype) -> 
     if _sha256_file(path) != meta.get("sha256"):
         return "corrupt (checksum mismatch)"
     return None
-
-
-def _all_gather_shards(mine: torch.Tensor, n: int, env: DistEnv) -> torch.Tensor:
-    """Concatenate every rank's (V, n_r, ...) shard along dim 1 (shards differ by at most one row)."""
-    if not env.distributed:
-        return mine
-    import torch.distributed as dist
-
-    size = -(-n // env.world_size)
-    padded = torch.zeros((mine.shape[0], size, *mine.shape[2:]), dtype=mine.dtype)
-    padded[:, : mine.shape[1]] = mine
-    comm_dev = env.device if env.device.type == "cuda" else torch.device("cpu")
-    # gloo has no fp16 all_gather on every platform: move as fp32 on CPU, keep the stored dtype after.
-    send = padded.to(comm_dev, torch.float32 if comm_dev.type == "cpu" else padded.dtype)
-    bufs = [torch.empty_like(send) for _ in range(env.world_size)]
-    dist.all_gather(bufs, send)
-    parts = []
-    for r, b in enumerate(bufs):
-        lo, hi = _shard_bounds(n, r, env.world_size)
-        parts.append(b[:, : hi - lo].to("cpu", mine.dtype))
-    return torch.cat(parts, dim=1)
 
 
 class FeatureLoader:

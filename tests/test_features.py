@@ -79,7 +79,7 @@ def test_disk_cache_reused_rebuilt_on_change_and_truncation_detected(shapes4, tm
     assert len({p.name for p in cache.iterdir()}) == 3
 
     # A truncated shard is detected and rebuilt, never used.
-    shard = max(cache.glob("*/shard-0-of-1.npy"), key=os.path.getmtime)
+    shard = max(cache.glob("*/table.npy"), key=os.path.getmtime)
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
     caplog.clear()
@@ -125,3 +125,46 @@ def test_views_cycle_augmented_copies(shapes4, tmp_path) -> None:
         assert torch.equal(x, feats[epoch % 3][idx])
         seen.append(x)
     assert torch.equal(y, table.labels[idx])
+
+
+def test_disk_cache_key_covers_seed_precision_and_layout(shapes4, tmp_path) -> None:
+    """A cached table is reused only when nothing its values depend on changed: the run seed (it seeds the augmented
+    views), the compute precision and channels_last each give a miss; the same settings again give a hit."""
+    from fastft.config import DataConfig, ModelConfig
+    from fastft.data.folder import index_from_config
+    from fastft.data.transforms import TransformSpec
+    from fastft.features import ImageSource, build_features
+    from fastft.model import build_model, freeze, split_model
+    from fastft.parallel.env import DistEnv
+    from fastft.precision import Precision
+
+    model = build_model(ModelConfig(weights="none"), 4)
+    freeze(model, "backbone")
+    prefix = split_model(model).prefix
+    samples = index_from_config(DataConfig(root=str(shapes4))).train[:8]
+
+    def build(*, views=2, seed=0, dtype=torch.float32, channels_last=False) -> str:
+        src = ImageSource(
+            samples, TransformSpec(32, 36), views=views, env=DistEnv(), batch_size=8, workers=0, seed=seed
+        )
+        table = build_features(
+            prefix,
+            src,
+            mode="disk",
+            dtype="fp32",
+            cache_dir=tmp_path / "cache",
+            env=DistEnv(),
+            precision=Precision(dtype, "cpu"),
+            channels_last=channels_last,
+            train=True,
+        )
+        return table.source
+
+    assert build() == "built"
+    assert build() == "disk"
+    assert build(seed=1) == "built"  # another seed: other augmented views
+    assert build(dtype=torch.bfloat16) == "built"
+    assert build(channels_last=True) == "built"
+    assert build(views=0) == "built"
+    assert build(views=0, seed=1) == "disk"  # the eval transform draws nothing from the seed
+    assert len(list((tmp_path / "cache").iterdir())) == 5

@@ -20,6 +20,8 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False  # True when fastft created the process group (and must destroy it)
+    local_world_size: int = 1  # processes on this node
+    node_rank: int = 0  # this node's index among the job's nodes
 
     @property
     def is_main(self) -> bool:
@@ -34,6 +36,28 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_rank(rank: int = 0) -> int:
+    """This process's index on its node (torchrun / DeepSpeed / Slurm set LOCAL_RANK or SLURM_LOCALID)."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", rank)))
+
+
+def local_world_size(world: int = 1) -> int:
+    """Processes on this node (torchrun: LOCAL_WORLD_SIZE; DeepSpeed: LOCAL_SIZE; Slurm: SLURM_NTASKS_PER_NODE)."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return world
+
+
+def node_rank(rank: int = 0, world: int = 1) -> int:
+    """This node's index (torchrun: GROUP_RANK; DeepSpeed: CROSS_RANK; Slurm: SLURM_NODEID); without any of them,
+    ranks are taken to be laid out node by node (rank // local_world_size)."""
+    for name in ("GROUP_RANK", "NODE_RANK", "CROSS_RANK", "SLURM_NODEID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return rank // max(local_world_size(world), 1)
+
+
 def resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -46,11 +70,11 @@ def init_distributed(device_name: str = "auto", *, timeout_s: int = 600) -> Dist
     """Initialise from torchrun / deepspeed launcher variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)."""
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+        local = local_rank(rank % max(torch.cuda.device_count(), 1))
         device = resolve_device(device_name, local)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        return DistEnv(rank, world, local, device, owns_group=False)
+        return DistEnv(rank, world, local, device, False, local_world_size(world), node_rank(rank, world))
     world = launched_world_size()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local)
@@ -65,7 +89,7 @@ def init_distributed(device_name: str = "auto", *, timeout_s: int = 600) -> Dist
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
-    return DistEnv(rank, world, local, device, owns_group=True)
+    return DistEnv(rank, world, local, device, True, local_world_size(world), node_rank(rank, world))
 
 
 def shutdown(env: DistEnv) -> None:
@@ -76,6 +100,30 @@ def shutdown(env: DistEnv) -> None:
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
+
+
+_CPU_GROUP: list = []
+
+
+def cpu_group(env: DistEnv):
+    """A gloo group over all ranks for CPU tensors (the default group may be NCCL, GPU tensors only). Created once,
+    on first use, which is collective: every rank must reach the first call."""
+    if not env.distributed:
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    if not _CPU_GROUP or _CPU_GROUP[0] is not dist.group.WORLD:  # a new default group: a new CPU group with it
+        _CPU_GROUP[:] = [dist.group.WORLD, dist.new_group(backend="gloo")]
+    return _CPU_GROUP[1]
+
+
+def all_gather_object(env: DistEnv, obj) -> list:
+    """Every rank's `obj`, in rank order (collective)."""
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj, group=cpu_group(env))
+    return out
 
 
 def all_reduce_max(env: DistEnv, value: float) -> float:

@@ -234,7 +234,7 @@ def test_torchrun_launcher_two_nodes_on_one_host(shapes4, tmp_path) -> None:
 
 
 def test_ddp_cached_sweep_equals_single_process_uncached(shapes4, tmp_path) -> None:
-    """Feature cache (each rank computes its shard, all-gathered) + a 2-head sweep under 2 DDP ranks trains the same
+    """Feature cache (each rank computes its shard, one shared table) + a 2-head sweep under 2 DDP ranks trains the same
     heads as one uncached process on the same global batch."""
     common = [
         f"--data.root={shapes4}",
@@ -258,7 +258,7 @@ def test_ddp_cached_sweep_equals_single_process_uncached(shapes4, tmp_path) -> N
             f"--features.dir={tmp_path / 'cache'}",
         )
     )
-    assert len(list((tmp_path / "cache").glob("*/shard-1-of-2.npy"))) == 2  # train and val, rank 1's shards
+    assert len(list((tmp_path / "cache").glob("*/table.npy"))) == 2  # train and val: one table each, all ranks
     a = torch.load(tmp_path / "single" / "last.pt", weights_only=True)["sweep_bank"]
     b = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["sweep_bank"]
     for k in a:
