@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastft.data.folder import Sample
-from fastft.data.torch_loader import ImageDataset, ShardedBatchSampler, batch_loader, shutdown_workers
+from fastft.data.index import Sample
+from fastft.data.sampler import ShardedBatchSampler
+from fastft.data.torch_loader import ImageDataset, batch_loader, shutdown_workers
 from fastft.data.transforms import TransformSpec
 from fastft.parallel.env import DistEnv, all_gather_object, barrier, cpu_group
 from fastft.precision import Precision
