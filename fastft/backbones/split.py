@@ -1,0 +1,435 @@
+"""Model-agnostic pieces every image source shares: the head's path, freeze policies (with frozen BatchNorm),
+stages, and the frozen-prefix / trainable-suffix split with torch.fx.
+
+The split is the central idea of fastft: the prefix (everything before the first trainable module) runs in eval
+mode without autograd and never enters DDP/DeepSpeed or torch.compile; the suffix is what trains. Both are views
+over the one canonical model: parameters are shared, so checkpoints always save ``model.state_dict()``. Nothing here
+knows a model family: the head path, the stages and the tracer's leaf modules come from the source.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastft.backbones.base import Stage
+from fastft.errors import ModelError
+
+log = logging.getLogger("fastft")
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The head
+
+
+def find_head(model: nn.Module) -> str:
+    """Dotted path of the classifier: the last Linear in the module tree (fc, classifier.N, heads.head, head, ...)."""
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = name
+    if hasattr(model, "classifier") and isinstance(model.classifier, nn.Sequential):
+        # squeezenet's classifier ends in a 1x1 conv, not a Linear
+        convs = [n for n, m in model.classifier.named_children() if isinstance(m, nn.Conv2d)]
+        if convs and last is None:
+            return f"classifier.{convs[-1]}"
+    if last is None:
+        raise ModelError(f"cannot find a classifier in {type(model).__name__}")
+    return last
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    setattr(get_submodule(model, parent_path), leaf, new)
+
+
+def new_head(old: nn.Module, num_classes: int, *, hidden: int = 0, dropout: float = 0.0) -> nn.Module:
+    """A fresh `num_classes` classifier in place of `old` (a Linear, or squeezenet's 1x1 conv): optionally
+    Linear -> ReLU -> Dropout before it."""
+    if isinstance(old, nn.Conv2d):  # squeezenet: keep the conv-classifier shape, new class count
+        return nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
+    in_features = old.in_features
+    layers: list[nn.Module] = []
+    if hidden > 0:
+        layers += [nn.Linear(in_features, hidden), nn.ReLU(inplace=True)]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        in_features = hidden
+    elif dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    # the family's own choice of bias (maxvit's classifier has none), so the state dict is the source's
+    layers.append(nn.Linear(in_features, num_classes, bias=old.bias is not None))
+    return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
+
+
+def in_head(name: str, head: str) -> bool:
+    return name == head or name.startswith(head + ".")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def name_stages(model: nn.Module, groups: Sequence[Sequence[str]], head: str) -> list[Stage]:
+    """Stages from parameter-name groups (forward order, head excluded), each named by a module path where one
+    names it exactly: `until:<that module>` (all parameters registered up to and including it) then freezes the
+    same parameters as `until:<stage>`. Otherwise the stage is `stage<i>`."""
+    names = [n for n, _ in model.named_parameters() if not in_head(n, head)]
+    position = {n: i for i, n in enumerate(names)}
+    modules = dict(model.named_modules())
+    stages: list[Stage] = []
+    done: set[str] = set()
+    for i, group in enumerate(groups):
+        done |= set(group)
+        owner = {n.rpartition(".")[0] for n in group}
+        common = _common_prefix(sorted(owner))
+        name = f"stage{i}"
+        for candidate in (common, max(group, key=position.__getitem__).rpartition(".")[0]):
+            if candidate in modules and candidate and _until_module(modules, candidate, names, position) == done:
+                name = candidate
+                break
+        stages.append(Stage(name, tuple(group)))
+    return stages
+
+
+def _common_prefix(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths]
+    out = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        out.append(level[0])
+    return ".".join(out)
+
+
+def _until_module(modules: dict[str, nn.Module], target: str, names: list[str], position: dict[str, int]) -> set[str]:
+    owned = [position[f"{target}.{n}"] for n, _ in modules[target].named_parameters() if f"{target}.{n}" in position]
+    return set(names[: max(owned) + 1]) if owned else set()
+
+
+# Containers whose children are the real stages (torchvision: regnet trunk, vit encoder layers, the `features` of
+# vgg/efficientnet/mobilenet/convnext/swin/densenet).
+_EXPAND = ("features", "trunk_output", "encoder", "layers")
+
+
+def module_stages(model: nn.Module, head: str) -> list[list[str]]:
+    """Parameter names grouped into stages in registration order, head excluded: consecutive leaf modules (a stem's
+    conv + bn) share a stage; a module with sub-modules is one stage; the containers named in _EXPAND are opened."""
+    out: list[list[str]] = []
+    pending: list[str] = []
+
+    def flush() -> None:
+        if pending:
+            out.append(pending.copy())
+            pending.clear()
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        pending.extend(prefix + n for n, _ in module.named_parameters(recurse=False) if not in_head(prefix + n, head))
+        for name, child in module.named_children():
+            full = prefix + name
+            names = [f"{full}.{n}" for n, _ in child.named_parameters() if not in_head(f"{full}.{n}", head)]
+            if not names:
+                continue  # parameter-free, or only the head
+            if name in _EXPAND:
+                flush()
+                visit(child, full + ".")
+                flush()
+            elif not any(True for c in child.children() if any(True for _ in c.parameters())):
+                pending.extend(names)  # a leaf such as conv/bn/ln joins its neighbours
+            else:
+                flush()
+                out.append(names)
+
+    visit(model, "")
+    flush()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Freezing
+
+
+class _FrozenBNMixin:
+    """A BatchNorm that always normalises with its running statistics and never updates them.
+
+    Installed by swapping the instance's class, so parameter/buffer names and the state dict are unchanged
+    (a frozen model still loads into the plain source model). `train()` cannot switch it back to batch statistics."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+_frozen_bn_classes: dict[type, type] = {}
+
+
+def _frozen_bn_class(cls: type) -> type:
+    if cls not in _frozen_bn_classes:
+        _frozen_bn_classes[cls] = type(f"Frozen{cls.__name__}", (_FrozenBNMixin, cls), {})
+    return _frozen_bn_classes[cls]
+
+
+def freeze_bn(m: nn.Module) -> None:
+    if not isinstance(m, _FrozenBNMixin):
+        m.__class__ = _frozen_bn_class(type(m))
+    m.training = False
+
+
+def unfreeze_bn(m: nn.Module) -> None:
+    if isinstance(m, _FrozenBNMixin):
+        m.__class__ = m.__class__.__mro__[2]  # (Frozen*, mixin, original)
+
+
+def is_frozen_bn(m: nn.Module) -> bool:
+    return isinstance(m, _FrozenBNMixin)
+
+
+def is_bn(m: nn.Module) -> bool:
+    """BatchNorm layers, timm's BatchNormAct2d (a BatchNorm2d subclass) included."""
+    return isinstance(m, _BN_TYPES)
+
+
+def freeze(
+    model: nn.Module, policy: str | list[str], *, head: str, stages: Sequence[Stage] | None = None
+) -> tuple[int, int]:
+    """Apply a freeze policy; the head always trains. Returns (trainable, total) parameter counts.
+
+    Policies: "none"; "backbone" (linear probe); "until:<module or stage>" (freeze every parameter registered up to
+    and including that module, e.g. layer3, or every stage up to and including that one); or a list of fnmatch
+    patterns of parameter names to freeze. Frozen BatchNorm layers (all parameters frozen, or parameter-less inside
+    the frozen range) keep their running statistics, even after `model.train()`.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if policy == "none":
+        frozen = set()
+    elif policy == "backbone":
+        frozen = {n for n in names if not in_head(n, head)}
+    elif isinstance(policy, str) and policy.startswith("until:"):
+        frozen = _frozen_until(model, policy[len("until:") :], names, head, stages or [])
+    elif isinstance(policy, list):
+        frozen = {n for n in names if not in_head(n, head) and any(fnmatch.fnmatchcase(n, p) for p in policy)}
+        unmatched = [p for p in policy if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            raise ModelError(f"model.freeze: pattern {unmatched[0]!r} matches no parameter")
+    else:
+        raise ModelError(f"model.freeze: unknown policy {policy!r}")
+
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
+    # BatchNorm: frozen with its parameters; parameter-less BN follows the modules around it (registration order).
+    order = [n for n, _ in model.named_modules()]
+    frozen_modules = {n.rpartition(".")[0] for n in frozen}
+    last_frozen_idx = max((order.index(m) for m in frozen_modules if m in order), default=-1)
+    for i, (_, m) in enumerate(model.named_modules()):
+        if not is_bn(m):
+            continue
+        params = list(m.parameters(recurse=False))
+        is_frozen = all(not p.requires_grad for p in params) if params else (i <= last_frozen_idx and policy != "none")
+        freeze_bn(m) if is_frozen else unfreeze_bn(m)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def _frozen_until(model: nn.Module, target: str, names: list[str], head: str, stages: Sequence[Stage]) -> set[str]:
+    modules = dict(model.named_modules())
+    if target and target in modules:
+        owned = {f"{target}.{n}" for n, _ in modules[target].named_parameters()}
+        if not owned:
+            raise ModelError(f"model.freeze: module {target!r} has no parameters")
+        last = max(i for i, n in enumerate(names) if n in owned)
+        return {n for n in names[: last + 1] if not in_head(n, head)}
+    stage_names = [s.name for s in stages]
+    if target in stage_names:
+        upto = stages[: stage_names.index(target) + 1]
+        return {n for s in upto for n in s.params}
+    tops = [n for n, _ in model.named_children()]
+    close = difflib.get_close_matches(target, stage_names + list(modules), n=3)
+    listed = f"stages: {', '.join(stage_names)}" if stage_names else f"top-level: {', '.join(tops)}"
+    raise ModelError(
+        f"model.freeze: no module {target!r} in {type(model).__name__} "
+        f"({listed}{'; close: ' + ', '.join(close) if close else ''})"
+    )
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in module.parameters())
+    return sum(p.numel() for p in module.parameters() if p.requires_grad), total
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Splitting into frozen prefix / trainable suffix
+
+
+@dataclass
+class Split:
+    """Frozen prefix and trainable suffix over one model. `prefix` is None when nothing before the suffix is frozen."""
+
+    model: nn.Module
+    prefix: nn.Module | None
+    suffix: nn.Module
+    kind: str  # "head" (prefix = model without its head), "graph" (FX cut), "none" (whole model trains)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prefix is not None:
+            with torch.no_grad():
+                x = self.prefix(x)
+        return self.suffix(x)
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """What the tracer must keep whole: modules whose forward cannot be traced or reads `self.training` (stochastic
+    depth), and functions to call opaquely (timm registers both for its own layers)."""
+
+    leaf_types: tuple[type, ...] = ()
+    autowrap_functions: tuple[Callable, ...] = ()
+
+
+def _headless_view(model: nn.Module, head: str) -> nn.Module:
+    """A copy of `model` that shares all submodules except the head path, where the head becomes Identity."""
+    root = copy.copy(model)
+    root._modules = dict(model._modules)
+    node, parts = root, head.split(".")
+    for p in parts[:-1]:
+        child = copy.copy(node._modules[p])
+        child._modules = dict(child._modules)
+        node._modules[p] = child
+        node = child
+    node._modules[parts[-1]] = nn.Identity()
+    return root
+
+
+def split_model(model: nn.Module, *, head: str, trace: TraceOptions = TraceOptions()) -> Split:
+    """Cut the model at its first trainable parameter.
+
+    Linear probe: the prefix is the model with its head replaced by Identity, where the head is the model's last
+    operation (squeezenet's conv classifier is followed by ReLU, pooling and flatten: it takes the graph cut).
+    Partial fine-tune: the model is traced with torch.fx and cut before the first node that touches a trainable
+    parameter. The split does not depend on the mode the model is in: the prefix is traced in eval mode (stochastic
+    depth and dropout off, always), and the suffix follows `train()`/`eval()` (see `_ModeAware`). If tracing fails
+    the whole model becomes the suffix (frozen parts still build no graph because none of their inputs or parameters
+    require grad) and the reason is logged.
+    """
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ModelError("nothing to train: every parameter is frozen")
+    total = [n for n, _ in model.named_parameters()]
+    if len(trainable) == len(total):
+        return Split(model, None, model, "none")
+    head_module = get_submodule(model, head)
+    only_head = all(in_head(n, head) for n in trainable)
+    if only_head and not isinstance(head_module, nn.Conv2d):
+        return Split(model, _headless_view(model, head), head_module, "head")
+    try:
+        prefix, suffix = _fx_split(model, trainable, trace)
+        return Split(model, prefix, suffix, "graph")
+    except Exception as e:
+        log.warning(
+            "fastft: cannot trace %s for a prefix/suffix split (%s); training the whole graph", type(model).__name__, e
+        )
+        return Split(model, None, model, "none")
+
+
+def _trace(model: nn.Module, trace: TraceOptions):
+    """torch.fx graph of `model`; frozen BatchNorm and mode-dependent or untraceable modules stay leaves."""
+    from torch import fx
+    from torchvision.ops import StochasticDepth  # reads self.training at call time
+
+    leaves = (StochasticDepth, *trace.leaf_types)
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return is_frozen_bn(m) or isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+
+    return Tracer(autowrap_functions=trace.autowrap_functions).trace(model)
+
+
+def _trace_in_mode(model: nn.Module, training: bool, trace: TraceOptions):
+    """Trace `model` as if in train (or eval) mode, leaving every module's mode as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        return _trace(model, trace)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+class _ModeAware(nn.Module):
+    """The trainable suffix when the model's traced code depends on its mode (a `self.training` read outside a leaf
+    module, e.g. swin's functional attention dropout): the train-mode graph runs under `train()`, the eval-mode graph
+    under `eval()`. Both graphs call the same submodules; only the train graph is registered, so parameters and the
+    state dict appear once."""
+
+    def __init__(self, train_graph: nn.Module, eval_graph: nn.Module) -> None:
+        super().__init__()
+        self.graph = train_graph
+        object.__setattr__(self, "_eval_graph", eval_graph)  # shares every submodule of `graph`
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x) if self.training else self._eval_graph(x)
+
+
+def _fx_split(model: nn.Module, trainable: set[str], trace: TraceOptions) -> tuple[nn.Module, nn.Module]:
+    from torch import fx
+
+    eval_graph = _trace_in_mode(model, False, trace)
+    train_graph = _trace_in_mode(model, True, trace)
+    prefix, suffix_eval, cut_eval = _cut(model, eval_graph, trainable)
+    if train_graph.python_code("self").src == eval_graph.python_code("self").src:
+        return prefix, suffix_eval
+    _, suffix_train, cut_train = _cut(model, train_graph, trainable)
+    if cut_train != cut_eval:
+        raise RuntimeError(f"train and eval graphs cut at different values ({cut_train} vs {cut_eval})")
+    assert isinstance(suffix_train, fx.GraphModule)
+    return prefix, _ModeAware(suffix_train, suffix_eval)
+
+
+def _cut(model: nn.Module, graph, trainable: set[str]) -> tuple[nn.Module, nn.Module, str]:
+    """(prefix, suffix, name of the value handed from one to the other) of one traced graph."""
+    from torch import fx
+
+    nodes = list(graph.nodes)
+    modules = dict(model.named_modules())
+
+    def touches_trainable(node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return any(p.requires_grad for p in modules[node.target].parameters())
+        if node.op == "get_attr":
+            return node.target in trainable
+        return False
+
+    cut = next(i for i, n in enumerate(nodes) if touches_trainable(n))
+    # Pull get_attr nodes of frozen tensors used after the cut into the suffix by copying: they are constants.
+    prefix_nodes = [n for n in nodes[:cut] if n.op != "get_attr" or all(nodes.index(u) < cut for u in n.users)]
+    prefix_set = set(prefix_nodes)
+    crossing = [n for n in prefix_nodes if n.op != "get_attr" and any(u not in prefix_set for u in n.users)]
+    if len(crossing) != 1 or crossing[0].op == "placeholder":
+        raise RuntimeError(f"cut before {nodes[cut].name} crosses {len(crossing)} values")
+
+    pg = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in prefix_nodes:
+        env[n] = pg.node_copy(n, lambda a: env[a])
+    pg.output(env[crossing[0]])
+    sg = fx.Graph()
+    senv: dict[fx.Node, fx.Node] = {crossing[0]: sg.placeholder("features")}
+    for n in nodes:
+        if n in prefix_set or n.op == "placeholder":
+            continue
+        senv[n] = sg.node_copy(n, lambda a: senv[a])
+    prefix, suffix = fx.GraphModule(model, pg, "FrozenPrefix"), fx.GraphModule(model, sg, "TrainableSuffix")
+    return prefix, suffix, crossing[0].name
