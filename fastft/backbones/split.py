@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import fnmatch
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -84,9 +85,10 @@ def in_head(name: str, head: str) -> bool:
 
 
 def name_stages(model: nn.Module, groups: Sequence[Sequence[str]], head: str) -> list[Stage]:
-    """Stages from parameter-name groups (forward order, head excluded), each named by a module path where one
-    names it exactly: `until:<that module>` (all parameters registered up to and including it) then freezes the
-    same parameters as `until:<stage>`. Otherwise the stage is `stage<i>`."""
+    """Stages from parameter-name groups (forward order, head excluded), each named by the shortest module path that
+    holds exactly its parameters (`stages.0`, `layer3`) or else, `until:<that module>` (every parameter registered up
+    to and including it) freezing the same parameters as `until:<stage>` (a stem of loose layers: `bn1`); otherwise
+    `stage<i>`."""
     names = [n for n, _ in model.named_parameters() if not in_head(n, head)]
     position = {n: i for i, n in enumerate(names)}
     modules = dict(model.named_modules())
@@ -94,15 +96,23 @@ def name_stages(model: nn.Module, groups: Sequence[Sequence[str]], head: str) ->
     done: set[str] = set()
     for i, group in enumerate(groups):
         done |= set(group)
-        owner = {n.rpartition(".")[0] for n in group}
-        common = _common_prefix(sorted(owner))
-        name = f"stage{i}"
-        for candidate in (common, max(group, key=position.__getitem__).rpartition(".")[0]):
-            if candidate in modules and candidate and _until_module(modules, candidate, names, position) == done:
-                name = candidate
-                break
-        stages.append(Stage(name, tuple(group)))
+        common = _common_prefix(sorted(n.rpartition(".")[0] for n in group))
+        last = max(group, key=position.__getitem__).rpartition(".")[0]
+        candidates = [c for c in dict.fromkeys([*_ancestors(common), *_ancestors(last)]) if c in modules]
+        candidates = [c for c in candidates if not in_head(head, c)]  # `head` holds the classifier: not a stage name
+        exact = [c for c in candidates if _owned(modules, c, position) == set(group)]
+        until = [c for c in candidates if _until_module(modules, c, names, position) == done]
+        stages.append(Stage((exact + until + [f"stage{i}"])[0], tuple(group)))
     return stages
+
+
+def _owned(modules: dict[str, nn.Module], target: str, position: dict[str, int]) -> set[str]:
+    return {f"{target}.{n}" for n, _ in modules[target].named_parameters() if f"{target}.{n}" in position}
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split(".") if path else []
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def _common_prefix(paths: list[str]) -> str:
@@ -116,7 +126,7 @@ def _common_prefix(paths: list[str]) -> str:
 
 
 def _until_module(modules: dict[str, nn.Module], target: str, names: list[str], position: dict[str, int]) -> set[str]:
-    owned = [position[f"{target}.{n}"] for n, _ in modules[target].named_parameters() if f"{target}.{n}" in position]
+    owned = [position[n] for n in _owned(modules, target, position)]
     return set(names[: max(owned) + 1]) if owned else set()
 
 
@@ -354,7 +364,10 @@ def _trace(model: nn.Module, trace: TraceOptions):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return is_frozen_bn(m) or isinstance(m, leaves) or super().is_leaf_module(m, qualname)
 
-    return Tracer(autowrap_functions=trace.autowrap_functions).trace(model)
+    # Optional forward arguments (timm's ViT: attn_mask, is_causal) take their defaults, as in `model(x)`.
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return Tracer(autowrap_functions=trace.autowrap_functions).trace(model, concrete_args=concrete or None)
 
 
 def _trace_in_mode(model: nn.Module, training: bool, trace: TraceOptions):

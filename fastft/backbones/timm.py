@@ -148,18 +148,37 @@ def build(cfg: ModelConfig, num_classes: int, *, image_size: int = 0, pretrained
     pcfg = pretrained_cfg(cfg.name)
     state = _weights_state(cfg, pcfg) if pretrained_ok else None
     size = {"img_size": image_size} if image_size and pcfg.get("fixed_input_size") else {}
-    model = _create(cfg.name, num_classes, size)
-    head = _new_head(model, num_classes, cfg)
-    if state is not None and not (is_path(cfg.weights) and try_load(model, state)):  # a fastft export loads as is
-        try:  # timm adapts the file: its checkpoint filter (position embeddings), the classifier dropped
-            model = _create(cfg.name, num_classes, size, pretrained_cfg_overlay={"state_dict": state})
+    if state is None or _is_export(state, pcfg, num_classes):
+        model = _create(cfg.name, num_classes, size)
+        head = _new_head(model, num_classes, cfg)
+        if state is not None and not try_load(model, state):  # a fastft export: loads with its head, as saved
+            from fastft.checkpoint import describe_mismatch
+
+            raise CheckpointError(f"{cfg.weights}: does not match {cfg.name} ({describe_mismatch(model, state)})")
+    else:
+        # timm adapts the file with the model's checkpoint filter (position embeddings to the input size) and loads it
+        # strictly with the classifier it was saved with (asking for `num_classes` would skip unmatched keys).
+        try:
+            overlay = {"state_dict": state}
+            model = _create(cfg.name, pcfg.get("num_classes", 1000), size, pretrained_cfg_overlay=overlay)
         except Exception as e:
             raise CheckpointError(f"{cfg.weights}: does not match {cfg.name} ({_first_line(e)})") from None
         head = _new_head(model, num_classes, cfg)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    spec = spec_from_cfg(pcfg, image_size or _input_size(model))
-    return TimmBackbone(cfg.name, model, head, spec)
+    return TimmBackbone(cfg.name, model, head, spec_from_cfg(pcfg, image_size))
+
+
+def _is_export(state: dict[str, torch.Tensor], pcfg: dict, num_classes: int) -> bool:
+    """A fastft export of this task (its head: a hidden layer or dropout, or `num_classes` outputs where the
+    pretrained classifier has another count) rather than a trunk with the classifier it was trained with."""
+    path = pcfg.get("classifier")
+    if not isinstance(path, str):
+        return False
+    if any(k.startswith(f"{path}.") and k.split(".")[-2].isdigit() for k in state):  # a Sequential head
+        return True
+    weight = state.get(f"{path}.weight")
+    return weight is not None and weight.shape[0] == num_classes != pcfg.get("num_classes", 1000)
 
 
 def _weights_state(cfg: ModelConfig, pcfg: dict) -> dict[str, torch.Tensor] | None:
@@ -199,10 +218,6 @@ def _new_head(model: nn.Module, num_classes: int, cfg: ModelConfig) -> str:
             model, path, split.new_head(old, num_classes, hidden=cfg.head_hidden, dropout=cfg.head_dropout)
         )
     return path
-
-
-def _input_size(model: nn.Module) -> int:
-    return int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
 
 
 def _first_line(e: BaseException) -> str:
