@@ -49,5 +49,5 @@ def trace_options(model: nn.Module):
     if type(model).__module__.startswith("timm."):
         from fastft.backbones.timm import trace_options as timm_options
 
-        return timm_options()
+        return timm_options(model)
     return TraceOptions()

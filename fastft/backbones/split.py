@@ -306,6 +306,7 @@ class TraceOptions:
 
     leaf_types: tuple[type, ...] = ()
     autowrap_functions: tuple[Callable, ...] = ()
+    untraceable: str = ""  # why the model must not be traced (the whole model is then the trainable part)
 
 
 def _headless_view(model: nn.Module, head: str) -> nn.Module:
@@ -343,6 +344,9 @@ def split_model(model: nn.Module, *, head: str, trace: TraceOptions = TraceOptio
     only_head = all(in_head(n, head) for n in trainable)
     if only_head and not isinstance(head_module, nn.Conv2d):
         return Split(model, _headless_view(model, head), head_module, "head")
+    if trace.untraceable:
+        log.info("fastft: no prefix/suffix graph split (%s); training the whole graph", trace.untraceable)
+        return Split(model, None, model, "none")
     try:
         prefix, suffix = _fx_split(model, trainable, trace)
         return Split(model, prefix, suffix, "graph")

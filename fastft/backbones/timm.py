@@ -59,11 +59,19 @@ class TimmBackbone:
         return [save_state(self.model, Path(folder) / "model.safetensors", {"fastft": json.dumps(meta(self))})]
 
 
-def trace_options() -> split.TraceOptions:
-    """timm's own fx registry: the modules it keeps whole and the functions it calls opaquely when tracing."""
+def trace_options(model: nn.Module) -> split.TraceOptions:
+    """timm's own fx registry: the modules it keeps whole and the functions it calls opaquely when tracing. A model
+    with gradient checkpointing on is not traced: tracing inlines `checkpoint_seq`, and the suffix would silently
+    keep every activation."""
     from timm.layers import get_notrace_functions, get_notrace_modules
 
-    return split.TraceOptions(tuple(get_notrace_modules()), tuple(f for f in get_notrace_functions() if callable(f)))
+    why = (
+        "model.grad_checkpointing: a traced graph would not recompute"
+        if getattr(model, "grad_checkpointing", False)
+        else ""
+    )
+    modules, functions = tuple(get_notrace_modules()), tuple(f for f in get_notrace_functions() if callable(f))
+    return split.TraceOptions(modules, functions, why)
 
 
 def pretrained_cfg(name: str) -> dict:

@@ -187,16 +187,22 @@ def test_preprocessing_is_timms_data_config() -> None:
 
 
 def test_grad_checkpointing_recomputes_blocks_with_the_same_gradients() -> None:
-    grads, calls = [], []
+    """Through the split training uses (blocks.2 onwards train): the checkpointed model is not traced, since a traced
+    suffix would inline timm's checkpoint_seq and keep every activation."""
+    grads, calls, kinds = [], [], []
     for on in (False, True):
         b = _backbone("test_vit", grad_checkpointing=on)
-        count, block = [], b.model.blocks[2]
-        block.forward = lambda *a, run=block.forward, seen=count, **k: seen.append(1) or run(*a, **k)
+        freeze(b.model, "until:blocks.1", head=b.head, stages=b.stages())
         b.model.train()
+        split = split_model(b.model, head=b.head, trace=trace_options(b.model))
+        count, qkv = [], b.model.blocks[2].attn.qkv  # a leaf: both the traced graph and the model call it
+        qkv.forward = lambda *a, run=qkv.forward, seen=count: seen.append(1) or run(*a)
         torch.manual_seed(2)
-        b.model(torch.randn(2, 3, 32, 32)).sum().backward()
-        grads.append(b.model.blocks[0].attn.qkv.weight.grad)
+        split.forward(torch.randn(2, 3, 32, 32)).sum().backward()
+        grads.append(qkv.weight.grad)
         calls.append(len(count))
+        kinds.append(split.kind)
+    assert kinds == ["graph", "none"]
     assert calls == [1, 2]  # the checkpointed block runs again in the backward pass (forward hooks do not see it)
     torch.testing.assert_close(grads[0], grads[1])
 
