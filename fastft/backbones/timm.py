@@ -83,8 +83,8 @@ def pretrained_cfg(name: str) -> dict:
 
     if not timm.is_model(name.split(".")[0]):
         names = timm.list_models()
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-        raise ModelError(f"unknown timm model {name!r}{f' (did you mean {chr(44).join(close)}?)' if close else ''}")
+        close = ", ".join(difflib.get_close_matches(name, names, n=3, cutoff=0.5))
+        raise ModelError(f"unknown timm model {name!r}{f' (did you mean {close}?)' if close else ''}")
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError as e:
@@ -133,7 +133,7 @@ def cached_weights(name: str, pcfg: dict) -> Path:
             found = try_to_load_from_cache(hub_id, f)
             if isinstance(found, str):
                 return Path(found)
-    elif pcfg.get("url"):
+    if pcfg.get("url"):
         path = Path(torch.hub.get_dir()) / "checkpoints" / Path(pcfg["url"]).name
         if path.is_file():
             return path

@@ -105,6 +105,13 @@ def test_until_an_unknown_stage_names_the_stages() -> None:
         freeze(b.model, "until:stage9", head=b.head, stages=b.stages())
 
 
+def test_unknown_timm_name_and_weights_are_one_line() -> None:
+    with pytest.raises(ModelError, match=r"unknown timm model 'resnet10x' \(did you mean .*resnet10t"):
+        preprocess_spec(ModelConfig(source="timm", name="resnet10x"))
+    with pytest.raises(ModelError, match=r"model.weights: 'IMAGENET1K_V1' for a timm model"):
+        build_backbone(ModelConfig(source="timm", name="resnet10t", weights="IMAGENET1K_V1"), 3)
+
+
 def test_layer_decay_counts_timms_stages() -> None:
     b = _backbone("test_convnext")
     names = [n for n, _ in b.model.named_parameters()]
