@@ -11,9 +11,8 @@ from __future__ import annotations
 from torch import nn
 
 from fastft.backbones import build_backbone, trace_options
-from fastft.backbones.split import (  # noqa: F401 — re-exported
+from fastft.backbones.freeze import (  # noqa: F401 — re-exported
     _BN_TYPES,
-    Split,
     count_parameters,
     find_head,
     freeze_bn,
@@ -22,7 +21,8 @@ from fastft.backbones.split import (  # noqa: F401 — re-exported
     set_submodule,
     unfreeze_bn,
 )
-from fastft.backbones.split import freeze as _freeze
+from fastft.backbones.freeze import freeze as _freeze
+from fastft.backbones.split import Split
 from fastft.backbones.split import split_model as _split_model
 from fastft.backbones.torchvision import (  # noqa: F401 — re-exported
     drop_aux_heads,

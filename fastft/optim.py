@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fastft.backbones.base import Stage
-from fastft.backbones.split import module_stages
+from fastft.backbones.freeze import module_stages
 from fastft.config import OptimConfig
 
 
@@ -24,7 +24,7 @@ def stage_depths(stages: Sequence[Stage]) -> dict[str, int]:
 
 def layer_depths(model: nn.Module, head: str, stages: Sequence[Stage] | None = None) -> dict[str, int]:
     """Depth of every parameter of `model`: head (and anything outside the stages) 0, stages as `stage_depths`.
-    Without `stages`, those `build_model` pinned on the model, or the module tree's (fastft.backbones.split)."""
+    Without `stages`, those `build_model` pinned on the model, or the module tree's (fastft.backbones.freeze)."""
     if stages is None:
         stages = getattr(model, "fastft_stages", None) or [Stage("", tuple(g)) for g in module_stages(model, head)]
     depths = stage_depths(stages)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastft.backbones import split
+from fastft.backbones import freeze, split
 from fastft.backbones.base import Stage, meta
 from fastft.backbones.weights import is_path, load_state_file, save_state, try_load
 from fastft.config import ModelConfig
@@ -38,14 +38,14 @@ class TimmBackbone:
     def stages(self) -> list[Stage]:
         """timm's coarse `group_matcher` groups (stem, each stage or block, neck), the new head left out."""
         if not hasattr(self.model, "group_matcher"):
-            groups = split.module_stages(self.model, self.head)
+            groups = freeze.module_stages(self.model, self.head)
         else:
             from timm.models._manipulate import group_parameters
 
             grouped = group_parameters(self.model, self.model.group_matcher(coarse=True))
-            groups = [[n for n in names if not split.in_head(n, self.head)] for _, names in sorted(grouped.items())]
+            groups = [[n for n in names if not freeze.in_head(n, self.head)] for _, names in sorted(grouped.items())]
             groups = [g for g in groups if g]
-        return split.name_stages(self.model, groups, self.head)
+        return freeze.name_stages(self.model, groups, self.head)
 
     def preprocess(self) -> TransformSpec:
         return self._spec
@@ -217,13 +217,13 @@ def _new_head(model: nn.Module, num_classes: int, cfg: ModelConfig) -> str:
     """A fresh classifier through timm's own contract (`reset_classifier`); its path is `pretrained_cfg
     ["classifier"]`. A hidden layer or dropout puts fastft's head in its place."""
     path = model.pretrained_cfg.get("classifier")
-    if not isinstance(path, str) or split.get_submodule(model, path) is not model.get_classifier():
+    if not isinstance(path, str) or freeze.get_submodule(model, path) is not model.get_classifier():
         raise ModelError(f"{cfg.name}: the classifier {path!r} is not one module (distilled heads are not supported)")
     model.reset_classifier(num_classes)
     if cfg.head_hidden or cfg.head_dropout:
         old = model.get_classifier()
-        split.set_submodule(
-            model, path, split.new_head(old, num_classes, hidden=cfg.head_hidden, dropout=cfg.head_dropout)
+        freeze.set_submodule(
+            model, path, freeze.new_head(old, num_classes, hidden=cfg.head_hidden, dropout=cfg.head_dropout)
         )
     return path
 

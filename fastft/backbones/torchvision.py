@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastft.backbones import split
+from fastft.backbones import freeze
 from fastft.backbones.base import Stage, meta
 from fastft.backbones.weights import is_path, load_state_file, save_state, try_load
 from fastft.config import ModelConfig
@@ -28,7 +28,7 @@ class TorchvisionBackbone:
         self.name, self.model, self.head, self._spec = name, model, head, spec
 
     def stages(self) -> list[Stage]:
-        return split.name_stages(self.model, split.module_stages(self.model, self.head), self.head)
+        return freeze.name_stages(self.model, freeze.module_stages(self.model, self.head), self.head)
 
     def preprocess(self) -> TransformSpec:
         return self._spec
@@ -140,9 +140,9 @@ def build(
 
 def replace_head(model: nn.Module, num_classes: int, *, hidden: int = 0, dropout: float = 0.0) -> str:
     """Replace the classifier (the family's last Linear, or squeezenet's conv) with a fresh head; return its path."""
-    path = split.find_head(model)
-    split.set_submodule(
-        model, path, split.new_head(split.get_submodule(model, path), num_classes, hidden=hidden, dropout=dropout)
+    path = freeze.find_head(model)
+    freeze.set_submodule(
+        model, path, freeze.new_head(freeze.get_submodule(model, path), num_classes, hidden=hidden, dropout=dropout)
     )
     return path
 

@@ -18,7 +18,8 @@ pytest.importorskip("timm", reason="timm is not installed (pip install 'fastft[t
 import timm
 
 from fastft.backbones import Backbone, build_backbone, preprocess_spec, trace_options
-from fastft.backbones.split import freeze, in_head, is_frozen_bn, split_model
+from fastft.backbones.freeze import freeze, in_head, is_frozen_bn
+from fastft.backbones.split import split_model
 from fastft.config import ModelConfig, OptimConfig
 from fastft.errors import CheckpointError, ModelError
 from fastft.optim import param_groups
