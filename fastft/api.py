@@ -38,7 +38,11 @@ def load_trained(checkpoint: str | Path, device: torch.device):
         state = load_checkpoint(checkpoint)
     meta = state["meta"]
     mcfg = ModelConfig(
-        name=meta["model_name"], weights="none", head_hidden=meta["head_hidden"], head_dropout=meta["head_dropout"]
+        source=meta.get("source", "torchvision"),  # checkpoints from before timm record no source
+        name=meta["model_name"],
+        weights="none",
+        head_hidden=meta["head_hidden"],
+        head_dropout=meta["head_dropout"],
     )
     model = build_model(mcfg, meta["num_classes"], image_size=meta["transform"]["crop_size"])
     load_model_state(model, state["model"], checkpoint)

@@ -29,6 +29,7 @@ class ModelConfig:
     head_hidden: int = 0  # >0 adds a hidden layer (Linear -> ReLU -> Dropout) before the classifier
     head_dropout: float = 0.0
     channels_last: bool = True  # NHWC activations: faster convolutions on GPUs and on CPUs with oneDNN
+    grad_checkpointing: bool = False  # timm: recompute activations in the backward pass (less memory, more compute)
 
 
 @dataclass

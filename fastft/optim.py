@@ -6,72 +6,48 @@ group, including groups added later by gradual unfreezing."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from fastft.backbones.base import Stage
+from fastft.backbones.freeze import module_stages
 from fastft.config import OptimConfig
 
-# Containers whose children are the real stages (regnet trunk, vit encoder layers, the `features` of
-# vgg/efficientnet/mobilenet/convnext/swin/densenet).
-_EXPAND = ("features", "trunk_output", "encoder", "layers")
+
+def stage_depths(stages: Sequence[Stage]) -> dict[str, int]:
+    """Depth of every stage parameter counted from the head: last stage 1, ..., first stage len(stages)."""
+    return {n: len(stages) - i for i, stage in enumerate(stages) for n in stage.params}
 
 
-def model_stages(model: nn.Module, head: str) -> list[list[str]]:
-    """Parameter names grouped into stages in forward order, head excluded.
-
-    Consecutive leaf modules (a stem's conv + bn) share a stage; a module with sub-modules is one stage; the
-    containers named in _EXPAND are opened up."""
-    out: list[list[str]] = []
-    pending: list[str] = []
-
-    def flush() -> None:
-        if pending:
-            out.append(pending.copy())
-            pending.clear()
-
-    def in_head(n: str) -> bool:
-        return n == head or n.startswith(head + ".")
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        pending.extend(prefix + n for n, _ in module.named_parameters(recurse=False) if not in_head(prefix + n))
-        for name, child in module.named_children():
-            full = prefix + name
-            names = [f"{full}.{n}" for n, _ in child.named_parameters() if not in_head(f"{full}.{n}")]
-            if not names:
-                continue  # parameter-free, or only the head
-            if name in _EXPAND:
-                flush()
-                visit(child, full + ".")
-                flush()
-            elif not any(True for c in child.children() if any(True for _ in c.parameters())):
-                pending.extend(names)  # a leaf such as conv/bn/ln joins its neighbours
-            else:
-                flush()
-                out.append(names)
-
-    visit(model, "")
-    flush()
-    return out
-
-
-def layer_depths(model: nn.Module, head: str) -> dict[str, int]:
-    """Depth of every parameter counted from the head: head 0, last stage 1, ..., stem len(stages)."""
-    stages = model_stages(model, head)
-    depths = {n: len(stages) - i for i, names in enumerate(stages) for n in names}
+def layer_depths(model: nn.Module, head: str, stages: Sequence[Stage] | None = None) -> dict[str, int]:
+    """Depth of every parameter of `model`: head (and anything outside the stages) 0, stages as `stage_depths`.
+    Without `stages`, those `build_model` pinned on the model, or the module tree's (fastft.backbones.freeze)."""
+    if stages is None:
+        stages = getattr(model, "fastft_stages", None) or [Stage("", tuple(g)) for g in module_stages(model, head)]
+    depths = stage_depths(stages)
     for n, _ in model.named_parameters():
         depths.setdefault(n, 0)  # the head
     return depths
 
 
 def param_groups(
-    model: nn.Module, params: list[str], cfg: OptimConfig, *, head: str, lr_factor: float = 1.0, tag: str = ""
+    model: nn.Module,
+    params: list[str],
+    cfg: OptimConfig,
+    *,
+    head: str,
+    stages: Sequence[Stage] | None = None,
+    lr_factor: float = 1.0,
+    tag: str = "",
 ) -> list[dict[str, Any]]:
     """Groups for `params` (names): weight decay for weights only (not biases/norms), and lr_scale =
-    lr_factor * layer_decay ** depth. Group order is deterministic (an exact resume rebuilds the same groups)."""
+    lr_factor * layer_decay ** depth, depth counted in the backbone's `stages` (see `layer_depths`). Group order
+    is deterministic (an exact resume rebuilds the same groups)."""
     named = dict(model.named_parameters())
-    depths = layer_depths(model, head) if cfg.layer_decay != 1.0 else {}
+    depths = layer_depths(model, head, stages) if cfg.layer_decay != 1.0 else {}
     buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for n in params:
         p = named[n]

@@ -26,15 +26,15 @@ import torch.nn.functional as F
 from fastft import checkpoint as ckpt_io
 from fastft import outputs
 from fastft import resume as resume_rules
+from fastft.backbones import preprocess_spec
 from fastft.compile import apply_compile, resolve_target
 from fastft.config import FinetuneConfig, UnfreezeStep, check_device, parse_unfreeze, to_toml
 from fastft.data.folder import index_from_config
 from fastft.data.loaders import build_loader
-from fastft.data.transforms import spec_from_weights
 from fastft.errors import CheckpointError, ConfigError, FastftError
 from fastft.evaluation import run_evaluation
 from fastft.logging import RunLogger
-from fastft.model import Split, build_model, freeze, preset_weights, split_model
+from fastft.model import Split, build_model, freeze, split_model
 from fastft.optim import Schedule, build_optimizer, param_groups
 from fastft.parallel import env as penv
 from fastft.parallel.backend import LocalBackend, all_finite, apply_sync_bn, sync_buffers
@@ -216,7 +216,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
 
     # 2. Loaders, sharded by rank; every file is checked here, before the model is built. Without a feature cache
     #    the first epoch's loading starts now (workers spawn and decode ahead) and overlaps building the model.
-    spec = spec_from_weights(preset_weights(cfg.model.name, cfg.model.weights), cfg.data.image_size)
+    spec = preprocess_spec(cfg.model, cfg.data.image_size)
     train_loader = build_loader(index.train, spec, cfg.data, train=True, seed=cfg.run.seed, env=env)
     eval_bs = cfg.data.eval_batch_size or cfg.data.batch_size
     val_loader = build_loader(index.val, spec, cfg.data, train=False, seed=cfg.run.seed, env=env, batch_size=eval_bs)
@@ -348,6 +348,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
     best: dict = {"metric": cfg.checkpoint.best_metric, "value": None, "epoch": None}
     meta = {
         "format": ckpt_io.FORMAT_VERSION,
+        "source": cfg.model.source,
         "model_name": cfg.model.name,
         "num_classes": num_classes,
         "classes": index.classes,

@@ -25,6 +25,7 @@ from fastft.resume import config_keys
 # key -> the value it is set to, plus companion settings ("@data" / "@lists" / "@tmp" / "@weights" are filled in
 # from fixtures) that give the value something to act on.
 VALUES: dict[str, tuple[object, dict[str, object]]] = {
+    "model.source": ("timm", {"model.name": "resnet10t"}),
     "model.name": ("mobilenet_v3_small", {}),
     "model.weights": ("@weights", {}),
     "model.num_classes": (2, {}),
@@ -32,6 +33,7 @@ VALUES: dict[str, tuple[object, dict[str, object]]] = {
     "model.head_hidden": (8, {}),
     "model.head_dropout": (0.5, {}),
     "model.channels_last": (False, {}),
+    "model.grad_checkpointing": (True, {"model.source": "timm", "model.name": "resnet10t", "model.freeze": "none"}),
     "head.sweep_lr": ([0.1, 0.01], {}),
     "head.sweep_weight_decay": ([0.0, 0.1], {"head.sweep_lr": [0.1, 0.01]}),
     "data.root": ("@data", {}),
