@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_bert import tiny_bert  # noqa: F401  (fixtures used by name)
 
 from fastft.errors import ModelError
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_bert import tiny_bert, tokenizer_maker  # noqa: F401  (fixtures used by name)
 
 from fastft.backbones.base import TextSpec
 from fastft.config import DataConfig
