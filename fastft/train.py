@@ -31,13 +31,14 @@ from fastft.config import FinetuneConfig, UnfreezeStep, check_device, parse_unfr
 from fastft.data.folder import index_from_config
 from fastft.data.loaders import build_loader
 from fastft.data.transforms import spec_from_weights
-from fastft.errors import CheckpointError, ConfigError, FastftError
+from fastft.errors import ConfigError, FastftError
 from fastft.evaluation import run_evaluation
 from fastft.logging import RunLogger
 from fastft.model import Split, build_model, freeze, preset_weights, split_model
 from fastft.optim import Schedule, build_optimizer, param_groups
 from fastft.parallel import env as penv
-from fastft.parallel.backend import LocalBackend, all_finite, apply_sync_bn, sync_buffers
+from fastft.parallel.backend import all_finite, build_backend, sync_buffers
+from fastft.parallel.deepspeed import DeepSpeedOptions
 from fastft.precision import resolve_precision
 from fastft.preflight import check_before_training
 from fastft.report import atomic_write_text, format_table, write_report
@@ -295,31 +296,22 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
     if cached:
         train_loader, val_loader, feature_cache = _cached_loaders(cfg, split, sources, env, precision, eval_bs)
     target = resolve_target(cfg.compile, device)
-    backend_name = cfg.parallel.backend
-    if backend_name == "auto":
-        backend_name = "ddp" if env.distributed else "none"
-    if backend_name == "deepspeed":
-        from fastft.parallel.deepspeed import DeepSpeedBackend
-
-        backend = DeepSpeedBackend(cfg, env, precision)
-    else:
-        if backend_name == "ddp" and not env.distributed:
-            log.info("fastft: parallel.backend=ddp with one process: running without DDP")
-        backend = LocalBackend(
-            clip_grad_norm=cfg.optim.clip_grad_norm,
-            scaler=precision.make_scaler(),
-            ddp=backend_name == "ddp" and env.distributed,
-            device=device,
-            grad_accum=accum,
-        )
-        if bank is not None:  # clip each head on its own: heads must not influence each other
-            backend.clip_sets = [list(h.parameters()) for h in bank.heads]
+    backend = build_backend(
+        cfg.parallel.backend,
+        env=env,
+        precision=precision,
+        clip_grad_norm=cfg.optim.clip_grad_norm,
+        grad_accum=accum,
+        # a sweep clips each head on its own: heads must not influence each other
+        clip_sets=[list(h.parameters()) for h in bank.heads] if bank is not None else None,
+        sync_bn=cfg.parallel.sync_bn,
+        deepspeed=DeepSpeedOptions.from_config(cfg) if cfg.parallel.backend == "deepspeed" else None,
+    )
 
     def assemble() -> None:
         """(Re)build what depends on the split: compiled suffix, wrapped module, and the prefix to run."""
         nonlocal suffix, prefix, train_module
-        if backend.name == "ddp":  # before compile: the compiled graph must see the SyncBatchNorm layers
-            apply_sync_bn(cfg.parallel.sync_bn, split.suffix, model, world_size=env.world_size, device=device)
+        backend.prepare(split.suffix, model)  # before compile: the compiled graph must see what it changes
         suffix = apply_compile(split.suffix, cfg.compile) if target in ("head", "all") else split.suffix
         cached = cfg.features.cache != "off" and train_loader is not image_loaders[0]
         prefix = None if cached else split.prefix
@@ -362,14 +354,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
         ckpt_io.load_model_state(model, state["model"], resume_from)
         if bank is not None:
             ckpt_io.load_model_state(bank, state["sweep_bank"], resume_from)
-        if backend.owns_optimizer_state:
-            backend.load_checkpoint(resume_from.parent, resume_from.stem)
-        elif state["optimizer"] is None:
-            raise CheckpointError(
-                f"{resume_from}: saved by the DeepSpeed backend; resume it with --parallel.backend=deepspeed"
-            )
-        else:
-            resume_rules.load_optimizer_state(optimizer, state["optimizer"])  # this run's LR, momentum, decay
+        backend.load_optimizer_state(state["optimizer"], resume_from)
         scheduler.load_state_dict(state["scheduler"])
         backend.load_state_dict(state["backend"])
         ckpt_io.set_rng_state(state["rng"][min(env.rank, len(state["rng"]) - 1)])
@@ -402,6 +387,8 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
             state.update({names[i]: t for i, t in masters.items() if i in names})
         return state
 
+    whole = [False]  # the file last written holds the whole state (no optimizer state kept beside it)
+
     def save(name: str, epoch: int, batch: int) -> None:
         # Every rank contributes its RNG state (gathered); rank 0 writes.
         sync_buffers(split.suffix)  # the ranks' BatchNorm statistics drift apart during training forwards
@@ -419,9 +406,9 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
         weights = model_state()
         if not all_finite(weights):
             _nonfinite(float("nan"), shown, step, run_dir, what="a weight")
-        backend.save_checkpoint(run_dir, name.removesuffix(".pt"))  # collective for sharded optimizer state
+        opt_state = backend.save_optimizer_state(run_dir, name.removesuffix(".pt"))  # collective where sharded
+        whole[0] = opt_state is not None
         if env.is_main:
-            opt_state = None if backend.owns_optimizer_state else optimizer.state_dict()
             extra = {"sweep_bank": bank.state_dict()} if bank is not None else {}
             ckpt_io.atomic_save(
                 {
@@ -650,7 +637,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
         want_last = bool(cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or last_epoch
         if better:
             save("best.pt", epoch + 1, 0)
-        if want_last and better and not backend.owns_optimizer_state:
+        if want_last and better and whole[0]:
             # The same state as best.pt, just written: link it rather than write it twice. (A crash before the link
             # leaves last.pt at the previous save, so a resume redoes this epoch. A backend that keeps state beside
             # the file names that state by tag, so there each name gets its own save.)
@@ -692,11 +679,9 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
         paths["head_export"] = ckpt_io.export_safetensors(
             head, run_dir / "head.safetensors", {**meta, "part": "head"}, head_state
         )
-        if getattr(backend, "skipped_steps", 0):
+        if backend.skipped_steps:
             log.warning("fastft: the fp16 loss scaler skipped %d of %d steps (overflow)", backend.skipped_steps, step)
-        logger.event(
-            "end", step=step, best=best, throughput=throughput, skipped_steps=getattr(backend, "skipped_steps", 0)
-        )
+        logger.event("end", step=step, best=best, throughput=throughput, skipped_steps=backend.skipped_steps)
         print(format_table(report))
         if sweep_text:
             print(f"head sweep ({len(grid)} heads, kept by {cfg.checkpoint.best_metric}):\n{sweep_text}")
@@ -711,7 +696,7 @@ def _finetune(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> RunResult
         throughput,
         step,
         timings,
-        skipped_steps=getattr(backend, "skipped_steps", 0),
+        skipped_steps=backend.skipped_steps,
         feature_cache=feature_cache,
     )
 
