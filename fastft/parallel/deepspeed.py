@@ -1,11 +1,11 @@
 """DeepSpeed backend: the trainable suffix inside a DeepSpeed engine, its config generated from fastft's config.
 
 fastft keeps what it owns: the optimizer (built over the trainable parameters only), the LR schedule (set by
-train.py once per optimizer step, in the same param_group dicts DeepSpeed's wrapped optimizer reads), the data
+the trainer once per optimizer step, in the same param_group dicts DeepSpeed's wrapped optimizer reads), the data
 loaders, autocast and the checkpoint file. DeepSpeed owns gradient reduction, ZeRO partitioning of optimizer state
 (stage 1) and gradients (stage 2), fp16 loss scaling, clipping, and the optimizer-state part of a checkpoint.
 
-ZeRO stage 3 is refused: it partitions the parameters themselves, but only the suffix trains and train.py reads
+ZeRO stage 3 is refused: it partitions the parameters themselves, but only the suffix trains and the trainer reads
 and exports the whole model as a plain state dict on rank 0.
 """
 
@@ -109,6 +109,14 @@ def build_config(opts: DeepSpeedOptions, env: DistEnv, precision: Precision) -> 
         ConfigError: ZeRO stage 3; a missing or invalid user JSON; a user key that contradicts the batch size,
             accumulation, clipping, precision, optimizer or schedule fastft configures (naming key and file).
     """
+    ds = _generated_config(opts, env, precision)
+    if opts.user_config:
+        ds = _merge_user_config(ds, opts.user_config, precision)
+    _check_stage(ds, opts, precision)
+    return ds
+
+
+def _generated_config(opts: DeepSpeedOptions, env: DistEnv, precision: Precision) -> dict[str, Any]:
     micro, accum = opts.micro_batch, opts.grad_accum
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
@@ -140,34 +148,41 @@ def build_config(opts: DeepSpeedOptions, env: DistEnv, precision: Precision) -> 
             "hysteresis": 2,
             "min_loss_scale": 1,
         }
+    return ds
 
+
+def _merge_user_config(ds: dict[str, Any], source: str, precision: Precision) -> dict[str, Any]:
+    """The user's JSON merged over the generated config; keys fastft derives or owns may not contradict it."""
+    user = _read_user_config(source)
+    for key, fastft_key in _DERIVED_KEYS.items():
+        if user.get(key) == "auto":
+            del user[key]  # the HF-style placeholder: fastft fills it in
+        elif key in user and user[key] != ds[key]:
+            raise ConfigError(
+                f"parallel.deepspeed_config: {key} is {user[key]!r} in {source} but fastft's config "
+                f"gives {ds[key]} ({fastft_key}); remove it from the JSON or change {fastft_key}"
+            )
+    for key, fastft_key in _OWNED_SECTIONS.items():
+        if key in user:
+            raise ConfigError(
+                f"parallel.deepspeed_config: {source} has a {key!r} section, but fastft sets the "
+                f"{key} ({fastft_key}); remove it from the JSON"
+            )
+    ds = _deep_merge(ds, user)
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        section = ds.get(key)
+        enabled = isinstance(section, dict) and bool(section.get("enabled", False))
+        if enabled != (precision.dtype == dtype):
+            raise ConfigError(
+                f"parallel.deepspeed_config: {key}.enabled={enabled} in {source} contradicts "
+                f"precision.dtype={precision.name} (resolved); choose the precision with "
+                f"precision.dtype, autocast follows it"
+            )
+    return ds
+
+
+def _check_stage(ds: dict[str, Any], opts: DeepSpeedOptions, precision: Precision) -> None:
     source = opts.user_config
-    if source:
-        user = _read_user_config(source)
-        for key, fastft_key in _DERIVED_KEYS.items():
-            if user.get(key) == "auto":
-                del user[key]  # the HF-style placeholder: fastft fills it in
-            elif key in user and user[key] != ds[key]:
-                raise ConfigError(
-                    f"parallel.deepspeed_config: {key} is {user[key]!r} in {source} but fastft's config "
-                    f"gives {ds[key]} ({fastft_key}); remove it from the JSON or change {fastft_key}"
-                )
-        for key, fastft_key in _OWNED_SECTIONS.items():
-            if key in user:
-                raise ConfigError(
-                    f"parallel.deepspeed_config: {source} has a {key!r} section, but fastft sets the "
-                    f"{key} ({fastft_key}); remove it from the JSON"
-                )
-        ds = _deep_merge(ds, user)
-        for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-            section = ds.get(key)
-            enabled = isinstance(section, dict) and bool(section.get("enabled", False))
-            if enabled != (precision.dtype == dtype):
-                raise ConfigError(
-                    f"parallel.deepspeed_config: {key}.enabled={enabled} in {source} contradicts "
-                    f"precision.dtype={precision.name} (resolved); choose the precision with "
-                    f"precision.dtype, autocast follows it"
-                )
     stage = ds["zero_optimization"].get("stage", 0) if isinstance(ds.get("zero_optimization"), dict) else 0
     where = "parallel.zero_stage" if stage == opts.zero_stage else f"zero_optimization.stage in {source}"
     if stage not in (0, 1, 2):
@@ -182,7 +197,6 @@ def build_config(opts: DeepSpeedOptions, env: DistEnv, precision: Precision) -> 
             f"{where}: fp16 with ZeRO stage 0 does not train under DeepSpeed (the loss scale is divided out of "
             f"gradients it was never applied to); use ZeRO stage 1 or 2, or precision.dtype=bf16"
         )
-    return ds
 
 
 class DeepSpeedBackend:
@@ -233,7 +247,7 @@ class DeepSpeedBackend:
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, model_parameters=params, config=self.config
         )
-        # train.py's schedule (fastft.optim.Schedule) writes "lr" into optimizer.param_groups. DeepSpeed's wrappers
+        # The trainer's schedule (fastft.optim.Schedule) writes "lr" into optimizer.param_groups. DeepSpeed's wrappers
         # (ZeRO 1/2, bf16, fp16) keep that torch optimizer and its group dicts, swapping only their "params" for fp32
         # (partition) copies, and step it: the schedule reaches the update. Copied groups would break this silently.
         groups = getattr(ds_optimizer, "param_groups", None)
@@ -287,7 +301,7 @@ class DeepSpeedBackend:
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
     # The optimizer state (ZeRO: one file per rank) goes to run_dir/deepspeed/<tag>-step<N>/, a new folder per step;
-    # the checkpoint file train.py writes right after records that folder (state_dict()["deepspeed_tag"]). A run
+    # the checkpoint file the Checkpointer writes right after records that folder (state_dict()["deepspeed_tag"]). A run
     # killed between the two writes resumes from a consistent pair: the folder the old file names is kept until the
     # next save, when that file has been replaced.
 
@@ -458,7 +472,7 @@ def _backend_state(path: Path) -> dict[str, Any]:
         return {}
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("backend") or {}
-    except Exception as e:  # train.py read this file a moment ago: name it if it fails now
+    except Exception as e:  # the trainer read this file a moment ago: name it if it fails now
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
