@@ -218,7 +218,7 @@ class DeepSpeedBackend:
         self._saved: dict[str, str] = {}  # fastft tag ("last", "best") -> DeepSpeed tag its checkpoint file names
         self._last_tag: str | None = None  # the DeepSpeed tag of the checkpoint file being written right now
         self._bad = False  # a boundary step saw non-finite gradients (fp32/bf16)
-        self._own_bad: torch.Tensor | None = None  # the same, where fastft norms the gradients itself (ZeRO 0 fp32)
+        self._own_bad: torch.Tensor | None = None  # the same, from a gradient norm still on the device
 
     # -- wrap ---------------------------------------------------------------------------------------------------------
 
@@ -294,9 +294,14 @@ class DeepSpeedBackend:
             self.skipped_steps += not applied  # fp16: an overflow of the loss scale, lowered for the next step
         elif not applied:
             self._bad = True  # bf16 / fp32 (ZeRO 1/2, the bf16 optimizer): no loss scale, so the gradients were bad
-        norm = engine.get_global_grad_norm()  # ZeRO 1/2 and the bf16 optimizer: inf when not finite
-        if norm is not None and not math.isfinite(float(norm)) and self.input_dtype != torch.float16:
-            self._bad = True
+        # ZeRO 1/2 and the bf16 optimizer: inf when not finite (also where a JSON switched their overflow check off)
+        norm = engine.get_global_grad_norm()
+        if norm is not None and self.input_dtype != torch.float16:
+            if isinstance(norm, torch.Tensor):  # kept on the device: no host sync per step
+                bad = ~torch.isfinite(norm)
+                self._own_bad = bad if self._own_bad is None else (self._own_bad | bad.to(self._own_bad.device))
+            elif not math.isfinite(norm):
+                self._bad = True
         return applied
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
