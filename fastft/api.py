@@ -11,7 +11,7 @@ import torch
 from fastft import outputs
 from fastft.checkpoint import load_checkpoint, load_model_state
 from fastft.config import DataConfig, ModelConfig, PrecisionConfig
-from fastft.data.folder import index_for_eval, list_images
+from fastft.data.index import index_for_eval, list_images
 from fastft.data.loaders import build_loader
 from fastft.data.transforms import TransformSpec
 from fastft.errors import ConfigError, DataError

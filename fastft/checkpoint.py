@@ -10,13 +10,13 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 from torch import nn
 
-from fastft.errors import CheckpointError
+from fastft.errors import CheckpointError, FastftError
 
 FORMAT_VERSION = 1
 
@@ -155,3 +155,101 @@ def export_safetensors(
     os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The run's checkpoints
+
+
+def refuse_nonfinite(value, epoch: int, step: int, run_dir: Path, what: str = "loss") -> NoReturn:
+    """Stop the run on a non-finite loss, gradient or weight, naming the last good checkpoint (never overwritten)."""
+    text = f"{what} is not finite" if what != "loss" else f"loss is {float(value)}"
+    kept = [p for p in (run_dir / "last.pt", run_dir / "best.pt") if p.is_file()]
+    where = f"the last good checkpoint is kept: {kept[0]}" if kept else f"no checkpoint was written to {run_dir} yet"
+    raise FastftError(f"{text} at epoch {epoch + 1}, step {step}: stopping; {where}")
+
+
+class Checkpointer:
+    """A run's checkpoint files: step saves and last.pt, best.pt (last.pt linked to it when they hold the same state),
+    the fp32 masters from the backend, the finiteness check before every save, and restore.
+
+    Every rank calls save (RNG states are gathered, sharded optimizer state is written by every rank); rank 0 writes
+    the file. `sweep`: a head sweep whose bank is saved beside the model."""
+
+    def __init__(self, run_dir: Path, *, env, model: nn.Module, backend, optimizer, scheduler, meta: dict, sweep=None):
+        self.run_dir, self.env, self.model, self.backend = run_dir, env, model, backend
+        self.optimizer, self.scheduler, self.meta, self.sweep = optimizer, scheduler, meta, sweep
+        self._whole = False  # the file written last holds the whole state (no optimizer state kept beside it)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The model's state dict with full-precision weights: where the backend trains a bf16/fp16 copy (DeepSpeed),
+        its fp32 masters replace the copy and the rest is cast back to fp32. Collective: every rank calls it."""
+        masters = self.backend.master_weights()
+        state = self.model.state_dict()
+        if masters:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+            state.update({names[i]: t for i, t in masters.items() if i in names})
+        return state
+
+    def save(self, name: str, *, epoch: int, batch: int, step: int, best: dict, stats: dict | None) -> None:
+        """Write `name` (last.pt / best.pt) for position (epoch, batch); `stats`: the partial epoch's loss sums."""
+        from fastft.parallel.backend import all_finite
+
+        rngs, stats_all = [rng_state()], [stats if batch else None]
+        if self.env.distributed:
+            gathered: list = [None] * self.env.world_size
+            torch.distributed.all_gather_object(gathered, (rngs[0], stats_all[0]))
+            rngs, stats_all = [g[0] for g in gathered], [g[1] for g in gathered]
+        # Nothing non-finite is ever written, whatever the device's check cadence in the loop: the gradient flag and
+        # the weights themselves are checked before the first byte (the same verdict on every rank).
+        shown = epoch - 1 if batch == 0 else epoch  # the epoch the state comes from (0-based)
+        if not self.backend.grads_finite():
+            refuse_nonfinite(float("nan"), shown, step, self.run_dir, what="gradient norm")
+        weights = self.model_state()
+        if not all_finite(weights):
+            refuse_nonfinite(float("nan"), shown, step, self.run_dir, what="a weight")
+        opt_state = self.backend.save_optimizer_state(self.run_dir, name.removesuffix(".pt"))  # collective if sharded
+        self._whole = opt_state is not None
+        if not self.env.is_main:
+            return
+        extra = {"sweep_bank": self.sweep.state_dict()} if self.sweep is not None else {}
+        state = {
+            **extra,
+            "model": weights,
+            "optimizer": opt_state,
+            "scheduler": self.scheduler.state_dict(),
+            "backend": self.backend.state_dict(),
+            "rng": rngs,
+            "epoch_stats": stats_all,  # the partial epoch's loss sums, so its logged mean stays right
+            "epoch": epoch,
+            "batch": batch,
+            "step": step,
+            "best": best,
+            "meta": self.meta,
+        }
+        atomic_save(state, self.run_dir / name)
+
+    def save_epoch_end(self, epoch: int, *, better: bool, want_last: bool, step: int, best: dict) -> None:
+        """After epoch `epoch` (1-based, complete): best.pt when the metric improved, last.pt when due."""
+        if better:
+            self.save("best.pt", epoch=epoch, batch=0, step=step, best=best, stats=None)
+        if want_last and better and self._whole:
+            # The same state as best.pt, just written: link it rather than write it twice. (A crash before the link
+            # leaves last.pt at the previous save, so a resume redoes this epoch. A backend that keeps state beside
+            # the file names that state by tag, so there each name gets its own save.)
+            if self.env.is_main:
+                atomic_link(self.run_dir / "best.pt", self.run_dir / "last.pt")
+        elif want_last:
+            self.save("last.pt", epoch=epoch, batch=0, step=step, best=best, stats=None)
+
+    def restore(self, state: dict[str, Any], path: Path) -> None:
+        """Model, sweep bank, optimizer, schedule, backend counters and this rank's RNG from a checkpoint read by
+        load_checkpoint (the position, best and epoch stats are the caller's)."""
+        load_model_state(self.model, state["model"], path)
+        if self.sweep is not None:
+            self.sweep.load_state_dict(state["sweep_bank"], path)
+        self.backend.load_optimizer_state(state["optimizer"], path)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.backend.load_state_dict(state["backend"])
+        set_rng_state(state["rng"][min(self.env.rank, len(state["rng"]) - 1)])

@@ -12,8 +12,10 @@ import itertools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from fastft.checkpoint import load_model_state
 from fastft.config import FinetuneConfig, OptimConfig
 from fastft.errors import ConfigError
 
@@ -69,3 +71,67 @@ def sweep_table(grid: list[tuple[float, float]], reports: list[dict], metric: st
         mark = "  <- kept" if i == best else ""
         lines.append(f"  {i:>4} {lr:>10.3g} {wd:>8.3g} {r['top1']:>8.4f} {r[metric]:>12.4f} {r['loss']:>8.4f}{mark}")
     return "\n".join(lines)
+
+
+class Sweep:
+    """A head sweep: its heads (one bank on the features), their optimizer groups and clip sets, the summed loss, and
+    the choice of the best head, which becomes the run's head (so every checkpoint and export is a plain model).
+
+    Args:
+        cfg: the run's config (head.sweep_*, optim, checkpoint.best_metric / best_mode are read).
+        split: the model's split; its suffix (the head) is copied into the bank.
+    """
+
+    def __init__(self, cfg: FinetuneConfig, split, device: torch.device) -> None:
+        from fastft.backbones.split import Split
+
+        self.grid = sweep_grid(cfg)  # [(lr, wd)] per head
+        check_sweep(cfg, split.kind)
+        self.model = split.model
+        self.head = split.suffix  # a probe: the suffix is the model's head module
+        self.bank = HeadBank(split.suffix, len(self.grid)).to(device)
+        self.split = Split(split.model, split.prefix, self.bank, "head")  # the suffix becomes the bank
+        self.metric, self.mode = cfg.checkpoint.best_metric, cfg.checkpoint.best_mode
+
+    @classmethod
+    def from_config(cls, cfg: FinetuneConfig, split, device: torch.device) -> Sweep | None:
+        """The sweep the config asks for, or None (head.sweep_lr and head.sweep_weight_decay empty)."""
+        return cls(cfg, split, device) if sweep_grid(cfg) else None
+
+    @property
+    def heads(self) -> int:
+        return len(self.grid)
+
+    def param_groups(self, cfg: OptimConfig) -> list[dict[str, Any]]:
+        return bank_param_groups(self.bank, self.grid, cfg)
+
+    def clip_sets(self) -> list[list[nn.Parameter]]:
+        """Each head clipped on its own: heads must not influence each other."""
+        return [list(h.parameters()) for h in self.bank.heads]
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        """Sum of the heads' mean losses: each head gets exactly its own gradient."""
+        per = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.repeat(self.heads), label_smoothing=label_smoothing, reduction="none"
+        )
+        return per.view(self.heads, -1).mean(dim=1).sum()
+
+    def select(self, reports: list[dict]) -> dict:
+        """Keep the best head as the model's head; the report of that head, with the sweep's table."""
+        key, sign = self.metric, 1 if self.mode == "max" else -1
+        best_i = max(range(len(reports)), key=lambda i: sign * reports[i][key])
+        self.head.load_state_dict(self.bank.heads[best_i].state_dict())
+        report = dict(reports[best_i])
+        report["sweep"] = [
+            {"head": i, "lr": lr, "weight_decay": wd, "top1": r["top1"], key: r[key], "loss": r["loss"]}
+            for i, ((lr, wd), r) in enumerate(zip(self.grid, reports))
+        ]
+        report["sweep_best"] = best_i
+        report["sweep_table"] = sweep_table(self.grid, reports, key, best_i)
+        return report
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.bank.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], path) -> None:
+        load_model_state(self.bank, state, path)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from fastft.backbones.freeze import _BN_TYPES, unfreeze_bn
 from fastft.config import UnfreezeStep, parse_unfreeze  # noqa: F401 — re-exported
 from fastft.errors import ConfigError
-from fastft.model import _BN_TYPES, unfreeze_bn
 
 
 def unfreeze_module(model: nn.Module, name: str) -> list[str]:

@@ -86,9 +86,9 @@ def test_a_synthetic_run_with_step_timing(shapes4, tmp_path) -> None:
 
 
 def test_a_disk_cache_folder_under_a_file_is_refused_before_the_cache_is_built(shapes4, tmp_path, monkeypatch) -> None:
-    import fastft.train
+    import fastft.inputs
 
-    monkeypatch.setattr(fastft.train, "_cached_loaders", lambda *a, **k: pytest.fail("cache built before the check"))
+    monkeypatch.setattr(fastft.inputs, "_cached_loaders", lambda *a, **k: pytest.fail("cache built before the check"))
     blocker = tmp_path / "file"
     blocker.write_text("x")
     rc, err = cli(

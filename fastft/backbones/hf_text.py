@@ -337,7 +337,7 @@ def split_text(backbone: HFTextBackbone, trainable: set[str]):
     Raises:
         ModelError: nothing trains.
     """
-    from fastft.model import Split
+    from fastft.backbones.split import Split
 
     model = backbone.model
     names = [n for n, _ in model.named_parameters()]

@@ -32,8 +32,9 @@ def attach_ratios(doc: dict) -> None:
                 attach_bandwidth(c, doc.get("memcpy"))
                 continue
             c["ratio_to_limit"] = ratio(c, lim)
-            c["first_epoch_ratio_to_limit"] = ratio({"run_id": c["run_id"], "images_per_s":
-                                                     c["first_epoch_images_per_s"]}, lim)
+            c["first_epoch_ratio_to_limit"] = ratio(
+                {"run_id": c["run_id"], "images_per_s": c["first_epoch_images_per_s"]}, lim
+            )
     for first in (doc["headline"] or {}).get("first_epochs", []):
         around(first)  # the limit over all of its measurements, for the table
         for r in first["repeats"]:
@@ -62,16 +63,32 @@ def evaluate_targets(doc: dict) -> list[dict]:
     the cached N-epoch probe's wall time against the seed loop's (<= 1/8). `met` is None when not measured."""
     h = doc["headline"]
     targets = []
-    for first in (h["first_epochs"] if h else [{"name": "first epoch", "ratio_to_limit": None}]):
+    for first in h["first_epochs"] if h else [{"name": "first epoch", "ratio_to_limit": None}]:
         value = first["ratio_to_limit"]
-        targets.append({"name": f"first_epoch_vs_limit: {first['name']}", "threshold": ">= 0.9", "value": value,
-                        "met": None if value is None else value >= 0.9, "entry": first,
-                        "description": f"linear probe (no cache), {first['name']}: images/s / forward-only limit"})
+        targets.append(
+            {
+                "name": f"first_epoch_vs_limit: {first['name']}",
+                "threshold": ">= 0.9",
+                "value": value,
+                "met": None if value is None else value >= 0.9,
+                "entry": first,
+                "description": f"linear probe (no cache), {first['name']}: images/s / forward-only limit",
+            }
+        )
     value = h["time_ratio_fastft_over_baseline"] if h else None
-    targets.append({"name": "cached_probe_time_vs_baseline", "threshold": "<= 0.125", "value": value,
-                    "met": None if value is None else value <= 0.125, "entry": None,
-                    "description": (f"wall time of a {h['epochs'] if h else 'N'}-epoch linear probe, fastft with the "
-                                    "memory feature cache / the seed loop, same JPEGs and batch")})
+    targets.append(
+        {
+            "name": "cached_probe_time_vs_baseline",
+            "threshold": "<= 0.125",
+            "value": value,
+            "met": None if value is None else value <= 0.125,
+            "entry": None,
+            "description": (
+                f"wall time of a {h['epochs'] if h else 'N'}-epoch linear probe, fastft with the "
+                "memory feature cache / the seed loop, same JPEGs and batch"
+            ),
+        }
+    )
     for t in targets:
         t["why"] = _why(t, h) if t["met"] is False else ""
         t.pop("entry")
@@ -88,17 +105,23 @@ def _why(target: dict, h: dict) -> str:
         if e.get("decode_cpu_ms_per_image") and e.get("limit_images_per_s"):
             fwd = 1000 * e["cores"] / e["limit_images_per_s"]  # CPU ms per image of the forward at the limit
             share = e["decode_cpu_ms_per_image"] / fwd
-            why += (f"; decode + transform cost {e['decode_cpu_ms_per_image']:.1f} CPU-ms per image against the "
-                    f"forward's {fwd:.1f} CPU-ms at the limit: work the limit leaves out and that the same "
-                    f"{e['cores']} cores must do, so even perfect overlap stops at {1 / (1 + share):.2f} x limit "
-                    "(on a GPU host the decode runs on other cores or on the GPU's decoder)")
+            why += (
+                f"; decode + transform cost {e['decode_cpu_ms_per_image']:.1f} CPU-ms per image against the "
+                f"forward's {fwd:.1f} CPU-ms at the limit: work the limit leaves out and that the same "
+                f"{e['cores']} cores must do, so even perfect overlap stops at {1 / (1 + share):.2f} x limit "
+                "(on a GPU host the decode runs on other cores or on the GPU's decoder)"
+            )
         else:
             why += "; the first run's start-up (loader, first batches) counts in the epoch"
         rs = e.get("ratio_spread") or {}
         if rs.get("max") is not None and rs["max"] >= 0.9 > rs["min"]:
-            why += (f"; its {len(e['repeats'])} runs range {rs['min']:.2f} - {rs['max']:.2f}, across the target: "
-                    "the miss is within run-to-run variation on this machine")
+            why += (
+                f"; its {len(e['repeats'])} runs range {rs['min']:.2f} - {rs['max']:.2f}, across the target: "
+                "the miss is within run-to-run variation on this machine"
+            )
         return why
     f = h["fastft_cached"]
-    return (f"fastft {f['wall_s']:.1f}s = cache build {f['cache_build_s'] or 0:.1f}s + {h['epochs']} epochs "
-            f"{f['epochs_s']:.1f}s + model build, evaluation and checkpoint/export writes {f['rest_s']:.1f}s")
+    return (
+        f"fastft {f['wall_s']:.1f}s = cache build {f['cache_build_s'] or 0:.1f}s + {h['epochs']} epochs "
+        f"{f['epochs_s']:.1f}s + model build, evaluation and checkpoint/export writes {f['rest_s']:.1f}s"
+    )

@@ -46,9 +46,19 @@ def weights_transform(model_name: str, image_size: int = 0):
     return preset(crop_size=image_size, resize_size=max(image_size, round(image_size * resize / crop)))
 
 
-def run_seed(root: str | Path, *, model_name: str = "resnet50", epochs: int = 10, batch_size: int = 32,
-             workers: int = 2, image_size: int = 0, seed: int = 0, device: str = "cpu", evaluate: bool = True,
-             sync=None) -> dict:
+def run_seed(
+    root: str | Path,
+    *,
+    model_name: str = "resnet50",
+    epochs: int = 10,
+    batch_size: int = 32,
+    workers: int = 2,
+    image_size: int = 0,
+    seed: int = 0,
+    device: str = "cpu",
+    evaluate: bool = True,
+    sync=None,
+) -> dict:
     """Train a linear probe the article's way on `root/train` (ImageFolder); evaluate once on `root/val`.
 
     Returns:
@@ -100,6 +110,14 @@ def run_seed(root: str | Path, *, model_name: str = "resnet50", epochs: int = 10
                 correct += (model(inputs.to(device)).argmax(1).cpu() == labels).sum().item()
         top1 = correct / len(val_set)
     sync()
-    return {"total_s": time.perf_counter() - t_start, "epochs": per_epoch, "top1": top1,
-            "images_per_epoch": len(train_set), "model": model_name, "batch_size": batch_size, "workers": workers,
-            "image_size": transform.crop_size[0], "settings": SETTINGS}
+    return {
+        "total_s": time.perf_counter() - t_start,
+        "epochs": per_epoch,
+        "top1": top1,
+        "images_per_epoch": len(train_set),
+        "model": model_name,
+        "batch_size": batch_size,
+        "workers": workers,
+        "image_size": transform.crop_size[0],
+        "settings": SETTINGS,
+    }

@@ -81,26 +81,47 @@ def run_case(case: Case, s: Settings, *, device: torch.device, run_id: str, work
             timings, cache = result.timings, result.feature_cache
     from fastft.compile import resolve_target
 
-    summary = measure.summarise_epochs(timings, warmup=s.warmup_epochs, batch_size=s.batch_size, world=case.world,
-                                       comm_s_per_step=comm)
+    summary = measure.summarise_epochs(
+        timings, warmup=s.warmup_epochs, batch_size=s.batch_size, world=case.world, comm_s_per_step=comm
+    )
     if case.cache != "off":  # what a cached step reads: one stored feature row per image
         entry["cache_row_bytes"] = cache_row_bytes(cfg)
     prec = measure.precision_name(case.precision, device)
-    return {**entry, "run_id": run_id, "precision": prec, "compile_target": resolve_target(cfg.compile, device),
-            **summary, "limit_key": limit_key(case.model, prec, s.batch_size, crop_size(case.model, s.image_size)),
-            "limit_ids": [], "limit_images_per_s": None, "ratio_to_limit": None, "ratio_to_baseline": None,
-            "wall_s": wall,
-            "cache_build_s": cache.get("wall_s"), "fastft_log": [ln for ln in lines if "precision" in ln][:1]}
+    return {
+        **entry,
+        "run_id": run_id,
+        "precision": prec,
+        "compile_target": resolve_target(cfg.compile, device),
+        **summary,
+        "limit_key": limit_key(case.model, prec, s.batch_size, crop_size(case.model, s.image_size)),
+        "limit_ids": [],
+        "limit_images_per_s": None,
+        "ratio_to_limit": None,
+        "ratio_to_baseline": None,
+        "wall_s": wall,
+        "cache_build_s": cache.get("wall_s"),
+        "fastft_log": [ln for ln in lines if "precision" in ln][:1],
+    }
 
 
 def summarise_baseline(out: dict, *, warmup: int, run_id: str, source: str) -> dict:
     rates = [e["images_per_s"] for e in out["epochs"]]
     timed = rates[warmup:]
-    return {"model": out["model"], "run_id": run_id, "source": source, "images_per_s": statistics.median(timed),
-            "spread": measure.spread_of(timed), "epochs_images_per_s": rates, "warmup_epochs": warmup,
-            "total_s": out["total_s"],
-            "top1": out["top1"], "batch_size": out["batch_size"], "image_size": out["image_size"],
-            "workers": out["workers"], "settings": out["settings"]}
+    return {
+        "model": out["model"],
+        "run_id": run_id,
+        "source": source,
+        "images_per_s": statistics.median(timed),
+        "spread": measure.spread_of(timed),
+        "epochs_images_per_s": rates,
+        "warmup_epochs": warmup,
+        "total_s": out["total_s"],
+        "top1": out["top1"],
+        "batch_size": out["batch_size"],
+        "image_size": out["image_size"],
+        "workers": out["workers"],
+        "settings": out["settings"],
+    }
 
 
 def cache_row_bytes(cfg) -> int:
@@ -119,7 +140,13 @@ def cache_row_bytes(cfg) -> int:
 
 def block_baseline(block: Block, s: Settings, *, device: torch.device, run_id: str) -> dict:
     """The seed loop on the block's modes' JPEGs, `block.baseline_epochs` epochs (the first is warm-up)."""
-    out = baseline.run_seed(bench_folder(s.train_images, s.val_images), model_name=block.model,
-                            epochs=block.baseline_epochs, batch_size=s.batch_size, workers=s.workers,
-                            image_size=s.image_size, device=str(device))
+    out = baseline.run_seed(
+        bench_folder(s.train_images, s.val_images),
+        model_name=block.model,
+        epochs=block.baseline_epochs,
+        batch_size=s.batch_size,
+        workers=s.workers,
+        image_size=s.image_size,
+        device=str(device),
+    )
     return summarise_baseline(out, warmup=1, run_id=run_id, source="modes' data")

@@ -27,10 +27,17 @@ def hardware(device: torch.device) -> dict:
     from fastft.precision import cpu_has_native_bf16
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return {"hostname": socket.gethostname(), "cpu_model": data.cpu_model(), "cpu_count": os.cpu_count(),
-            "cores_available": len(os.sched_getaffinity(0)), "cpu_native_bf16": cpu_has_native_bf16(),
-            "gpu_model": torch.cuda.get_device_name(0) if gpus else None, "gpu_count": gpus, "device": str(device),
-            "load_avg_start": os.getloadavg()}
+    return {
+        "hostname": socket.gethostname(),
+        "cpu_model": data.cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "gpu_model": torch.cuda.get_device_name(0) if gpus else None,
+        "gpu_count": gpus,
+        "device": str(device),
+        "load_avg_start": os.getloadavg(),
+    }
 
 
 def versions() -> dict:
@@ -38,9 +45,14 @@ def versions() -> dict:
 
     import fastft
 
-    return {**data.versions(), "fastft": fastft.__version__, "fastft_commit": source_commit(),
-            "numpy": numpy.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
+    return {
+        **data.versions(),
+        "fastft": fastft.__version__,
+        "fastft_commit": source_commit(),
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+    }
 
 
 def source_commit() -> str | None:
@@ -63,13 +75,30 @@ def source_commit() -> str | None:
 def new_document(suite: Suite, args: argparse.Namespace, device: torch.device, run_id: str) -> dict:
     """The results document before anything is measured: stamps, settings and empty sections."""
     s = suite.settings
-    return {"schema_version": SCHEMA_VERSION, "benchmark": "fastft-throughput", "run_id": run_id, "suite": suite.name,
-            "date": dt.datetime.now().isoformat(timespec="seconds"), "command": _command(args),
-            "hardware": hardware(device), "versions": versions(),
-            "settings": {**asdict(s), "headline": asdict(suite.headline) if suite.headline else None,
-                         "notes": suite.notes, "time_budget_s": args.time_budget},
-            "limit_measurements": [], "limits": [], "baselines": [], "cases": [], "headline": None, "memcpy": None,
-            "targets": [], "wall_s": None}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "fastft-throughput",
+        "run_id": run_id,
+        "suite": suite.name,
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "command": _command(args),
+        "hardware": hardware(device),
+        "versions": versions(),
+        "settings": {
+            **asdict(s),
+            "headline": asdict(suite.headline) if suite.headline else None,
+            "notes": suite.notes,
+            "time_budget_s": args.time_budget,
+        },
+        "limit_measurements": [],
+        "limits": [],
+        "baselines": [],
+        "cases": [],
+        "headline": None,
+        "memcpy": None,
+        "targets": [],
+        "wall_s": None,
+    }
 
 
 class SuiteRun:
@@ -91,13 +120,17 @@ class SuiteRun:
 
     def measure_all(self) -> None:
         hw = self.doc["hardware"]
-        self.say(f"suite {self.suite.name} on {self.device} ({hw['cpu_model']}, {hw['cores_available']} cores"
-                 f"{', ' + str(hw['gpu_model']) if hw['gpu_count'] else ''}); run {self.run_id}")
+        self.say(
+            f"suite {self.suite.name} on {self.device} ({hw['cpu_model']}, {hw['cores_available']} cores"
+            f"{', ' + str(hw['gpu_model']) if hw['gpu_count'] else ''}); run {self.run_id}"
+        )
         # The side-by-side run first: it carries the targets, and a time budget must not cut it.
         if self.suite.headline and not self.only:
             self.side_by_side()
-        blocks = [(b, [c for c in b.cases if not self.only or any(o in f"{c.model} {c.name}" for o in self.only)])
-                  for b in self.suite.blocks]
+        blocks = [
+            (b, [c for c in b.cases if not self.only or any(o in f"{c.model} {c.name}" for o in self.only)])
+            for b in self.suite.blocks
+        ]
         if any(c.cache != "off" for _, cs in blocks for c in cs):  # what bounds the cached modes, once per run
             self.doc["memcpy"] = measure.measure_memcpy(run_id=self.run_id)
             self.say(f"host memcpy: {self.doc['memcpy']['bytes_per_s'] / 1e9:.2f} GB/s")
@@ -108,13 +141,16 @@ class SuiteRun:
     def side_by_side(self) -> None:
         h = self.suite.headline
         self.say(f"headline: {h.model}, {h.epochs} epochs, cached fastft vs seed loop")
-        entry, base = headline.run_headline(h, self.s, self.limits, device=self.device, run_id=self.run_id,
-                                            work=self.work)
+        entry, base = headline.run_headline(
+            h, self.s, self.limits, device=self.device, run_id=self.run_id, work=self.work
+        )
         self.doc["headline"] = entry
         self.doc["baselines"].append(base)
-        self.say("headline: first epochs " + ", ".join(f"{f['name']} {f['images_per_s']:.1f} img/s"
-                                                       for f in entry["first_epochs"])
-                 + f"; cached {entry['fastft_cached']['wall_s']:.1f}s vs seed {entry['baseline']['wall_s']:.1f}s")
+        self.say(
+            "headline: first epochs "
+            + ", ".join(f"{f['name']} {f['images_per_s']:.1f} img/s" for f in entry["first_epochs"])
+            + f"; cached {entry['fastft_cached']['wall_s']:.1f}s vs seed {entry['baseline']['wall_s']:.1f}s"
+        )
 
     def block(self, block: Block, selected: list[Case]) -> None:
         if block.baseline_epochs and block.model not in {b["model"] for b in self.doc["baselines"]}:
@@ -123,8 +159,14 @@ class SuiteRun:
         for case in selected:
             entry = self.mode(case)
             self.doc["cases"].append(entry)
-            self.say(f"{entry['name']}: " + (f"{entry['images_per_s']:.1f} img/s" if entry["status"] == "ok"
-                                             else f"{entry['status']} ({entry['reason']})"))
+            self.say(
+                f"{entry['name']}: "
+                + (
+                    f"{entry['images_per_s']:.1f} img/s"
+                    if entry["status"] == "ok"
+                    else f"{entry['status']} ({entry['reason']})"
+                )
+            )
 
     def mode(self, case: Case) -> dict:
         """One mode between two limit measurements; a skipped or failing mode is an entry too."""
@@ -140,16 +182,21 @@ class SuiteRun:
             return entry
         except Exception as e:  # one failing mode must not lose the others' figures
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            return {"name": name, "status": "error", "config": asdict(case),
-                    "reason": f"{type(e).__name__}: {first_line}"}
+            return {
+                "name": name,
+                "status": "error",
+                "config": asdict(case),
+                "reason": f"{type(e).__name__}: {first_line}",
+            }
 
     def finish(self) -> dict:
         """Ratios, targets and the end stamps, from this document only; checked against the schema."""
         doc = self.doc
         attach_ratios(doc)
         for lim in doc["limits"]:
-            self.say(f"limit {lim['key']}: {lim['images_per_s']:.1f} img/s ({len(lim['repeats_images_per_s'])} "
-                     "repeats)")
+            self.say(
+                f"limit {lim['key']}: {lim['images_per_s']:.1f} img/s ({len(lim['repeats_images_per_s'])} repeats)"
+            )
         doc["targets"] = evaluate_targets(doc)
         doc["hardware"]["load_avg_end"] = os.getloadavg()
         doc["wall_s"] = time.perf_counter() - self.t_start

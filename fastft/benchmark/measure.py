@@ -18,8 +18,9 @@ STEP_SEGMENTS = ("data", "frozen", "trainable", "optimizer")  # fastft.timing.SE
 BREAKDOWN = (*STEP_SEGMENTS, "communication", "other")
 
 
-def time_calls(fn: Callable[[], object], *, warmup: int, iters: int, repeats: int, sync: Callable[[], None],
-               warmup_s: float = 0.0) -> list[float]:
+def time_calls(
+    fn: Callable[[], object], *, warmup: int, iters: int, repeats: int, sync: Callable[[], None], warmup_s: float = 0.0
+) -> list[float]:
     """Seconds for each of `repeats` blocks of `iters` calls, after `warmup` untimed calls (and, with `warmup_s`, as
     many more as fill that many seconds); the device is synchronised before and after every timed block, so queued
     work is neither missed nor carried over."""
@@ -44,8 +45,9 @@ def spread_of(values: list[float]) -> dict:
     return {"min": min(values), "max": max(values), "rel": (max(values) - min(values)) / med if med else 0.0}
 
 
-def summarise_epochs(timings: dict[str, dict], *, warmup: int, batch_size: int, world: int = 1,
-                     comm_s_per_step: float = 0.0) -> dict:
+def summarise_epochs(
+    timings: dict[str, dict], *, warmup: int, batch_size: int, world: int = 1, comm_s_per_step: float = 0.0
+) -> dict:
     """Reduce fastft's per-epoch timings ({"epochN": {data, frozen, trainable, optimizer, wall, images}}) to the
     median images/s of the epochs after `warmup`, their spread, and the median ms per step of each segment."""
     keys = sorted(timings, key=lambda k: int(k.removeprefix("epoch")))
@@ -61,10 +63,15 @@ def summarise_epochs(timings: dict[str, dict], *, warmup: int, batch_size: int, 
     breakdown = {s: statistics.median(per_step_ms(e, e[s]) for e in timed) for s in STEP_SEGMENTS}
     breakdown["communication"] = 1000.0 * comm_s_per_step
     breakdown["other"] = statistics.median(per_step_ms(e, e["wall"] - sum(e[s] for s in STEP_SEGMENTS)) for e in timed)
-    return {"images_per_s": statistics.median(timed_rates), "spread": spread_of(timed_rates),
-            "epochs_images_per_s": rates, "first_epoch_images_per_s": rates[0], "warmup_epochs": warmup,
-            "steps_per_epoch": timed[0]["images"] / (batch_size * world),
-            "breakdown_ms_per_step": {k: breakdown[k] for k in BREAKDOWN}}
+    return {
+        "images_per_s": statistics.median(timed_rates),
+        "spread": spread_of(timed_rates),
+        "epochs_images_per_s": rates,
+        "first_epoch_images_per_s": rates[0],
+        "warmup_epochs": warmup,
+        "steps_per_epoch": timed[0]["images"] / (batch_size * world),
+        "breakdown_ms_per_step": {k: breakdown[k] for k in BREAKDOWN},
+    }
 
 
 def ratio(measured: dict | None, reference: dict | None, key: str = "images_per_s") -> float | None:
@@ -108,8 +115,9 @@ def limit_key(model: str, precision: str, batch_size: int, image_size: int) -> s
 _LIMIT_NETS: dict[tuple[str, str], torch.nn.Module] = {}
 
 
-def measure_limit(model: str, *, precision: str, s: Settings, device: torch.device, run_id: str,
-                  warmup_s: float = 0.0) -> dict:
+def measure_limit(
+    model: str, *, precision: str, s: Settings, device: torch.device, run_id: str, warmup_s: float = 0.0
+) -> dict:
     """Forward-only images/s of `model` on one in-memory synthetic batch: what the device can do for this backbone."""
     import torchvision
 
@@ -120,8 +128,9 @@ def measure_limit(model: str, *, precision: str, s: Settings, device: torch.devi
     size = crop_size(model, s.image_size)
     prec = resolve_precision(PrecisionConfig(precision), device)
     if (model, str(device)) not in _LIMIT_NETS:  # built once: random init of a big model costs seconds
-        _LIMIT_NETS[(model, str(device))] = torchvision.models.get_model(model, weights=None).eval().to(
-            device, memory_format=torch.channels_last)
+        _LIMIT_NETS[(model, str(device))] = (
+            torchvision.models.get_model(model, weights=None).eval().to(device, memory_format=torch.channels_last)
+        )
     net = _LIMIT_NETS[(model, str(device))]
     x, _ = synthetic_batch(s.batch_size, image_size=size)
     x = x.to(device).contiguous(memory_format=torch.channels_last)
@@ -130,13 +139,29 @@ def measure_limit(model: str, *, precision: str, s: Settings, device: torch.devi
         with torch.inference_mode(), prec.autocast():
             net(x)
 
-    secs = time_calls(forward, warmup=s.limit_warmup, iters=s.limit_iters, repeats=s.limit_repeats, warmup_s=warmup_s,
-                      sync=sync_for(device))
+    secs = time_calls(
+        forward,
+        warmup=s.limit_warmup,
+        iters=s.limit_iters,
+        repeats=s.limit_repeats,
+        warmup_s=warmup_s,
+        sync=sync_for(device),
+    )
     rates = [s.batch_size * s.limit_iters / t for t in secs]
-    return {"key": limit_key(model, prec.name, s.batch_size, size), "run_id": run_id, "model": model,
-            "precision": prec.name, "batch_size": s.batch_size, "image_size": size, "channels_last": True,
-            "images_per_s": statistics.median(rates), "spread": spread_of(rates), "repeats_images_per_s": rates,
-            "warmup_iters": s.limit_warmup, "iters_per_repeat": s.limit_iters}
+    return {
+        "key": limit_key(model, prec.name, s.batch_size, size),
+        "run_id": run_id,
+        "model": model,
+        "precision": prec.name,
+        "batch_size": s.batch_size,
+        "image_size": size,
+        "channels_last": True,
+        "images_per_s": statistics.median(rates),
+        "spread": spread_of(rates),
+        "repeats_images_per_s": rates,
+        "warmup_iters": s.limit_warmup,
+        "iters_per_repeat": s.limit_iters,
+    }
 
 
 def combine_limits(measurements: list[dict]) -> dict:
@@ -145,9 +170,13 @@ def combine_limits(measurements: list[dict]) -> dict:
     if any(m["key"] != first["key"] or m["run_id"] != first["run_id"] for m in measurements):
         raise ValueError("limits combine only measurements of the same model, precision, batch and size in one run")
     rates = [r for m in measurements for r in m["repeats_images_per_s"]]
-    return {**{k: v for k, v in first.items() if k not in ("id", "when")}, "images_per_s": statistics.median(rates),
-            "spread": spread_of(rates), "repeats_images_per_s": rates,
-            "measurement_ids": [m.get("id") for m in measurements]}
+    return {
+        **{k: v for k, v in first.items() if k not in ("id", "when")},
+        "images_per_s": statistics.median(rates),
+        "spread": spread_of(rates),
+        "repeats_images_per_s": rates,
+        "measurement_ids": [m.get("id") for m in measurements],
+    }
 
 
 class LimitLog:
@@ -166,8 +195,14 @@ class LimitLog:
         # The first measurement of a key in this process warms up for longer: the first forward passes of a shape
         # (kernel selection, allocator growth) run slower for several calls, and would flatter the first ratio.
         first = all(m["key"] != key for m in self.items)
-        m = measure_limit(model, precision=precision, s=s, device=self.device, run_id=self.run_id,
-                          warmup_s=s.limit_first_warmup_s if first else 0.0)
+        m = measure_limit(
+            model,
+            precision=precision,
+            s=s,
+            device=self.device,
+            run_id=self.run_id,
+            warmup_s=s.limit_first_warmup_s if first else 0.0,
+        )
         self.items.append({"id": len(self.items), "when": when, "long_warmup": first, **m})
         return self.items[-1]["id"]
 
@@ -211,6 +246,12 @@ def measure_memcpy(*, run_id: str, mib: int = 256, repeats: int = 5) -> dict:
     dst = torch.empty_like(src)
     secs = time_calls(lambda: dst.copy_(src), warmup=1, iters=1, repeats=repeats, sync=lambda: None)
     rates = [n / t for t in secs]
-    return {"run_id": run_id, "method": "torch.Tensor.copy_, host to host, uint8", "buffer_bytes": n,
-            "threads": torch.get_num_threads(), "bytes_per_s": statistics.median(rates), "spread": spread_of(rates),
-            "repeats_bytes_per_s": rates}
+    return {
+        "run_id": run_id,
+        "method": "torch.Tensor.copy_, host to host, uint8",
+        "buffer_bytes": n,
+        "threads": torch.get_num_threads(),
+        "bytes_per_s": statistics.median(rates),
+        "spread": spread_of(rates),
+        "repeats_bytes_per_s": rates,
+    }

@@ -96,54 +96,112 @@ def get_suite(name: str) -> Suite:
 
 
 def _lp(model: str, **kw) -> list[Case]:
-    return [Case(f"linear/{k}", model, **v, **kw) for k, v in (
-        ("synthetic", {}), ("torchvision", {"loader": "torch"}), ("dali", {"loader": "dali"}),
-        ("cache", {"loader": "torch", "cache": "memory"}))]
+    return [
+        Case(f"linear/{k}", model, **v, **kw)
+        for k, v in (
+            ("synthetic", {}),
+            ("torchvision", {"loader": "torch"}),
+            ("dali", {"loader": "dali"}),
+            ("cache", {"loader": "torch", "cache": "memory"}),
+        )
+    ]
 
 
 @register_suite("cpu")
 def cpu_suite() -> Suite:
-    r18 = [*_lp("resnet18"), Case("partial/synthetic", "resnet18", "partial"),
-           Case("full/synthetic", "resnet18", "full"),
-           Case("linear/synthetic fp32", "resnet18", precision="fp32"),
-           Case("linear/synthetic compile head", "resnet18", compile="head"),
-           Case("linear/synthetic NCHW", "resnet18", channels_last=False),
-           Case("linear/synthetic world 2", "resnet18", world=2)]
-    r50 = [*_lp("resnet50"), Case("partial/synthetic", "resnet50", "partial"),
-           Case("full/synthetic", "resnet50", "full")]
-    return Suite("cpu", Settings(batch_size=32, image_size=128, workers=2, train_images=96, val_images=32,
-                                 device="cpu"),
-                 [Block("resnet18", r18, baseline_epochs=4), Block("resnet50", r50)],
-                 Headline("resnet50", epochs=10, train_images=224, val_images=32),
-                 notes=[("128 px crops (not 224) so that the suite, the 10-epoch fp32 seed loop included, fits in "
-                         "15 minutes on 2 cores; every ratio compares like with like at that size.")])
+    r18 = [
+        *_lp("resnet18"),
+        Case("partial/synthetic", "resnet18", "partial"),
+        Case("full/synthetic", "resnet18", "full"),
+        Case("linear/synthetic fp32", "resnet18", precision="fp32"),
+        Case("linear/synthetic compile head", "resnet18", compile="head"),
+        Case("linear/synthetic NCHW", "resnet18", channels_last=False),
+        Case("linear/synthetic world 2", "resnet18", world=2),
+    ]
+    r50 = [
+        *_lp("resnet50"),
+        Case("partial/synthetic", "resnet50", "partial"),
+        Case("full/synthetic", "resnet50", "full"),
+    ]
+    return Suite(
+        "cpu",
+        Settings(batch_size=32, image_size=128, workers=2, train_images=96, val_images=32, device="cpu"),
+        [Block("resnet18", r18, baseline_epochs=4), Block("resnet50", r50)],
+        Headline("resnet50", epochs=10, train_images=224, val_images=32),
+        notes=[
+            (
+                "128 px crops (not 224) so that the suite, the 10-epoch fp32 seed loop included, fits in "
+                "15 minutes on 2 cores; every ratio compares like with like at that size."
+            )
+        ],
+    )
 
 
 @register_suite("gpu")
 def gpu_suite() -> Suite:
     # Compiled modes last: their compile time is the one cost that can run into the time budget.
-    cases = [Case("linear/synthetic", "resnet50", precision="bf16"),
-             Case("linear/dali", "resnet50", loader="dali", precision="bf16"),
-             Case("linear/torchvision", "resnet50", loader="torch", precision="bf16"),
-             Case("linear/cache", "resnet50", loader="dali", precision="bf16", cache="memory"),
-             Case("partial/synthetic", "resnet50", "partial", precision="bf16"),
-             Case("full/synthetic", "resnet50", "full", precision="bf16"),
-             Case("full/dali", "resnet50", "full", loader="dali", precision="bf16"),
-             Case("linear/synthetic compile all", "resnet50", precision="bf16", compile="all"),
-             Case("full/synthetic compile head", "resnet50", "full", precision="bf16", compile="head")]
+    cases = [
+        Case("linear/synthetic", "resnet50", precision="bf16"),
+        Case("linear/dali", "resnet50", loader="dali", precision="bf16"),
+        Case("linear/torchvision", "resnet50", loader="torch", precision="bf16"),
+        Case("linear/cache", "resnet50", loader="dali", precision="bf16", cache="memory"),
+        Case("partial/synthetic", "resnet50", "partial", precision="bf16"),
+        Case("full/synthetic", "resnet50", "full", precision="bf16"),
+        Case("full/dali", "resnet50", "full", loader="dali", precision="bf16"),
+        Case("linear/synthetic compile all", "resnet50", precision="bf16", compile="all"),
+        Case("full/synthetic compile head", "resnet50", "full", precision="bf16", compile="head"),
+    ]
     workers = max(1, min(16, len(os.sched_getaffinity(0)) - 1))
-    return Suite("gpu", Settings(batch_size=256, image_size=0, workers=workers, train_images=4096, val_images=512,
-                                 limit_warmup=5, limit_iters=10, limit_first_warmup_s=3.0, device="cuda"),
-                 [Block("resnet50", cases, baseline_epochs=3)],
-                 Headline("resnet50", epochs=10, train_images=4096, val_images=512))
+    return Suite(
+        "gpu",
+        Settings(
+            batch_size=256,
+            image_size=0,
+            workers=workers,
+            train_images=4096,
+            val_images=512,
+            limit_warmup=5,
+            limit_iters=10,
+            limit_first_warmup_s=3.0,
+            device="cuda",
+        ),
+        [Block("resnet50", cases, baseline_epochs=3)],
+        Headline("resnet50", epochs=10, train_images=4096, val_images=512),
+    )
 
 
 @register_suite("smoke")
 def smoke_suite() -> Suite:
-    return Suite("smoke", Settings(batch_size=8, image_size=32, workers=0, train_images=16, val_images=8,
-                                   limit_warmup=1, limit_iters=1, limit_first_warmup_s=0.0, device="cpu"),
-                 [Block("resnet18", [Case("linear/synthetic", "resnet18"),
-                                     Case("linear/cache", "resnet18", loader="torch", cache="memory")],
-                        baseline_epochs=3)],
-                 Headline("resnet18", epochs=3, train_images=16, val_images=8, preset_first_epoch=False,
-                          first_epoch_repeats=1, dali_first_epoch=False))
+    return Suite(
+        "smoke",
+        Settings(
+            batch_size=8,
+            image_size=32,
+            workers=0,
+            train_images=16,
+            val_images=8,
+            limit_warmup=1,
+            limit_iters=1,
+            limit_first_warmup_s=0.0,
+            device="cpu",
+        ),
+        [
+            Block(
+                "resnet18",
+                [
+                    Case("linear/synthetic", "resnet18"),
+                    Case("linear/cache", "resnet18", loader="torch", cache="memory"),
+                ],
+                baseline_epochs=3,
+            )
+        ],
+        Headline(
+            "resnet18",
+            epochs=3,
+            train_images=16,
+            val_images=8,
+            preset_first_epoch=False,
+            first_epoch_repeats=1,
+            dali_first_epoch=False,
+        ),
+    )

@@ -1,6 +1,6 @@
 """A world-size > 1 mode: the same fastft call under torchrun (gloo on CPU, nccl on GPU), and each rank's side of it.
 
-    python -m torch.distributed.run --nproc_per_node=N -m fastft.benchmark.worker SPEC.json
+python -m torch.distributed.run --nproc_per_node=N -m fastft.benchmark.worker SPEC.json
 """
 
 from __future__ import annotations
@@ -31,10 +31,23 @@ def run_distributed(cfg, world: int, tmp: Path) -> dict:
     threads = max(1, len(os.sched_getaffinity(0)) // world)
     # The ranks import fastft from where this process did (a checkout or an install), whatever their cwd.
     where = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join(filter(None, [where, os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={world}",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "fastft.benchmark.worker", str(spec)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONPATH": os.pathsep.join(filter(None, [where, os.environ.get("PYTHONPATH")])),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={world}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "fastft.benchmark.worker",
+        str(spec),
+    ]
     proc = subprocess.run(cmd, check=False, cwd=tmp, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0 or not result.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -65,10 +78,19 @@ def worker_main(spec_path: str) -> None:
     grads = torch.zeros(trainable, device=device)  # fp32 gradients, as DDP reduces them
     secs = time_calls(lambda: dist.all_reduce(grads), warmup=3, iters=10, repeats=3, sync=sync_for(device))
     if dist.get_rank() == 0:
-        Path(spec["result"]).write_text(json.dumps({
-            "timings": result.timings, "throughput": result.throughput, "log": lines, "wall_s": wall,
-            "feature_cache": result.feature_cache,
-            "comm_s_per_step": statistics.median(secs) / 10, "comm_bytes": 4 * trainable}))
+        Path(spec["result"]).write_text(
+            json.dumps(
+                {
+                    "timings": result.timings,
+                    "throughput": result.throughput,
+                    "log": lines,
+                    "wall_s": wall,
+                    "feature_cache": result.feature_cache,
+                    "comm_s_per_step": statistics.median(secs) / 10,
+                    "comm_bytes": 4 * trainable,
+                }
+            )
+        )
     dist.destroy_process_group()
 
 

@@ -1,17 +1,30 @@
-"""The Backend protocol: only what really differs between a single process, DDP and DeepSpeed."""
+"""The Backend protocol: only what really differs between a single process, DDP and DeepSpeed; build_backend()."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from fastft.errors import CheckpointError
+
+log = logging.getLogger("fastft")
+
 
 class Backend(Protocol):
     name: str
+    # The dtype the wrapped module takes its inputs in, where it runs outside autocast (DeepSpeed's bf16/fp16 engine);
+    # None: the prefix's output as it is.
+    input_dtype: torch.dtype | None
+    skipped_steps: int  # boundary steps skipped by fp16 loss scaling (overflow)
+
+    def prepare(self, suffix: nn.Module, model: nn.Module) -> None:
+        """Before compile, each time the suffix is (re)built: change its layers where the backend needs to (DDP:
+        SyncBatchNorm)."""
 
     def wrap(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         """Wrap the trainable suffix (never the frozen prefix); returns the module to call in forward."""
@@ -26,14 +39,6 @@ class Backend(Protocol):
         """Called after every micro-batch. At an accumulation boundary: clip, step the optimizer (and scaler), zero
         grads. Returns False when a boundary step was skipped (fp16 overflow)."""
 
-    # The dtype the wrapped module takes its inputs in, where it runs outside autocast (DeepSpeed's bf16/fp16 engine);
-    # None: the prefix's output as it is.
-    input_dtype: torch.dtype | None
-
-    # Optimizer state: LocalBackend leaves it to the checkpoint file (optimizer.state_dict()); a backend that
-    # partitions it (DeepSpeed ZeRO) sets owns_optimizer_state and writes/reads it itself, on every rank.
-    owns_optimizer_state: bool
-
     def grads_finite(self) -> bool:
         """False once a step saw a non-finite gradient (checked by the loop before any checkpoint is written)."""
 
@@ -42,9 +47,12 @@ class Backend(Protocol):
         bf16/fp16 keep fp32 masters in the optimizer); {} when the module's own parameters are the weights. A
         collective under sharded optimizers: every rank calls it."""
 
-    def save_checkpoint(self, run_dir: Path, tag: str) -> None: ...
+    def save_optimizer_state(self, run_dir: Path, tag: str) -> dict[str, Any] | None:
+        """The optimizer state for the checkpoint file `<run_dir>/<tag>.pt`, or None when the backend keeps it
+        itself beside that file (DeepSpeed ZeRO partitions it: written on every rank, a collective)."""
 
-    def load_checkpoint(self, run_dir: Path, tag: str) -> None: ...
+    def load_optimizer_state(self, state: dict[str, Any] | None, path: Path) -> None:
+        """Restore the optimizer state of checkpoint `path` (`state`: what save_optimizer_state returned for it)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Small plain state (scaler, counters) stored in the checkpoint file."""
@@ -52,53 +60,82 @@ class Backend(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def build_backend(
+    name: str,
+    *,
+    env,
+    precision,
+    clip_grad_norm: float,
+    grad_accum: int,
+    clip_sets: list[list[nn.Parameter]] | None = None,
+    sync_bn: str = "auto",
+    deepspeed=None,
+) -> Backend:
+    """The backend for parallel.backend (auto | none | ddp | deepspeed) in this environment.
+
+    Args:
+        env: the distributed environment (fastft.parallel.env.DistEnv).
+        precision: the resolved precision (an fp16 GradScaler comes from it).
+        clip_sets: parameter sets clipped separately (a head sweep: heads must not influence each other).
+        sync_bn: parallel.sync_bn, for DDP.
+        deepspeed: the DeepSpeed options (fastft.parallel.deepspeed.DeepSpeedOptions) when name is "deepspeed".
+    """
+    if name == "auto":
+        name = "ddp" if env.distributed else "none"
+    if name == "deepspeed":
+        from fastft.parallel.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(deepspeed, env, precision)
+    common = {
+        "clip_grad_norm": clip_grad_norm,
+        "scaler": precision.make_scaler(),
+        "device": env.device,
+        "grad_accum": grad_accum,
+        "clip_sets": clip_sets,
+    }
+    if name == "ddp" and env.distributed:
+        from fastft.parallel.ddp import DDPBackend
+
+        return DDPBackend(sync_bn=sync_bn, world_size=env.world_size, **common)
+    if name == "ddp":
+        log.info("fastft: parallel.backend=ddp with one process: running without DDP")
+    return LocalBackend(**common)
+
+
 class LocalBackend:
-    """Single process and DDP share this: DDP only adds the wrapper and no_sync."""
+    """One process (DDPBackend adds the wrapper, no_sync and SyncBatchNorm)."""
+
+    name = "none"
 
     def __init__(
         self,
         *,
         clip_grad_norm: float = 0.0,
         scaler: torch.amp.GradScaler | None = None,
-        ddp: bool = False,
         device: torch.device | None = None,
         grad_accum: int = 1,
+        clip_sets: list[list[nn.Parameter]] | None = None,
     ) -> None:
-        self.name = "ddp" if ddp else "none"
-        self.owns_optimizer_state = False
         self.input_dtype: torch.dtype | None = None  # autocast covers the module: inputs go in as they are
         self.grad_accum = grad_accum
         self.clip_grad_norm = clip_grad_norm
         self.scaler = scaler
-        self.ddp = ddp
         self.device = device
         self.module: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.skipped_steps = 0
-        self.clip_sets: list[list[torch.nn.Parameter]] | None = None  # clip these sets separately (head sweep)
+        self.clip_sets = clip_sets  # clip these sets separately (head sweep)
         self._bad: torch.Tensor | None = None
+
+    def prepare(self, suffix: nn.Module, model: nn.Module) -> None:
+        pass
 
     def wrap(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         self.optimizer = optimizer
-        if self.ddp and self.module is not None:
-            # Re-wrapping after an unfreeze: free the old reducer (and its autograd hooks) before the new one.
-            import gc
-
-            self.module = None
-            gc.collect()
-        if self.ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device is not None and self.device.type == "cuda" else None
-            # The frozen prefix is outside this module, so every wrapped parameter that requires grad is used:
-            # no find_unused_parameters scan is needed.
-            module = DDP(module, device_ids=ids, broadcast_buffers=True)
         self.module = module
         return module
 
     def no_sync(self) -> contextlib.AbstractContextManager:
-        if self.ddp and self.module is not None:
-            return self.module.no_sync()
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -147,11 +184,18 @@ class LocalBackend:
     def master_weights(self) -> dict[int, torch.Tensor]:
         return {}  # the module trains in its own (fp32) parameters; autocast only lowers the compute
 
-    def save_checkpoint(self, run_dir: Path, tag: str) -> None:
-        pass  # everything is in the checkpoint file
+    def save_optimizer_state(self, run_dir: Path, tag: str) -> dict[str, Any] | None:
+        assert self.optimizer is not None
+        return self.optimizer.state_dict()  # everything is in the checkpoint file
 
-    def load_checkpoint(self, run_dir: Path, tag: str) -> None:
-        pass
+    def load_optimizer_state(self, state: dict[str, Any] | None, path: Path) -> None:
+        from fastft import resume as resume_rules
+
+        if state is None:
+            raise CheckpointError(
+                f"{path}: saved by the DeepSpeed backend; resume it with --parallel.backend=deepspeed"
+            )
+        resume_rules.load_optimizer_state(self.optimizer, state)  # this run's LR, momentum, decay
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -166,7 +210,7 @@ class LocalBackend:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# BatchNorm across ranks
+# Buffers and weights across ranks
 
 
 def sync_buffers(module: nn.Module) -> None:
@@ -184,65 +228,6 @@ def sync_buffers(module: nn.Module) -> None:
         return
     for buf in module.buffers():
         dist.broadcast(buf, src=0)
-
-
-def trainable_bn(module: nn.Module) -> list[nn.Module]:
-    """The BatchNorm layers in `module` that train (frozen ones never normalise with batch statistics)."""
-    from fastft.model import is_frozen_bn
-
-    return [
-        m
-        for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and not isinstance(m, nn.SyncBatchNorm)
-        and not is_frozen_bn(m)
-        and any(p.requires_grad for p in m.parameters())
-    ]
-
-
-def resolve_sync_bn(setting: str, suffix: nn.Module, *, world_size: int, device: torch.device) -> tuple[bool, str]:
-    """parallel.sync_bn (auto | on | off) -> (convert the suffix's BatchNorm to SyncBatchNorm?, why).
-
-    torch's SyncBatchNorm raises on CPU tensors when it has to synchronise (it needs a GPU), so on CPU with several
-    ranks each rank normalises with its own batch's statistics and only the buffers are made equal (sync_buffers)."""
-    if setting == "off":
-        return False, "parallel.sync_bn=off"
-    if world_size <= 1:
-        return False, "one process"
-    if not trainable_bn(suffix):
-        return False, "no trainable BatchNorm"
-    if device.type != "cuda":
-        return False, (
-            f"SyncBatchNorm needs a GPU (torch refuses {device.type} tensors): each rank normalises with its own "
-            "batch's statistics; rank 0's running statistics are copied to every rank before evaluation and saves"
-        )
-    return True, f"parallel.sync_bn={setting}: BatchNorm statistics over the global batch"
-
-
-def convert_sync_bn(suffix: nn.Module, *also: nn.Module) -> int:
-    """Replace the suffix's trainable BatchNorm layers by SyncBatchNorm (sharing their parameters and buffers), in
-    the suffix and wherever else they are registered (`also`: the full model, which the suffix may only reference).
-    Frozen BatchNorm stays as it is. Returns how many layers were converted."""
-    new = {id(m): nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in trainable_bn(suffix)}
-    for root in (suffix, *also):
-        for parent in root.modules():
-            for name, child in list(parent.named_children()):
-                if id(child) in new:
-                    setattr(parent, name, new[id(child)])
-    return len(new)
-
-
-def apply_sync_bn(setting: str, suffix: nn.Module, model: nn.Module, *, world_size: int, device: torch.device) -> bool:
-    """Resolve parallel.sync_bn for this suffix, convert when on, and log the decision. Returns whether it is on."""
-    import logging
-
-    on, why = resolve_sync_bn(setting, suffix, world_size=world_size, device=device)
-    if on:
-        n = convert_sync_bn(suffix, model)
-        logging.getLogger("fastft").info("fastft: SyncBatchNorm in the trainable part (%d layers): %s", n, why)
-    elif setting == "on" or (setting == "auto" and world_size > 1 and trainable_bn(suffix)):
-        logging.getLogger("fastft").info("fastft: parallel.sync_bn=%s: not converted: %s", setting, why)
-    return on
 
 
 def all_finite(state: dict[str, torch.Tensor]) -> bool:

@@ -1,11 +1,11 @@
 """DeepSpeed backend: the trainable suffix inside a DeepSpeed engine, its config generated from fastft's config.
 
 fastft keeps what it owns: the optimizer (built over the trainable parameters only), the LR schedule (set by
-train.py once per optimizer step, in the same param_group dicts DeepSpeed's wrapped optimizer reads), the data
+the trainer once per optimizer step, in the same param_group dicts DeepSpeed's wrapped optimizer reads), the data
 loaders, autocast and the checkpoint file. DeepSpeed owns gradient reduction, ZeRO partitioning of optimizer state
 (stage 1) and gradients (stage 2), fp16 loss scaling, clipping, and the optimizer-state part of a checkpoint.
 
-ZeRO stage 3 is refused: it partitions the parameters themselves, but only the suffix trains and train.py reads
+ZeRO stage 3 is refused: it partitions the parameters themselves, but only the suffix trains and the trainer reads
 and exports the whole model as a plain state dict on rank 0.
 """
 
@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import pickle
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +72,35 @@ def _read_user_config(path: str) -> dict[str, Any]:
     return data
 
 
-def build_config(cfg, env: DistEnv, precision: Precision) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DeepSpeedOptions:
+    """What the DeepSpeed backend reads from fastft's config."""
+
+    micro_batch: int  # data.batch_size
+    grad_accum: int  # optim.grad_accum
+    clip_grad_norm: float  # optim.clip_grad_norm
+    zero_stage: int  # parallel.zero_stage
+    user_config: str = ""  # parallel.deepspeed_config: a JSON file merged over the generated config
+    timeout_s: float = 1800.0  # parallel.timeout_s
+
+    @classmethod
+    def from_config(cls, cfg) -> DeepSpeedOptions:
+        """From a FinetuneConfig."""
+        return cls(
+            micro_batch=cfg.data.batch_size,
+            grad_accum=cfg.optim.grad_accum,
+            clip_grad_norm=float(cfg.optim.clip_grad_norm),
+            zero_stage=cfg.parallel.zero_stage,
+            user_config=cfg.parallel.deepspeed_config or "",
+            timeout_s=cfg.parallel.timeout_s,
+        )
+
+
+def build_config(opts: DeepSpeedOptions, env: DistEnv, precision: Precision) -> dict[str, Any]:
     """The DeepSpeed config of a run: generated from fastft's config, then the user's JSON merged over it.
 
     Args:
-        cfg: the FinetuneConfig; only cfg.parallel, cfg.optim and cfg.data.batch_size are read.
+        opts: the DeepSpeed options (batch size, accumulation, clipping, ZeRO stage, user JSON).
         env: the distributed environment (its world size fixes train_batch_size).
         precision: the resolved precision; it selects DeepSpeed's bf16 or fp16 section.
     Returns:
@@ -83,14 +109,22 @@ def build_config(cfg, env: DistEnv, precision: Precision) -> dict[str, Any]:
         ConfigError: ZeRO stage 3; a missing or invalid user JSON; a user key that contradicts the batch size,
             accumulation, clipping, precision, optimizer or schedule fastft configures (naming key and file).
     """
-    micro, accum = cfg.data.batch_size, cfg.optim.grad_accum
+    ds = _generated_config(opts, env, precision)
+    if opts.user_config:
+        ds = _merge_user_config(ds, opts.user_config, precision)
+    _check_stage(ds, opts, precision)
+    return ds
+
+
+def _generated_config(opts: DeepSpeedOptions, env: DistEnv, precision: Precision) -> dict[str, Any]:
+    micro, accum = opts.micro_batch, opts.grad_accum
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "train_batch_size": micro * accum * env.world_size,
         # Written even when off: DeepSpeed's default is 1.0, which would silently clip every run.
-        "gradient_clipping": float(cfg.optim.clip_grad_norm),
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "gradient_clipping": float(opts.clip_grad_norm),
+        "zero_optimization": {"stage": opts.zero_stage},
         # fastft passes its own torch SGD / AdamW; DeepSpeed calls optimizers outside its Adam family "untested".
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # fastft logs; DeepSpeed's progress lines would interleave with them
@@ -114,36 +148,43 @@ def build_config(cfg, env: DistEnv, precision: Precision) -> dict[str, Any]:
             "hysteresis": 2,
             "min_loss_scale": 1,
         }
+    return ds
 
-    source = cfg.parallel.deepspeed_config
-    if source:
-        user = _read_user_config(source)
-        for key, fastft_key in _DERIVED_KEYS.items():
-            if user.get(key) == "auto":
-                del user[key]  # the HF-style placeholder: fastft fills it in
-            elif key in user and user[key] != ds[key]:
-                raise ConfigError(
-                    f"parallel.deepspeed_config: {key} is {user[key]!r} in {source} but fastft's config "
-                    f"gives {ds[key]} ({fastft_key}); remove it from the JSON or change {fastft_key}"
-                )
-        for key, fastft_key in _OWNED_SECTIONS.items():
-            if key in user:
-                raise ConfigError(
-                    f"parallel.deepspeed_config: {source} has a {key!r} section, but fastft sets the "
-                    f"{key} ({fastft_key}); remove it from the JSON"
-                )
-        ds = _deep_merge(ds, user)
-        for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-            section = ds.get(key)
-            enabled = isinstance(section, dict) and bool(section.get("enabled", False))
-            if enabled != (precision.dtype == dtype):
-                raise ConfigError(
-                    f"parallel.deepspeed_config: {key}.enabled={enabled} in {source} contradicts "
-                    f"precision.dtype={precision.name} (resolved); choose the precision with "
-                    f"precision.dtype, autocast follows it"
-                )
+
+def _merge_user_config(ds: dict[str, Any], source: str, precision: Precision) -> dict[str, Any]:
+    """The user's JSON merged over the generated config; keys fastft derives or owns may not contradict it."""
+    user = _read_user_config(source)
+    for key, fastft_key in _DERIVED_KEYS.items():
+        if user.get(key) == "auto":
+            del user[key]  # the HF-style placeholder: fastft fills it in
+        elif key in user and user[key] != ds[key]:
+            raise ConfigError(
+                f"parallel.deepspeed_config: {key} is {user[key]!r} in {source} but fastft's config "
+                f"gives {ds[key]} ({fastft_key}); remove it from the JSON or change {fastft_key}"
+            )
+    for key, fastft_key in _OWNED_SECTIONS.items():
+        if key in user:
+            raise ConfigError(
+                f"parallel.deepspeed_config: {source} has a {key!r} section, but fastft sets the "
+                f"{key} ({fastft_key}); remove it from the JSON"
+            )
+    ds = _deep_merge(ds, user)
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        section = ds.get(key)
+        enabled = isinstance(section, dict) and bool(section.get("enabled", False))
+        if enabled != (precision.dtype == dtype):
+            raise ConfigError(
+                f"parallel.deepspeed_config: {key}.enabled={enabled} in {source} contradicts "
+                f"precision.dtype={precision.name} (resolved); choose the precision with "
+                f"precision.dtype, autocast follows it"
+            )
+    return ds
+
+
+def _check_stage(ds: dict[str, Any], opts: DeepSpeedOptions, precision: Precision) -> None:
+    source = opts.user_config
     stage = ds["zero_optimization"].get("stage", 0) if isinstance(ds.get("zero_optimization"), dict) else 0
-    where = "parallel.zero_stage" if stage == cfg.parallel.zero_stage else f"zero_optimization.stage in {source}"
+    where = "parallel.zero_stage" if stage == opts.zero_stage else f"zero_optimization.stage in {source}"
     if stage not in (0, 1, 2):
         raise ConfigError(
             f"{where}: ZeRO stage {stage} is not supported, use 0, 1 or 2 (stage 3 partitions the "
@@ -156,19 +197,17 @@ def build_config(cfg, env: DistEnv, precision: Precision) -> dict[str, Any]:
             f"{where}: fp16 with ZeRO stage 0 does not train under DeepSpeed (the loss scale is divided out of "
             f"gradients it was never applied to); use ZeRO stage 1 or 2, or precision.dtype=bf16"
         )
-    return ds
 
 
 class DeepSpeedBackend:
     """The Backend protocol (fastft.parallel.backend.Backend) on a DeepSpeed engine."""
 
     name = "deepspeed"
-    owns_optimizer_state = True
 
-    def __init__(self, cfg, env: DistEnv, precision: Precision) -> None:
+    def __init__(self, opts: DeepSpeedOptions, env: DistEnv, precision: Precision) -> None:
         self.env = env
-        self.timeout_s = cfg.parallel.timeout_s
-        self.config = build_config(cfg, env, precision)  # config errors surface before any process group work
+        self.timeout_s = opts.timeout_s
+        self.config = build_config(opts, env, precision)  # config errors surface before any process group work
         self.engine = None
         self.skipped_steps = 0
         # The dtype the engine's module computes in: DeepSpeed's bf16/fp16 sections cast it to that dtype and run its
@@ -178,6 +217,8 @@ class DeepSpeedBackend:
         )
         self._saved: dict[str, str] = {}  # fastft tag ("last", "best") -> DeepSpeed tag its checkpoint file names
         self._last_tag: str | None = None  # the DeepSpeed tag of the checkpoint file being written right now
+        self._bad = False  # a boundary step saw non-finite gradients (fp32/bf16)
+        self._own_bad: torch.Tensor | None = None  # the same, from a gradient norm still on the device
 
     # -- wrap ---------------------------------------------------------------------------------------------------------
 
@@ -193,6 +234,9 @@ class DeepSpeedBackend:
         )
         self.env.owns_group = True
 
+    def prepare(self, suffix: nn.Module, model: nn.Module) -> None:
+        pass
+
     def wrap(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         deepspeed = _import_deepspeed()
         self._ensure_process_group()
@@ -203,7 +247,7 @@ class DeepSpeedBackend:
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, model_parameters=params, config=self.config
         )
-        # train.py's schedule (fastft.optim.Schedule) writes "lr" into optimizer.param_groups. DeepSpeed's wrappers
+        # The trainer's schedule (fastft.optim.Schedule) writes "lr" into optimizer.param_groups. DeepSpeed's wrappers
         # (ZeRO 1/2, bf16, fp16) keep that torch optimizer and its group dicts, swapping only their "params" for fp32
         # (partition) copies, and step it: the schedule reaches the update. Copied groups would break this silently.
         groups = getattr(ds_optimizer, "param_groups", None)
@@ -236,23 +280,40 @@ class DeepSpeedBackend:
                 f"DeepSpeed's accumulation boundary ({ds_boundary}) disagrees with fastft's "
                 f"({boundary}) at micro-step {engine.micro_steps}"
             )
+        # ZeRO 0 in fp32 steps the torch optimizer on the module's own gradients and checks nothing: norm them here.
+        if boundary and not hasattr(engine.optimizer, "overflow"):
+            own = _grad_norm(engine.module)  # kept on the device: no host sync per step
+            if own is not None:
+                bad = ~torch.isfinite(own)
+                self._own_bad = bad if self._own_bad is None else (self._own_bad | bad)
         engine.step()  # between boundaries it only counts the micro-step
         if not boundary:
             return True
-        applied = engine.was_step_applied()  # False only when an fp16 overflow skipped the update
-        self.skipped_steps += not applied
+        applied = engine.was_step_applied()  # False when DeepSpeed found non-finite gradients and skipped the update
+        if self.input_dtype == torch.float16:
+            self.skipped_steps += not applied  # fp16: an overflow of the loss scale, lowered for the next step
+        elif not applied:
+            self._bad = True  # bf16 / fp32 (ZeRO 1/2, the bf16 optimizer): no loss scale, so the gradients were bad
+        # ZeRO 1/2 and the bf16 optimizer: inf when not finite (also where a JSON switched their overflow check off)
+        norm = engine.get_global_grad_norm()
+        if norm is not None and self.input_dtype != torch.float16:
+            if isinstance(norm, torch.Tensor):  # kept on the device: no host sync per step
+                bad = ~torch.isfinite(norm)
+                self._own_bad = bad if self._own_bad is None else (self._own_bad | bad.to(self._own_bad.device))
+            elif not math.isfinite(norm):
+                self._bad = True
         return applied
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
     # The optimizer state (ZeRO: one file per rank) goes to run_dir/deepspeed/<tag>-step<N>/, a new folder per step;
-    # the checkpoint file train.py writes right after records that folder (state_dict()["deepspeed_tag"]). A run
+    # the checkpoint file the Checkpointer writes right after records that folder (state_dict()["deepspeed_tag"]). A run
     # killed between the two writes resumes from a consistent pair: the folder the old file names is kept until the
     # next save, when that file has been replaced.
 
     def grads_finite(self) -> bool:
-        return (
-            True  # DeepSpeed's own overflow handling (fp16) applies; fp32/bf16 non-finite losses are caught by the loop
-        )
+        """False once a boundary step saw non-finite gradients outside fp16 loss scaling (whose overflows are skipped
+        steps, counted in skipped_steps, as with torch's GradScaler)."""
+        return not self._bad and (self._own_bad is None or not bool(self._own_bad))
 
     def master_weights(self) -> dict[int, torch.Tensor]:
         """The fp32 masters of the trainable parameters when DeepSpeed trains a bf16/fp16 copy of the module (so
@@ -328,6 +389,13 @@ class DeepSpeedBackend:
             raise CheckpointError(f"DeepSpeed could not load {load_dir / ds_tag}")
         self._saved[tag] = self._last_tag = ds_tag
 
+    def save_optimizer_state(self, run_dir: Path, tag: str) -> dict[str, Any] | None:
+        self.save_checkpoint(run_dir, tag)  # ZeRO: one file per rank, beside the checkpoint file
+        return None
+
+    def load_optimizer_state(self, state: dict[str, Any] | None, path: Path) -> None:
+        self.load_checkpoint(path.parent, path.stem)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "skipped_steps": self.skipped_steps,
@@ -338,6 +406,11 @@ class DeepSpeedBackend:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+def _grad_norm(module: nn.Module) -> torch.Tensor | None:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else None
 
 
 def _check_dtype_supported(dtype: torch.dtype | None) -> None:
@@ -404,7 +477,7 @@ def _backend_state(path: Path) -> dict[str, Any]:
         return {}
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("backend") or {}
-    except Exception as e:  # train.py read this file a moment ago: name it if it fails now
+    except Exception as e:  # the trainer read this file a moment ago: name it if it fails now
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 

@@ -28,7 +28,7 @@ from fastft.errors import CheckpointError, ConfigError
 from fastft.optim import Schedule, build_optimizer, param_groups
 from fastft.parallel import env as penv
 from fastft.parallel.backend import LocalBackend
-from fastft.parallel.deepspeed import DeepSpeedBackend, build_config  # imports DeepSpeed only when used
+from fastft.parallel.deepspeed import DeepSpeedBackend, DeepSpeedOptions, build_config  # DeepSpeed: when used
 from fastft.parallel.env import DistEnv
 from fastft.precision import Precision
 
@@ -48,24 +48,32 @@ def _cfg(**sections) -> FinetuneConfig:
     return cfg.validate()
 
 
+def _config(cfg: FinetuneConfig, env: DistEnv, precision: Precision) -> dict:
+    return build_config(DeepSpeedOptions.from_config(cfg), env, precision)
+
+
+def _backend(cfg: FinetuneConfig, env: DistEnv, precision: Precision) -> DeepSpeedBackend:
+    return DeepSpeedBackend(DeepSpeedOptions.from_config(cfg), env, precision)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # build_config: pure, no process group
 
 
 def test_generated_config_follows_fastft_config() -> None:
     cfg = _cfg(data__batch_size=4, optim__grad_accum=3, parallel__zero_stage=2)
-    ds = build_config(cfg, DistEnv(world_size=2), FP32)
+    ds = _config(cfg, DistEnv(world_size=2), FP32)
     batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
     assert batch == (4, 3, 24)
     assert ds["zero_optimization"] == {"stage": 2}
     # DeepSpeed's own default is 1.0: "off" must be written as 0, or every run would be clipped.
     assert ds["gradient_clipping"] == 0.0
     assert "bf16" not in ds and "fp16" not in ds
-    assert build_config(_cfg(optim__clip_grad_norm=0.5), DistEnv(), FP32)["gradient_clipping"] == 0.5
-    assert build_config(cfg, DistEnv(), BF16)["bf16"] == {"enabled": True}
-    fp16 = build_config(cfg, DistEnv(), FP16)["fp16"]
+    assert _config(_cfg(optim__clip_grad_norm=0.5), DistEnv(), FP32)["gradient_clipping"] == 0.5
+    assert _config(cfg, DistEnv(), BF16)["bf16"] == {"enabled": True}
+    fp16 = _config(cfg, DistEnv(), FP16)["fp16"]
     assert fp16["enabled"] and fp16["loss_scale"] == 0  # 0 = dynamic loss scaling
-    assert "bf16" not in build_config(cfg, DistEnv(), FP16)
+    assert "bf16" not in _config(cfg, DistEnv(), FP16)
 
 
 def test_user_json_is_merged_over_the_generated_config(tmp_path) -> None:
@@ -80,7 +88,7 @@ def test_user_json_is_merged_over_the_generated_config(tmp_path) -> None:
             }
         )
     )
-    ds = build_config(
+    ds = _config(
         _cfg(data__batch_size=8, parallel__zero_stage=1, parallel__deepspeed_config=str(user)),
         DistEnv(world_size=2),
         BF16,
@@ -91,7 +99,7 @@ def test_user_json_is_merged_over_the_generated_config(tmp_path) -> None:
 
 
 def test_example_json_merges_and_auto_keys_take_fastft_values() -> None:
-    ds = build_config(
+    ds = _config(
         _cfg(
             data__batch_size=4,
             optim__grad_accum=2,
@@ -119,7 +127,7 @@ def test_user_json_contradicting_fastft_names_key_and_file(tmp_path, key, value,
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({key: value}))
     with pytest.raises(ConfigError) as e:
-        build_config(_cfg(data__batch_size=8, parallel__deepspeed_config=str(user)), DistEnv(world_size=2), FP32)
+        _config(_cfg(data__batch_size=8, parallel__deepspeed_config=str(user)), DistEnv(world_size=2), FP32)
     assert key in str(e.value) and str(user) in str(e.value) and fastft_key in str(e.value)
 
 
@@ -135,7 +143,7 @@ def test_user_json_sections_fastft_owns_are_refused(tmp_path, content, needle) -
     user = tmp_path / "ds.json"
     user.write_text(json.dumps(content))
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
-        build_config(_cfg(parallel__deepspeed_config=str(user)), DistEnv(), FP32)
+        _config(_cfg(parallel__deepspeed_config=str(user)), DistEnv(), FP32)
 
 
 def test_zero_stage_3_is_refused_naming_where_it_was_set(tmp_path) -> None:
@@ -144,28 +152,28 @@ def test_zero_stage_3_is_refused_naming_where_it_was_set(tmp_path) -> None:
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(ConfigError, match=r"zero_optimization\.stage in .*ds\.json"):
-        build_config(_cfg(parallel__zero_stage=1, parallel__deepspeed_config=str(user)), DistEnv(), FP32)
+        _config(_cfg(parallel__zero_stage=1, parallel__deepspeed_config=str(user)), DistEnv(), FP32)
 
 
 def test_fp16_with_zero_stage_0_is_refused() -> None:
     """DeepSpeed 0.19.8 leaves the loss unscaled under ZeRO 0 fp16 while its optimizer unscales the gradients."""
     with pytest.raises(ConfigError, match=r"^parallel\.zero_stage: fp16 with ZeRO stage 0 does not train"):
-        build_config(_cfg(parallel__zero_stage=0), DistEnv(), FP16)
-    assert build_config(_cfg(parallel__zero_stage=1), DistEnv(), FP16)["fp16"]["enabled"]
+        _config(_cfg(parallel__zero_stage=0), DistEnv(), FP16)
+    assert _config(_cfg(parallel__zero_stage=1), DistEnv(), FP16)["fp16"]["enabled"]
 
 
 def test_missing_or_invalid_user_json_names_the_file(tmp_path) -> None:
     missing = tmp_path / "nope.json"
     with pytest.raises(ConfigError, match=r"parallel\.deepspeed_config: no such file .*nope\.json"):
-        build_config(_cfg(parallel__deepspeed_config=str(missing)), DistEnv(), FP32)
+        _config(_cfg(parallel__deepspeed_config=str(missing)), DistEnv(), FP32)
     bad = tmp_path / "bad.json"
     bad.write_text('{"zero_optimization": {"stage": 1},}')
     with pytest.raises(ConfigError, match=r"bad\.json is not valid JSON"):
-        build_config(_cfg(parallel__deepspeed_config=str(bad)), DistEnv(), FP32)
+        _config(_cfg(parallel__deepspeed_config=str(bad)), DistEnv(), FP32)
     listed = tmp_path / "list.json"
     listed.write_text("[1, 2]")
     with pytest.raises(ConfigError, match=r"list\.json must hold a JSON object"):
-        build_config(_cfg(parallel__deepspeed_config=str(listed)), DistEnv(), FP32)
+        _config(_cfg(parallel__deepspeed_config=str(listed)), DistEnv(), FP32)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -237,7 +245,7 @@ def test_backend_matches_local_backend_accumulation_clipping_schedule(one_rank, 
         parallel__zero_stage=stage,
         parallel__deepspeed_config=str(EXAMPLE_JSON) if example_json else "",
     )
-    backend = DeepSpeedBackend(cfg, one_rank, FP32)
+    backend = _backend(cfg, one_rank, FP32)
     assert all(_train(backend, ds_head, data, 2, "cosine")) and backend.skipped_steps == 0
     assert backend.engine.zero_optimization_stage() == stage
     assert backend.engine.global_steps == 4
@@ -255,7 +263,7 @@ def test_bf16_module_weights_are_bf16_copies_of_fp32_masters(one_rank) -> None:
     local_head, data = _toy(scale=1.0)
     ds_head, _ = _toy(scale=1.0)
     _train(LocalBackend(grad_accum=1), local_head, data, 1, "constant")
-    backend = DeepSpeedBackend(_cfg(data__batch_size=4, parallel__zero_stage=1), one_rank, BF16)
+    backend = _backend(_cfg(data__batch_size=4, parallel__zero_stage=1), one_rank, BF16)
     optimizer = _optimizer(ds_head, _cfg(optim__lr=0.05, optim__weight_decay=0.01).optim)
     model = backend.wrap(ds_head, optimizer)
     scheduler = Schedule(optimizer, _cfg(optim__lr=0.05, optim__schedule="constant").optim, len(data))
@@ -311,7 +319,7 @@ def test_channels_last_conv_part_trains_with_contiguous_weights(one_rank, stage,
     assert net[3].weight.stride(-1) == 16 and net[3].weight.is_contiguous()  # the layout that passes is_contiguous()
     params = list(net.parameters())
     before = [p.detach().clone() for p in params]
-    backend = DeepSpeedBackend(_cfg(data__batch_size=4, parallel__zero_stage=stage), one_rank, precision)
+    backend = _backend(_cfg(data__batch_size=4, parallel__zero_stage=stage), one_rank, precision)
     engine = backend.wrap(net, _optimizer(net, _cfg(optim__lr=0.1).optim))
     assert [id(p) for p in net.parameters()] == [id(p) for p in params]
     for p in params:
@@ -335,19 +343,44 @@ def test_fp16_without_deepspeed_fp16_support_is_a_config_error(one_rank, monkeyp
 
     monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
     head, _ = _toy()
-    backend = DeepSpeedBackend(_cfg(data__batch_size=4, parallel__zero_stage=1), one_rank, CPU_FP16)
+    backend = _backend(_cfg(data__batch_size=4, parallel__zero_stage=1), one_rank, CPU_FP16)
     with pytest.raises(ConfigError, match=r"^precision\.dtype: DeepSpeed has no fp16 support on this cpu device"):
         backend.wrap(head, _optimizer(head, _cfg().optim))
 
 
 def test_step_refuses_a_boundary_deepspeed_does_not_see(one_rank) -> None:
     head, data = _toy()
-    backend = DeepSpeedBackend(_cfg(data__batch_size=4, optim__grad_accum=2), one_rank, FP32)
+    backend = _backend(_cfg(data__batch_size=4, optim__grad_accum=2), one_rank, FP32)
     model = backend.wrap(head, _optimizer(head, _cfg().optim))
     x, y = data[0]
     backend.backward(F.cross_entropy(model(x), y))
     with pytest.raises(RuntimeError, match="accumulation boundary"):
         backend.step(True)  # micro-step 0 of 2 is not a boundary
+
+
+@pytest.mark.parametrize(("stage", "precision"), [(0, FP32), (1, FP32), (2, BF16)])
+def test_non_finite_gradients_are_reported_before_any_save(one_rank, stage, precision) -> None:
+    """The loop checks grads_finite() before every checkpoint: a step on a non-finite gradient must flip it (ZeRO 0
+    in fp32 steps plain torch; ZeRO 1/2 and bf16 find the overflow and skip), and not count as an fp16 skip."""
+    head, data = _toy()
+    backend = _backend(_cfg(data__batch_size=4, parallel__zero_stage=stage), one_rank, precision)
+    model = backend.wrap(head, _optimizer(head, _cfg().optim))
+    dtype = backend.input_dtype or torch.float32
+    x, y = data[0]
+    backend.backward(F.cross_entropy(model(x.to(dtype)).float(), y))
+    backend.step(True)
+    assert backend.grads_finite()  # a finite step leaves the flag clear
+    x, y = data[1]
+    x = x.clone()
+    x[0, 0] = float("nan")
+    backend.backward(F.cross_entropy(model(x.to(dtype)).float(), y))
+    backend.step(True)
+    assert not backend.grads_finite()
+    assert backend.skipped_steps == 0
+    x, y = data[2]
+    backend.backward(F.cross_entropy(model(x.to(dtype)).float(), y))
+    backend.step(True)
+    assert not backend.grads_finite(), "the flag holds until the run stops: the last good checkpoint is kept"
 
 
 class _RunsCode:
@@ -360,7 +393,7 @@ def test_checkpoint_folders_resume_and_refusals(one_rank, tmp_path) -> None:
     folder on load; a world-size change and a file carrying code are refused."""
     head, data = _toy()
     cfg = _cfg(data__batch_size=4, parallel__zero_stage=1)
-    backend = DeepSpeedBackend(cfg, one_rank, FP32)
+    backend = _backend(cfg, one_rank, FP32)
     model = backend.wrap(head, _optimizer(head, cfg.optim))
     folders = []
     for x, y in data[:3]:

@@ -13,7 +13,7 @@ from torch import nn
 from fastft.config import FinetuneConfig, ModelConfig
 from fastft.errors import ConfigError
 from fastft.model import build_model, freeze, is_frozen_bn, split_model
-from fastft.parallel.backend import convert_sync_bn, resolve_sync_bn
+from fastft.parallel.ddp import convert_sync_bn, resolve_sync_bn
 
 CUDA = torch.device("cuda", 0)
 

@@ -13,6 +13,7 @@ from _reliability import FAST, cli, error_line, events, finite_state, mentions, 
 from conftest import tiny_config
 
 import fastft.train
+import fastft.trainer
 from fastft.parallel.backend import LocalBackend
 
 
@@ -25,7 +26,7 @@ def _poison_loss(monkeypatch, at_call: int, value: float) -> None:
         loss = F.cross_entropy(*args, **kwargs)
         return loss * value if calls["n"] == at_call else loss
 
-    monkeypatch.setattr(fastft.train, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+    monkeypatch.setattr(fastft.trainer, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
 
 
 def _train(shapes4, out, *extra: str) -> tuple[int, str]:
@@ -70,7 +71,7 @@ def test_non_finite_gradients_never_reach_the_saved_checkpoint(shapes4, tmp_path
             logits.register_hook(lambda g: g * float("inf"))
         return F.cross_entropy(logits, *args, **kwargs)
 
-    monkeypatch.setattr(fastft.train, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+    monkeypatch.setattr(fastft.trainer, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
     rc, err = _train(shapes4, tmp_path, "--model.freeze=backbone")
     assert rc == 2 and "epoch 1" in error_line(err)
     assert finite_state(torch.load(tmp_path / "r" / "last.pt", map_location="cpu", weights_only=True)["model"])
@@ -144,7 +145,7 @@ def test_on_the_gpu_cadence_a_bad_last_step_of_an_epoch_never_reaches_a_checkpoi
     """On a GPU the loop checks loss and gradients only at the log cadence (each check is a host sync); every save
     still checks. Here the CPU run takes the GPU path: the last step of epoch 2 (step 12, off the log cadence) gets an
     infinite gradient, and neither last.pt nor best.pt may take it: both stay at epoch 1's finite state."""
-    monkeypatch.setattr(fastft.train, "_eager_checks", lambda device: False)
+    monkeypatch.setattr(fastft.trainer, "_eager_checks", lambda device: False)
     calls = {"n": 0}
 
     def cross_entropy(logits, *args, **kwargs):
@@ -153,7 +154,7 @@ def test_on_the_gpu_cadence_a_bad_last_step_of_an_epoch_never_reaches_a_checkpoi
             logits.register_hook(lambda g: g * float("inf"))
         return F.cross_entropy(logits, *args, **kwargs)
 
-    monkeypatch.setattr(fastft.train, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+    monkeypatch.setattr(fastft.trainer, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
     rc, err = cli(
         "train",
         f"--data.root={shapes4}",

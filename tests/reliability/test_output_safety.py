@@ -17,6 +17,7 @@ import torch
 from _reliability import FAST, child_env, cli, error_line, events, mentions
 
 import fastft.train
+import fastft.trainer
 
 
 def _train(shapes4, out: Path, *extra: str) -> tuple[int, str]:
@@ -172,7 +173,7 @@ def test_overwrite_clears_the_previous_runs_outputs_before_training(shapes4, tmp
     def nan_loss(*args, **kwargs):
         return torch.nn.functional.cross_entropy(*args, **kwargs) * float("nan")
 
-    monkeypatch.setattr(fastft.train, "F", types.SimpleNamespace(cross_entropy=nan_loss))  # dies at step 1
+    monkeypatch.setattr(fastft.trainer, "F", types.SimpleNamespace(cross_entropy=nan_loss))  # dies at step 1
     rc, err = _train(shapes4, tmp_path, "--overwrite")
     assert rc == 2 and "step 1" in error_line(err)
     run = tmp_path / "r"
@@ -184,7 +185,7 @@ def test_overwrite_clears_the_previous_runs_outputs_before_training(shapes4, tmp
 def test_a_refusal_happens_before_the_model_is_built(shapes4, tmp_path, monkeypatch) -> None:
     # "Before training starts" in the strongest sense: not even the model or the loaders are built.
     _previous_run(tmp_path / "r")
-    monkeypatch.setattr(fastft.train, "build_model", lambda *a, **k: pytest.fail("model built before the refusal"))
+    monkeypatch.setattr(fastft.trainer, "build_model", lambda *a, **k: pytest.fail("model built before the refusal"))
     rc, err = _train(shapes4, tmp_path)
     assert rc == 2 and "already exists" in error_line(err)
 
@@ -313,7 +314,7 @@ def test_overwrite_keeps_the_old_run_when_a_later_check_fails(shapes4, tmp_path)
 
 
 def test_a_refused_run_leaves_no_folder_behind(shapes4, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(fastft.train, "build_optimizer", lambda *a, **k: pytest.fail("refused too late"))
+    monkeypatch.setattr(fastft.trainer, "build_optimizer", lambda *a, **k: pytest.fail("refused too late"))
     for bad in ("--checkpoint.best_metric=auroc", "--optim.unfreeze=['2:layer9']", "--optim.unfreeze=['5:layer4']"):
         rc, err = _train(shapes4, tmp_path / "out", bad, "--optim.max_steps=0", "--optim.epochs=2")
         line = error_line(err)
@@ -342,7 +343,7 @@ def test_a_nan_before_any_save_does_not_point_at_a_checkpoint(shapes4, tmp_path,
     def nan_loss(*args, **kwargs):
         return torch.nn.functional.cross_entropy(*args, **kwargs) * float("nan")
 
-    monkeypatch.setattr(fastft.train, "F", types.SimpleNamespace(cross_entropy=nan_loss))
+    monkeypatch.setattr(fastft.trainer, "F", types.SimpleNamespace(cross_entropy=nan_loss))
     rc, err = _train(shapes4, tmp_path)
     line = error_line(err)
     assert rc == 2 and mentions(line, "step 1", "no checkpoint was written", str(tmp_path / "r"))

@@ -1,0 +1,751 @@
+"""The fine-tuning run as a Trainer: setup(cfg) builds the run's state, then the loop reads top to bottom.
+
+Order of construction (each a verb or component from its own module):
+    data index -> resume checkpoint read and checked -> inputs (every file checked; the first epoch's loading, or the
+    feature cache's decode, starts here and overlaps the rest of the set-up) -> build model (weights, new head)
+    -> freeze -> device + channels_last -> split prefix/suffix -> optimizer + schedule -> precision -> feature cache
+    -> backend -> compile suffix -> backend.wrap(suffix) -> resume state -> run folder opened
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastft import checkpoint as ckpt_io
+from fastft import resume as resume_rules
+from fastft.backbones import Backbone, build_backbone, preprocess_spec, trace_options
+from fastft.backbones.freeze import freeze
+from fastft.backbones.split import split_model
+from fastft.checkpoint import Checkpointer, refuse_nonfinite
+from fastft.compile import apply_compile, resolve_target
+from fastft.config import FinetuneConfig, UnfreezeStep, check_device, parse_unfreeze
+from fastft.data.index import index_from_config
+from fastft.errors import ConfigError, FastftError
+from fastft.evaluation import run_evaluation
+from fastft.inputs import Inputs
+from fastft.logging import RunLogger
+from fastft.optim import Schedule, build_optimizer, param_groups
+from fastft.parallel import env as penv
+from fastft.parallel.backend import Backend, build_backend, sync_buffers
+from fastft.parallel.deepspeed import DeepSpeedOptions
+from fastft.precision import resolve_precision
+from fastft.preflight import check_before_training
+from fastft.report import format_table, write_report
+from fastft.run_dir import open_run_dir, prepare_run_dir
+from fastft.sweep import Sweep
+from fastft.timing import StepTimer
+from fastft.unfreeze import unfreeze_module
+
+log = logging.getLogger("fastft")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict  # the final evaluation report
+    best: dict = field(default_factory=dict)  # {"metric", "value", "epoch"}
+    paths: dict[str, Path] = field(default_factory=dict)
+    throughput: dict = field(default_factory=dict)  # img/s per epoch (global, all ranks)
+    steps: int = 0
+    timings: dict = field(default_factory=dict)  # per epoch: seconds per segment (log.step_timing), wall, images
+    skipped_steps: int = 0  # fp16 steps skipped by the loss scaler (overflow)
+    feature_cache: dict = field(default_factory=dict)  # {wall_s, images, train, val}: the cache build (or reuse)
+
+
+@dataclass
+class Run:
+    """Everything a run holds: built by setup(), read and advanced by the loop's functions."""
+
+    cfg: FinetuneConfig
+    env: penv.DistEnv
+    run_dir: Path
+    resume_from: Path | None
+    index: object
+    num_classes: int
+    inputs: Inputs
+    model: torch.nn.Module
+    source: _ModelSource  # the model source: its Backbone (head, stages, preprocessing) and the split
+    split: object  # fastft.model.Split: prefix + trainable suffix (the sweep's bank when sweeping)
+    sweep: Sweep | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Schedule
+    precision: object
+    backend: Backend
+    target: str  # what torch.compile covers: none | head | all
+    plan: list[UnfreezeStep]  # unfreezes still to come
+    epochs: int
+    steps_per_epoch: int
+    total_steps: int
+    meta: dict = field(default_factory=dict)
+    checkpointer: Checkpointer | None = None
+    logger: RunLogger | None = None
+    stop: penv.StopSignal | None = None
+    train_module: torch.nn.Module | None = None  # the wrapped (and compiled) suffix the step calls
+    suffix: torch.nn.Module | None = None  # the compiled suffix, unwrapped (evaluation)
+    # Progress: the position, counters and results the loop advances.
+    step: int = 0
+    start_epoch: int = 0
+    start_batch: int = 0
+    resumed_stats: dict | None = None  # a partial epoch's loss sums (resume inside an epoch)
+    best: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+    throughput: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
+
+
+@dataclass
+class EpochStats:
+    """An epoch's running loss (summed on the device: no host sync per step) and images seen by this rank."""
+
+    loss_sum: torch.Tensor
+    loss_n: int = 0
+    seen: int = 0
+
+    def saved(self) -> dict:
+        return {"loss_sum": float(self.loss_sum), "loss_n": self.loss_n, "seen": self.seen}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Small verbs used by the loop
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed)  # same on every rank: heads start identical (DDP also broadcasts at wrap)
+
+
+def seed_rank_streams(seed: int, rank: int, world_size: int) -> None:
+    """Once the model is built and wrapped (so heads start identical): give each rank its own torch stream, so dropout
+    and stochastic depth draw different masks on each rank's samples. (Resume then restores each rank's saved state.)"""
+    if world_size > 1:
+        torch.manual_seed(seed + rank)
+
+
+class _ModelSource:
+    """Every model-building call of a run in one place, through the model source's Backbone
+    (fastft.backbones): preprocessing spec, weights + new head, freezing by its head and stages, the split."""
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        self.cfg = cfg
+        self.backbone: Backbone | None = None
+
+    @property
+    def head(self) -> str:
+        return self.backbone.head
+
+    def spec(self):
+        return preprocess_spec(self.cfg.model, self.cfg.data.image_size)
+
+    def build(self, num_classes: int, image_size: int) -> tuple[torch.nn.Module, tuple[int, int]]:
+        """The model with its new head, frozen as configured: (model, (trainable, total) parameter counts)."""
+        self.backbone = build_backbone(self.cfg.model, num_classes, image_size=image_size)
+        model = self.backbone.model
+        trainable, total = freeze(model, self.cfg.model.freeze, head=self.head, stages=self.backbone.stages())
+        log.info(
+            "fastft: %s, freeze=%s: %s of %s parameters train (%.2f%%)",
+            self.cfg.model.name,
+            self.cfg.model.freeze,
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / total,
+        )
+        return model, (trainable, total)
+
+    def split(self, model: torch.nn.Module):
+        return split_model(model, head=self.head, trace=trace_options(model))
+
+    def param_groups(self, model: torch.nn.Module, names: list[str], cfg, **kw) -> list[dict]:
+        return param_groups(model, names, cfg, head=self.head, stages=self.backbone.stages(), **kw)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def finetune(cfg: FinetuneConfig) -> RunResult:
+    """Fine-tune and evaluate as configured; usable in-process (no global state is left behind).
+
+    Returns:
+        RunResult with the final evaluation report, the best metric, the output paths and throughput.
+    Raises:
+        FastftError (ConfigError, DataError, ModelError, CheckpointError) for bad input.
+    """
+    cfg.validate()
+    check_device("run.device", cfg.run.device)
+    env = penv.init_distributed(cfg.run.device, timeout_s=cfg.parallel.timeout_s)
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    opened: list = []  # loaders and feature sources: their workers end with the run, also when it fails
+    try:
+        if cfg.run.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        run = setup(cfg, env, opened)
+        for epoch in range(run.start_epoch, run.epochs):
+            if run.step >= run.total_steps:
+                break
+            unfreeze_due(run, epoch)
+            train_loss, img_s = train_one_epoch(run, epoch)
+            end_of_epoch(run, epoch, train_loss, img_s)
+        return finish(run)
+    finally:
+        for source in opened:
+            source.close()
+        torch.use_deterministic_algorithms(prev_det)
+        penv.shutdown(env)
+
+
+def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> Run:
+    """Build the run's state in the order of the module docstring; every refusal comes before the run folder is
+    touched. `opened` collects what must be closed when the run ends."""
+    stop = penv.StopSignal(env)  # closed with the loaders: the caller's signal handlers come back
+    opened.append(stop)
+    seed_everything(cfg.run.seed, env.rank)
+    index, num_classes = _index(cfg)
+    run_dir, resume_from = prepare_run_dir(cfg, env)
+    state = _read_resume(cfg, env, index, resume_from)
+    pos = (state["epoch"], state["batch"]) if state is not None else None
+    plan, replayed = _unfreeze_plan(cfg, pos)
+
+    source = _ModelSource(cfg)
+    spec = source.spec()
+    # After a replayed unfreeze the original run went uncached too.
+    inputs = Inputs(cfg, env, index, spec, cached=cfg.features.cache != "off" and not replayed, opened=opened)
+    epochs, steps_per_epoch, total_steps = _lengths(cfg, env, len(inputs.train), len(index.train))
+    start_epoch, start_batch = pos or (0, 0)
+    resumed_step = state["step"] if state is not None else 0
+    inputs.start(start_epoch, start_batch, training_left=start_epoch < epochs and resumed_step < total_steps)
+
+    model, counts = source.build(num_classes, spec.crop_size)
+    check_before_training(
+        cfg,
+        model=model,
+        num_classes=num_classes,
+        plan=plan,
+        epochs=epochs,
+        total_steps=total_steps,
+        world_size=env.world_size,
+        main=env.is_main,
+    )
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model.to(device=env.device, memory_format=memory_format)
+    optimizer, split, sweep = _optimizer(cfg, model, source, replayed, env.device)
+
+    # Precision, then (optionally) the frozen-feature cache: from here on, a cached run's "images" are the prefix
+    # outputs and the loop skips decode and backbone.
+    precision = resolve_precision(cfg.precision, env.device)
+    inputs.build_cache(split.prefix, precision)
+    run = Run(
+        cfg=cfg,
+        env=env,
+        run_dir=run_dir,
+        resume_from=resume_from,
+        index=index,
+        num_classes=num_classes,
+        inputs=inputs,
+        model=model,
+        source=source,
+        split=split,
+        sweep=sweep,
+        optimizer=optimizer,
+        scheduler=Schedule(optimizer, cfg.optim, total_steps),
+        precision=precision,
+        backend=_backend(cfg, env, precision, sweep),
+        target=resolve_target(cfg.compile, env.device),
+        plan=plan,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        stop=stop,
+        start_epoch=start_epoch,
+        start_batch=start_batch,
+        best={"metric": cfg.checkpoint.best_metric, "value": None, "epoch": None},
+    )
+    assemble(run)
+    seed_rank_streams(cfg.run.seed, env.rank, env.world_size)
+    log.info(
+        "fastft: precision %s (%s), compile %s, split %s, backend %s, world %d, device %s",
+        precision.name,
+        precision.reason,
+        run.target,
+        split.kind,
+        run.backend.name,
+        env.world_size,
+        env.device,
+    )
+    run.meta = _meta(cfg, env, index, spec, source.head, num_classes)
+    _open(run, state, counts)
+    return run
+
+
+def _open(run: Run, state: dict | None, counts: tuple[int, int]) -> None:
+    """The checkpointer, the resumed state, then (only now: a refused run leaves the run folder as it was, or
+    absent) the run folder and its logger."""
+    cfg, env, run_dir = run.cfg, run.env, run.run_dir
+    run.checkpointer = Checkpointer(
+        run_dir,
+        env=env,
+        model=run.model,
+        backend=run.backend,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        meta=run.meta,
+        sweep=run.sweep,
+    )
+    if state is not None:
+        _restore(run, state)
+    if env.is_main:
+        resuming = run.resume_from is not None
+        open_run_dir(cfg, run_dir, model=run.model, resuming=resuming, skipped=run.inputs.skipped)
+    run.logger = RunLogger(run_dir, cfg.log, enabled=env.is_main)
+    run.logger.event(
+        "start",
+        world_size=env.world_size,
+        trainable=counts[0],
+        total=counts[1],
+        steps_per_epoch=run.steps_per_epoch,
+        total_steps=run.total_steps,
+        resumed_from=str(run.resume_from) if run.resume_from else None,
+    )
+
+
+def _unfreeze_plan(cfg: FinetuneConfig, pos: tuple[int, int] | None) -> tuple[list, list]:
+    """(unfreezes to come, unfreezes before the resume position): those are replayed, so the optimizer groups match
+    the saved state."""
+    plan = parse_unfreeze(cfg.optim.unfreeze)
+    if plan and cfg.parallel.backend == "deepspeed":
+        raise ConfigError("optim.unfreeze: gradual unfreezing is not supported with parallel.backend=deepspeed")
+    replayed = [u for u in plan if _already_applied(u, pos)]
+    return [u for u in plan if u not in replayed], replayed
+
+
+def _optimizer(cfg: FinetuneConfig, model, source, replayed: list, device: torch.device):
+    """(optimizer, split, sweep): the optimizer over the trainable parameters only. Groups carry weight decay and LR
+    scales (layer-wise decay); gradual unfreezing appends groups later. A head sweep trains a bank of heads with
+    groups of its own, and the bank becomes the split's suffix."""
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(source.param_groups(model, trainable_names, cfg.optim), cfg.optim)
+    for u in replayed:
+        _apply_unfreeze(model, u, optimizer, cfg, source)
+    split = source.split(model)
+    sweep = Sweep.from_config(cfg, split, device)
+    if sweep is not None:
+        optimizer = build_optimizer(sweep.param_groups(cfg.optim), cfg.optim)
+        split = sweep.split
+    return optimizer, split, sweep
+
+
+def _index(cfg: FinetuneConfig):
+    """The data index (one class mapping for every loader) and the number of classes."""
+    index = index_from_config(cfg.data, seed=cfg.run.seed)
+    if not index.val:
+        raise FastftError("no validation images: add a val folder or raise data.val_fraction")
+    num_classes = cfg.model.num_classes or index.num_classes
+    if num_classes != index.num_classes:
+        raise ConfigError(f"model.num_classes: {num_classes} but the data has {index.num_classes} classes")
+    return index, num_classes
+
+
+def _read_resume(cfg: FinetuneConfig, env: penv.DistEnv, index, resume_from: Path | None) -> dict | None:
+    """The checkpoint to resume from, read once, here, and refused before anything is built when it cannot
+    continue this run: every changed key is refused (one line), or applied (and logged when it has a consequence)."""
+    if resume_from is None:
+        return None
+    state = ckpt_io.load_checkpoint(resume_from)
+    if state["meta"]["classes"] != index.classes:
+        raise ConfigError(f"{resume_from}: trained on classes {state['meta']['classes'][:5]}..., data has others")
+    resume_rules.reconcile(state, cfg, world_size=env.world_size, path=resume_from, main=env.is_main)
+    return state
+
+
+def _lengths(cfg: FinetuneConfig, env: penv.DistEnv, batches: int, images: int) -> tuple[int, int, int]:
+    """(epochs, optimizer steps per epoch, total steps) from the loader's length and optim.epochs / max_steps."""
+    accum = cfg.optim.grad_accum
+    steps_per_epoch = batches // accum
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} x grad_accum {accum} x {env.world_size} ranks "
+            f"is more than the {images} training images"
+        )
+    epochs = cfg.optim.epochs
+    total_steps = epochs * steps_per_epoch
+    if cfg.optim.max_steps:
+        total_steps = cfg.optim.max_steps
+        epochs = math.ceil(total_steps / steps_per_epoch)
+    return epochs, steps_per_epoch, total_steps
+
+
+def _backend(cfg: FinetuneConfig, env: penv.DistEnv, precision, sweep: Sweep | None) -> Backend:
+    return build_backend(
+        cfg.parallel.backend,
+        env=env,
+        precision=precision,
+        clip_grad_norm=cfg.optim.clip_grad_norm,
+        grad_accum=cfg.optim.grad_accum,
+        clip_sets=sweep.clip_sets() if sweep is not None else None,
+        sync_bn=cfg.parallel.sync_bn,
+        deepspeed=DeepSpeedOptions.from_config(cfg) if cfg.parallel.backend == "deepspeed" else None,
+    )
+
+
+def _meta(cfg: FinetuneConfig, env: penv.DistEnv, index, spec, head: str, num_classes: int) -> dict:
+    """What a checkpoint or export needs to rebuild the model and its preprocessing."""
+    return {
+        "format": ckpt_io.FORMAT_VERSION,
+        "source": cfg.model.source,
+        "model_name": cfg.model.name,
+        "num_classes": num_classes,
+        "classes": index.classes,
+        "transform": spec.to_dict(),
+        "head": head,
+        "head_hidden": cfg.model.head_hidden,
+        "head_dropout": cfg.model.head_dropout,
+        "config": dataclasses.asdict(cfg),
+        "world_size": env.world_size,
+    }
+
+
+def _restore(run: Run, state: dict) -> None:
+    """Resume: model, optimizer, schedule, scaler, RNG (the checkpointer), then the position inside the epoch."""
+    run.checkpointer.restore(state, run.resume_from)
+    run.step = state["step"]
+    saved_stats = state.get("epoch_stats") or [None]
+    run.resumed_stats = saved_stats[min(run.env.rank, len(saved_stats) - 1)] if run.start_batch else None
+    run.best = state["best"]
+    log.info(
+        "fastft: resumed from %s at epoch %d, batch %d, step %d",
+        run.resume_from,
+        run.start_epoch,
+        run.start_batch,
+        run.step,
+    )
+
+
+def assemble(run: Run) -> None:
+    """(Re)build what depends on the split: compiled suffix, wrapped module, and the prefix the inputs go through."""
+    cfg, split = run.cfg, run.split
+    run.backend.prepare(split.suffix, run.model)  # before compile: the compiled graph must see what it changes
+    compiled = run.target in ("head", "all")
+    run.suffix = apply_compile(split.suffix, cfg.compile) if compiled else split.suffix
+    run.inputs.use_prefix(split.prefix, compile_cfg=cfg.compile if run.target == "all" else None)
+    run.train_module = run.backend.wrap(run.suffix, run.optimizer)
+
+
+def unfreeze_due(run: Run, epoch: int) -> None:
+    """Unfreezes due at this epoch move the prefix/suffix cut: drop the feature cache (the prefix changed),
+    re-split, recompile and re-wrap; the optimizer gains groups and keeps the old groups' state."""
+    due = [u for u in run.plan if u.epoch == epoch + 1]
+    if not due:
+        return
+    for u in due:
+        newly = _apply_unfreeze(run.model, u, run.optimizer, run.cfg, run.source)
+        log.info("fastft: epoch %d: unfroze %s (%s tensors, lr x%g)", epoch + 1, u.module, len(newly), u.lr_factor)
+        run.logger.event("unfreeze", epoch=epoch + 1, module=u.module, tensors=len(newly), lr_factor=u.lr_factor)
+    run.plan = [u for u in run.plan if u.epoch != epoch + 1]
+    run.scheduler.apply()
+    run.split = run.source.split(run.model)
+    run.inputs.invalidate()
+    assemble(run)
+
+
+def train_one_epoch(run: Run, epoch: int) -> tuple[float, float]:
+    """One epoch of optimizer steps from run.start_batch. Returns (mean train loss, img/s over all ranks)."""
+    cfg, env, device, inputs = run.cfg, run.env, run.device, run.inputs
+    accum = cfg.optim.grad_accum
+    if inputs.prefix is not None:
+        inputs.prefix.eval()  # frozen: running statistics and dropout never change
+    run.split.suffix.train()
+    inputs.train.set_epoch(epoch, run.start_batch)
+    bar = _progress(cfg, env, len(inputs.train) - run.start_batch, f"epoch {epoch + 1}/{run.epochs}")
+    t0 = time.perf_counter()
+    stats = EpochStats(torch.zeros((), device=device))
+    if run.resumed_stats is not None:  # continuing a partial epoch: its first batches count in the epoch mean
+        stats.loss_sum += run.resumed_stats["loss_sum"]
+        stats.loss_n, stats.seen = run.resumed_stats["loss_n"], run.resumed_stats["seen"]
+        run.resumed_stats = None
+    seen0 = stats.seen
+    timer = StepTimer(device, enabled=cfg.log.step_timing)
+    usable = run.steps_per_epoch * accum  # trailing micro-batches that cannot fill a step are dropped
+    timer.start()
+    for batch_idx, (images, labels) in enumerate(inputs.train, start=run.start_batch):
+        if batch_idx >= usable or run.step >= run.total_steps:
+            break
+        boundary = (batch_idx + 1) % accum == 0
+        loss = train_step(run, images, labels, boundary=boundary, timer=timer, epoch=epoch)
+        stats.loss_sum += loss
+        stats.loss_n += 1
+        stats.seen += images.shape[0]
+        if bar is not None:
+            bar.update(1)
+        run.backend.step(boundary)
+        timer.mark("optimizer")
+        if boundary:
+            after_step(run, epoch, batch_idx, stats, bar=bar, t0=t0)
+            timer.start()
+    elapsed = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    img_s = (stats.seen - seen0) * env.world_size / elapsed if elapsed > 0 else 0.0
+    run.throughput[f"epoch{epoch}"] = img_s
+    run.timings[f"epoch{epoch}"] = {**timer.result(), "wall": elapsed, "images": (stats.seen - seen0) * env.world_size}
+    if cfg.log.step_timing:
+        _log_timing(run.logger, epoch, run.timings[f"epoch{epoch}"])
+    train_loss = stats.loss_sum.item() / max(stats.loss_n, 1)
+    if not math.isfinite(train_loss):
+        refuse_nonfinite(train_loss, epoch, run.step, run.run_dir)
+    run.start_batch = 0
+    return train_loss, img_s
+
+
+def train_step(run: Run, images, labels, *, boundary: bool, timer: StepTimer, epoch: int) -> torch.Tensor:
+    """One micro-batch: inputs -> frozen part -> trainable part -> loss -> backward. Returns the detached loss."""
+    inputs, precision, backend = run.inputs, run.precision, run.backend
+    images, labels = inputs.to_device(images, labels, run.device)
+    timer.mark("data")
+    feats = inputs.features(images, precision, backend.input_dtype)
+    timer.mark("frozen")
+    with backend.no_sync() if not boundary else contextlib.nullcontext():
+        with precision.autocast():
+            logits = run.train_module(feats)
+        if run.sweep is None:
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=run.cfg.optim.label_smoothing)
+        else:
+            loss = run.sweep.loss(logits, labels, run.cfg.optim.label_smoothing)
+        if _eager_checks(run.device) and not torch.isfinite(loss):  # free on CPU; on GPU checked at log cadence
+            refuse_nonfinite(loss.detach(), epoch, run.step + 1, run.run_dir)
+        backend.backward(loss)
+    timer.mark("trainable")
+    return loss.detach()
+
+
+def after_step(run: Run, epoch: int, batch_idx: int, stats: EpochStats, *, bar, t0: float) -> None:
+    """At an optimizer step: checks, schedule, logging at its cadence, step saves, and a stop request."""
+    cfg, env, backend = run.cfg, run.env, run.backend
+    if _eager_checks(run.device) and not backend.grads_finite():  # on GPU: at log cadence and in every save
+        refuse_nonfinite(float("nan"), epoch, run.step + 1, run.run_dir, what="gradient norm")
+    run.scheduler.step()
+    run.step += 1
+    step = run.step
+    saving = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+    if step % cfg.log.every_steps == 0 or saving:
+        mean_loss = stats.loss_sum.item() / stats.loss_n  # one host sync per log interval
+        if not math.isfinite(mean_loss):  # before any save: the last good checkpoint is never overwritten
+            refuse_nonfinite(mean_loss, epoch, step, run.run_dir)
+        if not backend.grads_finite():
+            refuse_nonfinite(float("nan"), epoch, step, run.run_dir, what="gradient norm")
+        if env.is_main:
+            lr = run.optimizer.param_groups[0]["lr"]
+            run.logger.event("step", epoch=epoch, step=step, loss=mean_loss, lr=lr)
+            run.logger.scalars(step, {"train/loss": mean_loss, "train/lr": lr})
+            if bar is not None:
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{stats.seen * env.world_size / elapsed:.0f}")
+    if saving:
+        _save(run, "last.pt", epoch, batch_idx + 1, stats)
+    if run.stop.requested():  # SIGTERM / SIGUSR1: save this step boundary, then end (resume=auto continues)
+        if not saving:
+            _save(run, "last.pt", epoch, batch_idx + 1, stats)
+        _stopped(run.stop.received, epoch, step, run.run_dir)
+
+
+def _save(run: Run, name: str, epoch: int, batch: int, stats: EpochStats | None) -> None:
+    sync_buffers(run.split.suffix)  # the ranks' BatchNorm statistics drift apart during training forwards
+    saved = stats.saved() if stats is not None else None
+    run.checkpointer.save(name, epoch=epoch, batch=batch, step=run.step, best=run.best, stats=saved)
+
+
+def end_of_epoch(run: Run, epoch: int, train_loss: float, img_s: float) -> None:
+    """Evaluate when due, keep the best, log, and write best.pt / last.pt."""
+    cfg = run.cfg
+    last_epoch = epoch + 1 == run.epochs or run.step >= run.total_steps
+    run.logger.scalars(epoch, {"train/epoch_loss": train_loss, "train/img_per_s": img_s})
+    better = False
+    if (epoch + 1) % cfg.run.eval_every_epochs == 0 or last_epoch:
+        run.report = evaluate(run)
+        better = _track_best(run, epoch, train_loss, img_s)
+    want_last = bool(cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or last_epoch
+    if better or want_last:
+        sync_buffers(run.split.suffix)
+    run.checkpointer.save_epoch_end(epoch + 1, better=better, want_last=want_last, step=run.step, best=run.best)
+
+
+def _track_best(run: Run, epoch: int, train_loss: float, img_s: float) -> bool:
+    """Compare the report's best_metric with the best so far, log the evaluation; True when it improved."""
+    cfg, report = run.cfg, run.report
+    key = cfg.checkpoint.best_metric
+    if key not in report:
+        raise ConfigError(
+            f"checkpoint.best_metric: {key!r} is not a report key "
+            f"({', '.join(k for k, v in report.items() if isinstance(v, float))})"
+        )
+    value = report[key]
+    best = run.best["value"]
+    better = best is None or (value > best if cfg.checkpoint.best_mode == "max" else value < best)
+    if better:
+        run.best = {"metric": key, "value": value, "epoch": epoch + 1}
+    scalars = {k: v for k, v in report.items() if isinstance(v, float)}
+    run.logger.event("eval", epoch=epoch + 1, step=run.step, train_loss=train_loss, img_per_s=img_s, **scalars)
+    run.logger.scalars(epoch + 1, scalars, prefix="val/")
+    log.info(
+        "fastft: epoch %d/%d  train loss %.4f  %s %.4f  top1 %.4f  %.1f img/s",
+        epoch + 1,
+        run.epochs,
+        train_loss,
+        key,
+        value,
+        report["top1"],
+        img_s,
+    )
+    return better
+
+
+def evaluate(run: Run) -> dict:
+    """The exact evaluation of the current model on the val loader (the best head's report when sweeping)."""
+    sync_buffers(run.split.suffix)  # every rank evaluates the model that is saved (rank 0's buffers)
+    forward = run.inputs.eval_forward(run.suffix, run.backend.input_dtype)
+    run.split.suffix.eval()
+    out = run_evaluation(
+        forward,
+        run.inputs.val,
+        num_classes=run.num_classes,
+        device=run.device,
+        precision=run.precision,
+        channels_last=run.cfg.model.channels_last and run.inputs.prefix is not None,
+        pad_to=run.inputs.eval_batch_size if run.target != "none" else 0,
+        classes=run.index.classes,
+        heads=run.sweep.heads if run.sweep is not None else 0,
+    )
+    return out if run.sweep is None else run.sweep.select(out)
+
+
+def finish(run: Run) -> RunResult:
+    """Outputs: report, exports (full model and head alone) on rank 0; the run's result on every rank."""
+    cfg, env, run_dir = run.cfg, run.env, run.run_dir
+    paths: dict[str, Path] = {"run_dir": run_dir, "last": run_dir / "last.pt", "best": run_dir / "best.pt"}
+    if not run.report:
+        run.report = evaluate(run)
+    report = run.report
+    final_state = run.checkpointer.model_state()  # a collective: every rank
+    if env.is_main:
+        sweep_text = report.pop("sweep_table", None)
+        if cfg.data.loader == "synthetic":
+            report["synthetic_data"] = True  # one random batch: the metrics say nothing about the data folder
+        paths.update(write_report(report, run_dir))
+        paths.update(_export(run, final_state))
+        _log_end(run)
+        print(format_table(report))
+        if sweep_text:
+            print(f"head sweep ({run.sweep.heads} heads, kept by {cfg.checkpoint.best_metric}):\n{sweep_text}")
+        print(f"run folder: {run_dir}")
+    run.logger.close()
+    penv.barrier(env)
+    return RunResult(
+        run_dir,
+        report,
+        run.best,
+        paths,
+        run.throughput,
+        run.step,
+        run.timings,
+        skipped_steps=run.backend.skipped_steps,
+        feature_cache=run.inputs.cache_info,
+    )
+
+
+def _export(run: Run, final_state: dict[str, torch.Tensor]) -> dict[str, Path]:
+    """model.safetensors and head.safetensors (+ their JSON metadata)."""
+    model, run_dir, meta = run.model, run.run_dir, run.meta
+    head = model.get_submodule(run.source.head)
+    head_prefix = f"{run.source.head}."
+    head_state = {k.removeprefix(head_prefix): v for k, v in final_state.items() if k.startswith(head_prefix)}
+    model_meta, head_meta = {**meta, "part": "model"}, {**meta, "part": "head"}
+    model_path = ckpt_io.export_safetensors(model, run_dir / "model.safetensors", model_meta, final_state)
+    head_path = ckpt_io.export_safetensors(head, run_dir / "head.safetensors", head_meta, head_state)
+    return {"model_export": model_path, "head_export": head_path}
+
+
+def _log_end(run: Run) -> None:
+    from fastft.report import confusion_figure
+
+    cfg, logger, report, skipped = run.cfg, run.logger, run.report, run.backend.skipped_steps
+    logger.figure("val/confusion_matrix", confusion_figure(report), run.epochs)
+    logger.hparams(
+        {
+            "model": cfg.model.name,
+            "freeze": str(cfg.model.freeze),
+            "lr": cfg.optim.lr,
+            "optim": cfg.optim.name,
+            "batch_size": cfg.data.batch_size * run.env.world_size,
+            "precision": run.precision.name,
+        },
+        {k: report.get(k) for k in ("top1", "f1_macro", "loss")},
+    )
+    if skipped:
+        log.warning("fastft: the fp16 loss scaler skipped %d of %d steps (overflow)", skipped, run.step)
+    logger.event("end", step=run.step, best=run.best, throughput=run.throughput, skipped_steps=skipped)
+
+
+def _log_timing(logger: RunLogger, epoch: int, t: dict) -> None:
+    """log.step_timing: the epoch's per-segment seconds on the console, in events.jsonl and TensorBoard."""
+    segs = {k: v for k, v in t.items() if k not in ("wall", "images")}
+    log.info(
+        "fastft: epoch %d step time: %s (wall %.2fs)",
+        epoch + 1,
+        ", ".join(f"{k} {v:.3f}s" for k, v in segs.items()),
+        t["wall"],
+    )
+    logger.event("timing", epoch=epoch + 1, **t)
+    logger.scalars(epoch + 1, segs, prefix="time/")
+
+
+def _already_applied(u: UnfreezeStep, pos: tuple[int, int] | None) -> bool:
+    """An unfreeze at epoch E (1-based) ran before batch 0 of 0-based epoch E-1."""
+    if pos is None:
+        return False
+    epoch, batch = pos
+    return u.epoch - 1 < epoch or (u.epoch - 1 == epoch and batch > 0)
+
+
+def _apply_unfreeze(model, u: UnfreezeStep, optimizer, cfg: FinetuneConfig, source: _ModelSource) -> list[str]:
+    newly = unfreeze_module(model, u.module)
+    if newly:
+        for g in source.param_groups(model, newly, cfg.optim, lr_factor=u.lr_factor, tag=f"{u.module}:"):
+            optimizer.add_param_group(g)
+    return newly
+
+
+def _stopped(signal_name: str | None, epoch: int, step: int, run_dir: Path):
+    raise FastftError(
+        f"stopped by {signal_name} at epoch {epoch + 1}, step {step}: the position is saved in {run_dir / 'last.pt'}; "
+        "run the same command with --resume=auto to continue"
+    )
+
+
+def _eager_checks(device: torch.device) -> bool:
+    """Check the loss and gradients at every step? Free on CPU; on a GPU each check is a host sync, so there they run
+    at the log cadence and before every save."""
+    return device.type == "cpu"
+
+
+def _progress(cfg: FinetuneConfig, env: penv.DistEnv, total: int, desc: str):
+    if not (cfg.log.progress and env.is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
