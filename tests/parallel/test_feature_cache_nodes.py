@@ -60,7 +60,14 @@ def _two_nodes(*args: str, cache_env: str = "") -> None:
         assert p.returncode == 0, (out[-2000:], err[-4000:])
 
 
-@pytest.mark.parametrize("mode,where", [("disk", "env"), ("disk", "placeholder"), ("memory", "placeholder")])
+# `make test` runs the node-local disk folders named by a placeholder (fails on a cache that maps every shard from
+# one folder); FASTFT_TEST_NODES=all adds the folder set per node through FASTFT_CACHE and the memory cache.
+NODE_CASES = [("disk", "placeholder")]
+if os.environ.get("FASTFT_TEST_NODES") == "all":
+    NODE_CASES += [("disk", "env"), ("memory", "placeholder")]
+
+
+@pytest.mark.parametrize("mode,where", NODE_CASES)
 def test_node_local_cache_folders_train_like_one_process(shapes4, tmp_path, mode, where) -> None:
     common = [f"--data.root={shapes4}", *FAST, f"--run.out_dir={tmp_path}"]
     cache = [f"--features.cache={mode}", "--features.dtype=fp32"]

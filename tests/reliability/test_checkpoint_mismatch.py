@@ -162,7 +162,7 @@ def test_a_resume_is_refused_before_the_model_or_loaders_are_built(run, shapes4,
     def must_not_run(*args, **kwargs):
         raise AssertionError("built before the resume was checked")
 
-    monkeypatch.setattr(train, "build_model", must_not_run)
+    monkeypatch.setattr(train, "build_backbone", must_not_run)
     monkeypatch.setattr(fastft.inputs, "build_loader", must_not_run)
     ckpt = _resumable_copy(run, tmp_path / "r")
     cfg = tiny_config(shapes4, tmp_path, model__freeze="until:layer3", data__batch_size=4, checkpoint__resume=str(ckpt))

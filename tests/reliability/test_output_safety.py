@@ -185,7 +185,7 @@ def test_overwrite_clears_the_previous_runs_outputs_before_training(shapes4, tmp
 def test_a_refusal_happens_before_the_model_is_built(shapes4, tmp_path, monkeypatch) -> None:
     # "Before training starts" in the strongest sense: not even the model or the loaders are built.
     _previous_run(tmp_path / "r")
-    monkeypatch.setattr(fastft.trainer, "build_model", lambda *a, **k: pytest.fail("model built before the refusal"))
+    monkeypatch.setattr(fastft.trainer, "build_backbone", lambda *a, **k: pytest.fail("model built before the refusal"))
     rc, err = _train(shapes4, tmp_path)
     assert rc == 2 and "already exists" in error_line(err)
 
