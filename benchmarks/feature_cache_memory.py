@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastft.data.folder import index_from_config
+from fastft.data.index import index_from_config
 from fastft.data.synthetic import make_image_folder
 from fastft.data.transforms import TransformSpec
 from fastft.features import FeatureLoader, ImageSource, build_features

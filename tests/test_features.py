@@ -90,7 +90,7 @@ def test_disk_cache_reused_rebuilt_on_change_and_truncation_detected(shapes4, tm
 
 def test_views_cycle_augmented_copies(shapes4, tmp_path) -> None:
     from fastft.config import DataConfig, ModelConfig
-    from fastft.data.folder import index_from_config
+    from fastft.data.index import index_from_config
     from fastft.data.transforms import TransformSpec
     from fastft.features import FeatureLoader, ImageSource, build_features
     from fastft.model import build_model, freeze, split_model
@@ -131,7 +131,7 @@ def test_disk_cache_key_covers_seed_precision_and_layout(shapes4, tmp_path) -> N
     """A cached table is reused only when nothing its values depend on changed: the run seed (it seeds the augmented
     views), the compute precision and channels_last each give a miss; the same settings again give a hit."""
     from fastft.config import DataConfig, ModelConfig
-    from fastft.data.folder import index_from_config
+    from fastft.data.index import index_from_config
     from fastft.data.transforms import TransformSpec
     from fastft.features import ImageSource, build_features
     from fastft.model import build_model, freeze, split_model

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fastft.config import DataConfig
-from fastft.data.folder import index_from_config
+from fastft.data.index import index_from_config
 from fastft.data.torch_loader import ImageDataset
 from fastft.data.transforms import TransformSpec
 from fastft.features import ImageSource, build_features

@@ -566,7 +566,7 @@ def test_resume_after_killing_a_run_continues_from_the_saved_step(runs, shapes4,
     """Two ranks, ZeRO 1, last.pt every 2 steps. Reading one training image blocks (tests/parallel/_stall.py), so the
     run stops in step 5's batch right after saving step 4; the workers are then SIGKILLed. The resumed run starts at
     step 5 and ends with the head of an uninterrupted run."""
-    from fastft.data.folder import index_from_config
+    from fastft.data.index import index_from_config
     from fastft.data.torch_loader import ShardedBatchSampler
 
     data = tmp_path / "data"
