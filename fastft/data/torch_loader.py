@@ -3,6 +3,7 @@ of (seed, epoch, sample index), so results do not depend on the worker count, th
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Iterator
 
@@ -76,6 +77,20 @@ class ImageDataset(torch.utils.data.Dataset):
             return self.transform(image), label
 
 
+class ForkSafeDataLoader(torch.utils.data.DataLoader):
+    """A DataLoader that collects garbage before it forks its workers.
+
+    A native object awaiting collection in a reference cycle (a DALI pipeline from an earlier loader, say) would
+    otherwise be finalised by the garbage collector of a forked worker, where its library's threads do not exist: its
+    destructor then waits for them forever while holding the GIL, and the worker hangs. Collected here, in the
+    process that owns those threads, it is destroyed normally."""
+
+    def _get_iterator(self):
+        if self.num_workers > 0:
+            gc.collect()
+        return super()._get_iterator()
+
+
 def batch_loader(
     dataset: ImageDataset,
     sampler: ShardedBatchSampler,
@@ -88,7 +103,7 @@ def batch_loader(
     """The DataLoader every image path uses: workers prefetch PREFETCH_PER_WORKER batches each, and worker seeds
     come from the loader's own generator, so starting an epoch never draws from the global RNG (when loading starts,
     early or after a resume, does not change the model's random stream)."""
-    return torch.utils.data.DataLoader(
+    return ForkSafeDataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,

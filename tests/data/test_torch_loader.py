@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import os
+
 import numpy as np
 import torch
 from PIL import Image
@@ -36,3 +39,36 @@ def test_loading_in_process_leaves_the_cuda_generators_alone(tmp_path, monkeypat
     assert torch.equal(torch.get_rng_state(), cpu_state)
     assert all(torch.equal(first[i], again[i]) for i in range(8))  # seeded per sample
     assert sum(not torch.equal(first[i], other[i]) for i in range(8)) >= 6  # another seed draws other crops
+
+
+class _Native:
+    """Stands for a native object (a DALI pipeline) whose destructor must run in the process that made it."""
+
+    def __init__(self, finalised: list[int]) -> None:
+        self.finalised = finalised
+        self.cycle = self  # reachable only by the garbage collector once dropped
+
+    def __del__(self) -> None:
+        self.finalised.append(os.getpid())
+
+
+def test_garbage_is_collected_before_the_workers_fork(tmp_path) -> None:
+    """A forked worker whose garbage collector finalised an inherited DALI pipeline hung forever (its executor waits
+    for threads that only exist in the parent): garbage awaiting collection is destroyed here, before the fork."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(4):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(path)
+        samples.append((str(path), i))
+    loader = TorchLoader(samples, TransformSpec(crop_size=8, resize_size=8), train=True, batch_size=2, workers=2)
+    finalised: list[int] = []
+    gc.disable()  # the cycle must not be collected before the loader starts by chance
+    try:
+        _Native(finalised)
+        batches = list(loader)
+    finally:
+        gc.enable()
+        loader.close()
+    assert finalised == [os.getpid()]
+    assert sorted(int(y) for _, ys in batches for y in ys) == [0, 1, 2, 3]
