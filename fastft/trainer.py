@@ -279,16 +279,6 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> Run:
     )
     assemble(run)
     seed_rank_streams(cfg.run.seed, env.rank, env.world_size)
-    log.info(
-        "fastft: precision %s (%s), compile %s, split %s, backend %s, world %d, device %s",
-        precision.name,
-        precision.reason,
-        run.target,
-        split.kind,
-        run.backend.name,
-        env.world_size,
-        env.device,
-    )
     run.meta = _meta(cfg, env, index, spec, source.head, num_classes)
     _open(run, state, counts)
     return run
@@ -298,6 +288,16 @@ def _open(run: Run, state: dict | None, counts: tuple[int, int]) -> None:
     """The checkpointer, the resumed state, then (only now: a refused run leaves the run folder as it was, or
     absent) the run folder and its logger."""
     cfg, env, run_dir = run.cfg, run.env, run.run_dir
+    log.info(
+        "fastft: precision %s (%s), compile %s, split %s, backend %s, world %d, device %s",
+        run.precision.name,
+        run.precision.reason,
+        run.target,
+        run.split.kind,
+        run.backend.name,
+        env.world_size,
+        env.device,
+    )
     run.checkpointer = Checkpointer(
         run_dir,
         env=env,
