@@ -53,14 +53,37 @@ def _run(args: list[str], log: Path, nproc: int) -> None:
     assert rc == 0, log.read_text()[-4000:]
 
 
+@pytest.fixture(scope="module")
+def reference(shapes4, module_tmp):
+    """The uninterrupted run (batch 4, 2 epochs) every case of one world size is compared with, made once: the
+    worker count and the checkpoint cadence do not change a run's arithmetic."""
+    made: dict[int, Path] = {}
+
+    def get(nproc: int) -> Path:
+        if nproc not in made:
+            out = module_tmp(f"reference-{nproc}")
+            _run([*_common(shapes4, out, batch=4, workers=0), "--run.name=full"], out / "full.log", nproc)
+            made[nproc] = out / "full"
+        return made[nproc]
+
+    return get
+
+
 def _kill_and_resume(
-    root: Path, out: Path, *, nproc: int, batch: int, workers: int, kill_at: int, steps_per_epoch: int, by_path: bool
+    root: Path,
+    out: Path,
+    *,
+    full: Path,
+    nproc: int,
+    batch: int,
+    workers: int,
+    kill_at: int,
+    steps_per_epoch: int,
+    by_path: bool,
 ) -> dict:
-    """Reference run, killed run, resumed run (`--resume auto`, or `--resume <path>` when by_path); returns what the
-    tests compare."""
+    """Killed run, resumed run (`--resume auto`, or `--resume <path>` when by_path); returns what the tests compare
+    with the reference run `full`."""
     common = _common(root, out, batch=batch, workers=workers)
-    # The reference runs while the victim starts: the two overlap, and the victim is killed on its own schedule.
-    ref = start_fastft([*common, "--run.name=full"], out / "full.log", nproc=nproc)
     victim_log = out / "cut.log"
     victim = start_fastft([*common, "--run.name=cut"], victim_log, nproc=nproc)
     try:
@@ -69,11 +92,9 @@ def _kill_and_resume(
         kill_job(victim)
         wait_gone(pids)
         assert victim.returncode == -9, victim_log.read_text()[-3000:]
-        assert ref.wait(timeout=600) == 0, (out / "full.log").read_text()[-4000:]
     finally:
-        for proc in (victim, ref):  # never leave a child behind when something above failed
-            if proc.poll() is None:
-                kill_job(proc)
+        if victim.poll() is None:  # never leave a child behind when something above failed
+            kill_job(victim)
     killed = torch.load(out / "cut" / "last.pt", map_location="cpu", weights_only=True)
     resume = f"--resume={out / 'cut' / 'last.pt'}" if by_path else "--resume=auto"
     _run([*common, "--run.name=cut", resume], out / "resume.log", nproc)
@@ -82,18 +103,19 @@ def _kill_and_resume(
         "steps_per_epoch": steps_per_epoch,
         "killed_at": {k: killed[k] for k in ("epoch", "batch", "step")},
         "killed_model": killed["model"],
-        "full": out / "full",
+        "full": full,
         "cut": out / "cut",
         "resume_log": (out / "resume.log").read_text(),
     }
 
 
 @pytest.fixture(scope="module")
-def single(shapes4, module_tmp) -> dict:
+def single(shapes4, module_tmp, reference) -> dict:
     # 48 images / batch 4 = 12 steps per epoch, 2 epochs; one DataLoader worker (killed with the group too).
     return _kill_and_resume(
         shapes4,
         module_tmp("kill1"),
+        full=reference(1),
         nproc=1,
         batch=4,
         workers=1,
@@ -104,12 +126,13 @@ def single(shapes4, module_tmp) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ddp(shapes4, module_tmp) -> dict:
+def ddp(shapes4, module_tmp, reference) -> dict:
     # 2 ranks x batch 4: 48 / 8 = 6 steps per epoch, 2 epochs; the launcher and both workers are killed; resumed
     # with an explicit checkpoint path.
     return _kill_and_resume(
         shapes4,
         module_tmp("kill2"),
+        full=reference(2),
         nproc=2,
         batch=4,
         workers=0,
@@ -189,15 +212,13 @@ def _wait_for_event_step(proc: subprocess.Popen, run_root: Path, min_step: int, 
     raise AssertionError(f"no step >= {min_step} within {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-def _requeue_case(root: Path, out: Path, *, nproc: int, batch: int, stop: str) -> dict:
-    """Reference run; then the same command (no run.name, --resume=auto) stopped mid-epoch by `stop` (SIGKILL after a
+def _requeue_case(root: Path, out: Path, *, full: Path, nproc: int, batch: int, stop: str) -> dict:
+    """The same command (no run.name, --resume=auto) stopped mid-epoch by `stop` (SIGKILL after a
     per-step save; SIGTERM with no periodic saves, sent to the launched process or, "SIGTERM-rank1", to rank 1's
     worker alone) and run again unchanged."""
-    ref_args = [*_common(root, out / "ref", batch=batch, workers=0), "--run.name=full"]
     again = [*_common(root, out / "job", batch=batch, workers=0), "--resume=auto"]
     if stop.startswith("SIGTERM"):
         again += ["--checkpoint.every_steps=0"]  # the only mid-epoch checkpoint is the one the signal asks for
-    ref = start_fastft(ref_args, out / "ref.log", nproc=nproc)
     first = start_fastft(again, out / "first.log", nproc=nproc)
     try:
         _wait_for_event_step(first, out / "job", 2, out / "first.log")
@@ -212,11 +233,9 @@ def _requeue_case(root: Path, out: Path, *, nproc: int, batch: int, stop: str) -
         else:
             os.kill(first.pid, signal.SIGTERM)  # python, or torchrun, which passes SIGTERM on to its workers
             first.wait(timeout=120)
-        assert ref.wait(timeout=600) == 0, (out / "ref.log").read_text()[-4000:]
     finally:
-        for proc in (first, ref):
-            if proc.poll() is None:
-                kill_job(proc)
+        if first.poll() is None:
+            kill_job(first)
     (run,) = (out / "job").iterdir()  # one folder, named from the config
     stopped = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     _run(again, out / "again.log", nproc)
@@ -226,7 +245,7 @@ def _requeue_case(root: Path, out: Path, *, nproc: int, batch: int, stop: str) -
         "first_log": (out / "first.log").read_text(),
         "stopped_at": {k: stopped[k] for k in ("epoch", "batch", "step")},
         "run": run,
-        "full": out / "ref" / "full",
+        "full": full,
         "again_log": (out / "again.log").read_text(),
     }
 
@@ -235,9 +254,10 @@ STOPS = [("SIGKILL", 1), ("SIGTERM", 1), ("SIGTERM", 2), ("SIGTERM-rank1", 2)]
 
 
 @pytest.fixture(scope="module", params=STOPS, ids=lambda p: f"{p[0]}-{p[1]}")
-def requeued(request, shapes4, module_tmp) -> dict:
+def requeued(request, shapes4, module_tmp, reference) -> dict:
     stop, nproc = request.param
-    case = _requeue_case(shapes4, module_tmp(f"requeue-{stop}-{nproc}"), nproc=nproc, batch=4, stop=stop)
+    out = module_tmp(f"requeue-{stop}-{nproc}")
+    case = _requeue_case(shapes4, out, full=reference(nproc), nproc=nproc, batch=4, stop=stop)
     return {**case, "stop": stop, "nproc": nproc, "steps_per_epoch": 12 // nproc}
 
 
