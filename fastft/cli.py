@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="alias of --run.device (default auto)")
     r.add_argument("--on-bad-file", choices=("error", "skip"), help="alias of --data.on_bad_file (default error)")
 
+    x = sub.add_parser("export", help="write a trained model as ONNX, safetensors or TorchScript (+ preprocess.json)")
+    x.add_argument("--checkpoint", required=True, help="best.pt, last.pt or a model.safetensors export")
+    x.add_argument("--format", default="onnx", help="onnx (default) | safetensors | torchscript")
+    x.add_argument("--out", required=True, help="folder to write into")
+    x.add_argument("--overwrite", action="store_true", help="replace files of the same names in --out")
+
     d = sub.add_parser("demo", help="generate a small shapes dataset and fine-tune a small model on it")
     d.add_argument("--out-dir", default="runs")
     d.add_argument("--data-dir", default=None, help="where the generated dataset is cached")
@@ -144,6 +150,12 @@ def run(argv: list[str]) -> int:
         return 0
     if extra:
         raise ConfigError(f"unrecognised argument {extra[0]!r}")
+    if args.command == "export":
+        from fastft.export import export_model
+
+        for path in export_model(args.checkpoint, args.out, fmt=args.format, overwrite=args.overwrite):
+            print(f"wrote {path}")
+        return 0
     if args.command == "bench":
         from fastft.benchmark.cli import run_bench
 

@@ -1,0 +1,144 @@
+"""`fastft export`: a trained model in a format other runtimes load, with its preprocessing beside it.
+
+- onnx: `torch.onnx.export(..., dynamo=True)` with a dynamic batch dimension (input `images`, N x 3 x H x W float32,
+  already resized, cropped and normalised as `preprocess.json` says; output `logits`, N x classes). Needs the
+  `[export]` extra (onnx, onnxscript; onnxruntime to run it).
+- safetensors: the full model's weights with fastft's metadata, as a run's `model.safetensors`.
+- torchscript: `torch.jit.trace` on a fixed-size example (torch marks TorchScript deprecated; kept for runtimes that
+  still load it).
+
+Every file is written under a temporary name and renamed into place; an existing file is replaced only with
+`overwrite`, so a folder written before is never lost by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from fastft.errors import ConfigError
+
+FORMATS = ("onnx", "safetensors", "torchscript")
+FILE_NAMES = {"onnx": "model.onnx", "safetensors": "model.safetensors", "torchscript": "model.torchscript.pt"}
+INPUT, OUTPUT = "images", "logits"
+
+
+def preprocess_spec(meta: dict) -> dict:
+    """What a caller must do to an image before the exported model: the run's eval transform, and the class names."""
+    t = meta["transform"]
+    return {
+        "model": meta["model_name"],
+        "source": meta.get("source", "torchvision"),
+        "input": {
+            "name": INPUT,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "shape": ["batch", 3, t["crop_size"], t["crop_size"]],
+        },
+        "output": {
+            "name": OUTPUT,
+            "shape": ["batch", meta["num_classes"]],
+            "meaning": "logits (softmax for probabilities)",
+        },
+        "transform": t,
+        "classes": meta["classes"],
+    }
+
+
+def export_model(
+    checkpoint: str | Path, out_dir: str | Path, *, fmt: str = "onnx", overwrite: bool = False
+) -> list[Path]:
+    """Write the model of `checkpoint` (a fastft checkpoint or `model.safetensors`) as `fmt` into `out_dir`, with
+    `preprocess.json`. Returns the paths written.
+
+    Raises:
+        ConfigError: an unknown format, a file that exists without `overwrite`, a text model, or a missing extra.
+        CheckpointError: the checkpoint cannot be read or does not match its model.
+    """
+    from fastft.api import load_trained
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    out = Path(out_dir)
+    targets = [out / FILE_NAMES[fmt], out / "preprocess.json"]
+    if not overwrite:
+        for path in targets:
+            if path.exists():
+                raise ConfigError(f"{path} exists; pass --overwrite to replace it")
+    if fmt == "onnx":
+        _require_onnx()
+    model, meta = load_trained(checkpoint, torch.device("cpu"))
+    if meta.get("source") == "hf":
+        raise ConfigError(f"{checkpoint}: a text model; its run folder's export is the Hugging Face folder to use")
+    model = model.float().eval()
+    crop = meta["transform"]["crop_size"]
+    example = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    out.mkdir(parents=True, exist_ok=True)
+    write = {"onnx": _onnx, "safetensors": _safetensors, "torchscript": _torchscript}[fmt]
+    written = _write_into(out, targets[0].name, lambda path: write(model, meta, example, path))
+    spec = json.dumps(preprocess_spec(meta), indent=2) + "\n"
+    written += _write_into(out, targets[1].name, lambda path: path.write_text(spec, encoding="utf-8"))
+    return written
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ConfigError("ONNX export needs the export extra: pip install 'fastft[export]'") from None
+
+
+def _write_into(out: Path, name: str, write) -> list[Path]:
+    """Write `name` (and any file the writer puts beside it: a large ONNX model's external weights, which it
+    references by name) in a temporary folder inside `out`, then rename each into place, `name` last."""
+    tmp = Path(tempfile.mkdtemp(prefix=".fastft-export-", dir=out))
+    try:
+        write(tmp / name)
+        moved = []
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == name):
+            os.replace(f, out / f.name)
+            moved.append(out / f.name)
+        return moved
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _onnx(model: torch.nn.Module, meta: dict, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    # The exporter prints its progress; a failure still raises (and says why) after the output is swallowed.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=True,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamic_shapes=({0: batch},),
+            external_data=False,
+        )
+
+
+def _safetensors(model: torch.nn.Module, meta: dict, example: torch.Tensor, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"fastft": json.dumps({**meta, "part": "model"})})
+
+
+def _torchscript(model: torch.nn.Module, meta: dict, example: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; the format is asked for by name
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(model, example)
+    traced.save(str(path))
