@@ -113,6 +113,8 @@ class CheckpointConfig:
     every_steps: int = 0  # also save last.pt every N optimizer steps (0 = off)
     best_metric: str = "f1_macro"  # any key of the evaluation report
     best_mode: str = "max"  # max | min
+    patience: int = 0  # early stopping: end after N evaluations without an improvement of best_metric (0 = off)
+    min_delta: float = 0.0  # what counts as an improvement for patience: better than the last one by more than this
     resume: str = ""  # "" | auto (the run folder's last.pt) | path to a checkpoint
 
 
@@ -206,6 +208,8 @@ class FinetuneConfig:
         _min("checkpoint.every_epochs", self.checkpoint.every_epochs, 0)
         _min("checkpoint.every_steps", self.checkpoint.every_steps, 0)
         _choice("checkpoint.best_mode", self.checkpoint.best_mode, ("max", "min"))
+        _min("checkpoint.patience", self.checkpoint.patience, 0)
+        _min("checkpoint.min_delta", self.checkpoint.min_delta, 0)
         _min("log.every_steps", self.log.every_steps, 1)
         _min("run.eval_every_epochs", self.run.eval_every_epochs, 1)
         dev = self.run.device

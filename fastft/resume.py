@@ -122,6 +122,8 @@ RULES: dict[str, Rule] = {
         NOTED, "the best so far was measured otherwise: it is reset, the next evaluation writes best.pt"
     ),
     "checkpoint.resume": Rule(MAY),
+    "checkpoint.patience": Rule(MAY),
+    "checkpoint.min_delta": Rule(MAY),
     "log.tensorboard": Rule(MAY),
     "log.progress": Rule(MAY),
     "log.every_steps": Rule(MAY),

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft import checkpoint as ckpt_io
+from fastft import early_stop
 from fastft import resume as resume_rules
 from fastft.backbones import Backbone, build_backbone, preprocess_spec, trace_options
 from fastft.backbones.freeze import freeze
@@ -100,6 +101,7 @@ class Run:
     start_batch: int = 0
     resumed_stats: dict | None = None  # a partial epoch's loss sums (resume inside an epoch)
     best: dict = field(default_factory=dict)
+    early_stop: dict | None = None  # {"epoch", "reason"}: the run stopped before its last epoch (checkpoint.patience)
     report: dict = field(default_factory=dict)
     throughput: dict[str, float] = field(default_factory=dict)
     timings: dict[str, dict] = field(default_factory=dict)
@@ -198,7 +200,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
             torch.use_deterministic_algorithms(True, warn_only=True)
         run = setup(cfg, env, opened)
         for epoch in range(run.start_epoch, run.epochs):
-            if run.step >= run.total_steps:
+            if run.step >= run.total_steps or run.early_stop:
                 break
             unfreeze_due(run, epoch)
             train_loss, img_s = train_one_epoch(run, epoch)
@@ -428,6 +430,8 @@ def _restore(run: Run, state: dict) -> None:
     saved_stats = state.get("epoch_stats") or [None]
     run.resumed_stats = saved_stats[min(run.env.rank, len(saved_stats) - 1)] if run.start_batch else None
     run.best = state["best"]
+    if not run.start_batch:  # at an epoch boundary: a run that stopped early there stays stopped
+        run.early_stop = _early_stop(run, run.start_epoch)
     log.info(
         "fastft: resumed from %s at epoch %d, batch %d, step %d",
         run.resume_from,
@@ -579,6 +583,11 @@ def end_of_epoch(run: Run, epoch: int, train_loss: float, img_s: float) -> None:
     if (epoch + 1) % cfg.run.eval_every_epochs == 0 or last_epoch:
         run.report = evaluate(run)
         better = _track_best(run, epoch, train_loss, img_s)
+        run.early_stop = _early_stop(run, epoch + 1)
+        if run.early_stop and not last_epoch:
+            last_epoch = True
+            log.info("fastft: early stop after epoch %d: %s", epoch + 1, run.early_stop["reason"])
+            run.logger.event("early_stop", step=run.step, **run.early_stop)
     want_last = bool(cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or last_epoch
     if better or want_last:
         sync_buffers(run.split.suffix)
@@ -597,8 +606,11 @@ def _track_best(run: Run, epoch: int, train_loss: float, img_s: float) -> bool:
     value = report[key]
     best = run.best["value"]
     better = best is None or (value > best if cfg.checkpoint.best_mode == "max" else value < best)
+    prev = run.best
     if better:
         run.best = {"metric": key, "value": value, "epoch": epoch + 1}
+    c = cfg.checkpoint
+    run.best = {**run.best, **early_stop.mark(prev, value, epoch + 1, mode=c.best_mode, min_delta=c.min_delta)}
     scalars = {k: v for k, v in report.items() if isinstance(v, float)}
     run.logger.event("eval", epoch=epoch + 1, step=run.step, train_loss=train_loss, img_per_s=img_s, **scalars)
     run.logger.scalars(epoch + 1, scalars, prefix="val/")
@@ -613,6 +625,14 @@ def _track_best(run: Run, epoch: int, train_loss: float, img_s: float) -> bool:
         img_s,
     )
     return better
+
+
+def _early_stop(run: Run, epoch: int) -> dict | None:
+    """{"epoch", "reason"} when patience has run out after `epoch` (1-based), else None."""
+    c = run.cfg.checkpoint
+    every = run.cfg.run.eval_every_epochs
+    why = early_stop.reason(run.best, epoch, patience=c.patience, min_delta=c.min_delta, eval_every=every)
+    return {"epoch": epoch, "reason": why} if why else None
 
 
 def evaluate(run: Run) -> dict:
@@ -641,6 +661,8 @@ def finish(run: Run) -> RunResult:
     if not run.report:
         run.report = evaluate(run)
     report = run.report
+    if run.early_stop:
+        report["early_stop"] = run.early_stop
     final_state = run.checkpointer.model_state()  # a collective: every rank
     if env.is_main:
         sweep_text = report.pop("sweep_table", None)

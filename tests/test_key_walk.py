@@ -84,6 +84,8 @@ VALUES: dict[str, tuple[object, dict[str, object]]] = {
     "checkpoint.best_metric": ("top1", {}),
     "checkpoint.best_mode": ("min", {}),
     "checkpoint.resume": ("auto", {}),
+    "checkpoint.patience": (1, {"optim.epochs": 3}),
+    "checkpoint.min_delta": (0.5, {"checkpoint.patience": 1, "optim.epochs": 3}),
     "log.tensorboard": (True, {}),  # the base run sets false (cost); the default is walked here
     "log.progress": (True, {}),
     "log.every_steps": (1, {}),
