@@ -69,6 +69,9 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     label_smoothing: float = 0.0
+    loss: str = "ce"  # ce | focal (-(1 - p)^focal_gamma * log p, p the label's softmax probability)
+    focal_gamma: float = 2.0
+    class_weights: str | list[float] = "none"  # none | balanced (from the training labels) | [w1, ..., wK]
     grad_accum: int = 1
     clip_grad_norm: float = 0.0  # 0 = off
     epochs: int = 5
@@ -185,6 +188,12 @@ class FinetuneConfig:
         _min("optim.warmup_steps", self.optim.warmup_steps, 0)
         _range("optim.min_lr_ratio", self.optim.min_lr_ratio, 0.0, 1.0)
         _range("optim.label_smoothing", self.optim.label_smoothing, 0.0, 1.0, hi_open=True)
+        _choice("optim.loss", self.optim.loss, ("ce", "focal"))
+        _min("optim.focal_gamma", self.optim.focal_gamma, 0)
+        if self.optim.loss == "focal" and self.optim.label_smoothing:
+            raise ConfigError("optim.loss = focal does not take optim.label_smoothing (set it to 0)")
+        if isinstance(self.optim.class_weights, str):
+            _choice("optim.class_weights", self.optim.class_weights, ("none", "balanced"))
         _min("optim.grad_accum", self.optim.grad_accum, 1)
         _min("optim.clip_grad_norm", self.optim.clip_grad_norm, 0.0)
         _min("optim.epochs", self.optim.epochs, 1)

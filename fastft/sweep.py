@@ -12,12 +12,12 @@ import itertools
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastft.checkpoint import load_model_state
 from fastft.config import FinetuneConfig, OptimConfig
 from fastft.errors import ConfigError
+from fastft.losses import Loss
 
 
 def sweep_grid(cfg: FinetuneConfig) -> list[tuple[float, float]]:
@@ -109,11 +109,9 @@ class Sweep:
         """Each head clipped on its own: heads must not influence each other."""
         return [list(h.parameters()) for h in self.bank.heads]
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-        """Sum of the heads' mean losses: each head gets exactly its own gradient."""
-        per = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.repeat(self.heads), label_smoothing=label_smoothing, reduction="none"
-        )
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, loss: Loss) -> torch.Tensor:
+        """Sum of the heads' mean losses (`loss`, the run's): each head gets exactly its own gradient."""
+        per = loss.per_sample(logits.flatten(0, 1), labels.repeat(self.heads))
         return per.view(self.heads, -1).mean(dim=1).sum()
 
     def select(self, reports: list[dict]) -> dict:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fastft import checkpoint as ckpt_io
 from fastft import early_stop
@@ -37,6 +36,7 @@ from fastft.errors import ConfigError, FastftError
 from fastft.evaluation import run_evaluation
 from fastft.inputs import Inputs
 from fastft.logging import RunLogger
+from fastft.losses import Loss, class_weights
 from fastft.optim import Schedule, build_optimizer, param_groups
 from fastft.parallel import env as penv
 from fastft.parallel.backend import Backend, build_backend, sync_buffers
@@ -100,6 +100,7 @@ class Run:
     start_epoch: int = 0
     start_batch: int = 0
     resumed_stats: dict | None = None  # a partial epoch's loss sums (resume inside an epoch)
+    loss: Loss | None = None  # the training loss (optim.loss, optim.class_weights)
     best: dict = field(default_factory=dict)
     early_stop: dict | None = None  # {"epoch", "reason"}: the run stopped before its last epoch (checkpoint.patience)
     report: dict = field(default_factory=dict)
@@ -278,6 +279,7 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> Run:
         start_epoch=start_epoch,
         start_batch=start_batch,
         best={"metric": cfg.checkpoint.best_metric, "value": None, "epoch": None},
+        loss=_loss(cfg, index, env.device),
     )
     assemble(run)
     seed_rank_streams(cfg.run.seed, env.rank, env.world_size)
@@ -325,6 +327,14 @@ def _open(run: Run, state: dict | None, counts: tuple[int, int]) -> None:
         total_steps=run.total_steps,
         resumed_from=str(run.resume_from) if run.resume_from else None,
     )
+
+
+def _loss(cfg: FinetuneConfig, index, device: torch.device) -> Loss:
+    """The training loss; `balanced` class weights come from the training labels (every rank's: the whole list)."""
+    o = cfg.optim
+    labels = getattr(index.train, "labels", None) or [y for _, y in index.train]
+    weights = class_weights(o.class_weights, labels, index.classes)
+    return Loss(kind=o.loss, gamma=o.focal_gamma, label_smoothing=o.label_smoothing, weights=weights).to(device)
 
 
 def _unfreeze_plan(cfg: FinetuneConfig, pos: tuple[int, int] | None) -> tuple[list, list]:
@@ -528,9 +538,9 @@ def train_step(run: Run, images, labels, *, boundary: bool, timer: StepTimer, ep
         with precision.autocast():
             logits = run.train_module(feats)
         if run.sweep is None:
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=run.cfg.optim.label_smoothing)
+            loss = run.loss(logits, labels)
         else:
-            loss = run.sweep.loss(logits, labels, run.cfg.optim.label_smoothing)
+            loss = run.sweep.loss(logits, labels, run.loss)
         if _eager_checks(run.device) and not torch.isfinite(loss):  # free on CPU; on GPU checked at log cadence
             refuse_nonfinite(loss.detach(), epoch, run.step + 1, run.run_dir)
         backend.backward(loss)
