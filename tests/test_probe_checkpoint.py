@@ -4,6 +4,7 @@ changed; full checkpoints (freeze=none, and those written before) still load."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -169,22 +170,20 @@ def test_the_probe_format_rule(policy, weights: str, probe_format: bool) -> None
 
 def test_timm_probe_refuses_a_changed_weights_file_in_one_line(shapes4, tmp_path) -> None:
     """A timm probe: eval of its best.pt matches the run; after its weights file is altered (one number), `fastft
-    eval` exits 2 with one line naming the checkpoint and the file, and predict refuses the same way."""
+    eval` exits 2 with one line naming the checkpoint and the file, and predict and a resume refuse the same way."""
     timm = pytest.importorskip("timm")
     from fastft.errors import CheckpointError
 
     torch.manual_seed(3)
     weights = _weights(tmp_path / "r10t.pth", timm.create_model("resnet10t", pretrained=False))
-    cfg = tiny_config(
-        shapes4,
-        tmp_path,
-        model__source="timm",
-        model__name="resnet10t",
-        model__weights=str(weights),
-        model__freeze="backbone",
-        optim__max_steps=1,
-    )
-    result = finetune(cfg)
+    common = {
+        "model__source": "timm",
+        "model__name": "resnet10t",
+        "model__weights": str(weights),
+        "model__freeze": "backbone",
+        "optim__max_steps": 1,
+    }
+    result = finetune(tiny_config(shapes4, tmp_path, **common))
     best = result.run_dir / "best.pt"
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
     assert set(ckpt["model"]) == {"fc.weight", "fc.bias"} and ckpt["frozen"]["source"] == "timm"
@@ -202,3 +201,6 @@ def test_timm_probe_refuses_a_changed_weights_file_in_one_line(shapes4, tmp_path
     with pytest.raises(CheckpointError, match="changed since the run"):
         fastft.predict(best, shapes4 / "val", tmp_path / "p.csv", workers=0, device="cpu")
     assert not (tmp_path / "p.csv").exists()
+    last = result.run_dir / "last.pt"
+    with pytest.raises(CheckpointError, match=re.escape(f"{last}: the weights at {weights} changed since the run")):
+        finetune(tiny_config(shapes4, tmp_path, checkpoint__resume="auto", **common))
