@@ -5,6 +5,7 @@ changed; full checkpoints (freeze=none, and those written before) still load."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,16 @@ def r18_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def probe(shapes4, r18_file, module_tmp):
+def probe_file(r18_file, module_tmp) -> Path:
+    """The probe's own copy of the weights (a test alters it, and puts it back)."""
+    return Path(shutil.copy(r18_file, module_tmp("probe-w") / "r18.pth"))
+
+
+@pytest.fixture(scope="module")
+def probe(shapes4, probe_file, module_tmp):
     """A resnet18 linear probe from a weights file: 1 epoch of 3 steps."""
     cfg = tiny_config(
-        shapes4, module_tmp("probe"), model__weights=str(r18_file), model__freeze="backbone", data__batch_size=16
+        shapes4, module_tmp("probe"), model__weights=str(probe_file), model__freeze="backbone", data__batch_size=16
     )
     cfg.optim.epochs = 1
     return finetune(cfg)
@@ -56,7 +63,7 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def test_probe_checkpoint_holds_the_head_and_a_fingerprint_of_the_rest(probe, r18_file) -> None:
+def test_probe_checkpoint_holds_the_head_and_a_fingerprint_of_the_rest(probe, probe_file) -> None:
     model = torchvision.models.resnet18(num_classes=4)  # the same architecture, for its own sizes
     own = model.state_dict()
     head = {"fc.weight", "fc.bias"}
@@ -67,7 +74,7 @@ def test_probe_checkpoint_holds_the_head_and_a_fingerprint_of_the_rest(probe, r1
         frozen = ckpt["frozen"]
         assert frozen["tensors"] == len(own) - 2
         assert frozen["bytes"] == _nbytes(v for k, v in own.items() if k not in head)
-        assert (frozen["source"], frozen["name"], frozen["weights"]) == ("torchvision", "resnet18", str(r18_file))
+        assert (frozen["source"], frozen["name"], frozen["weights"]) == ("torchvision", "resnet18", str(probe_file))
     # The file: the head, optimizer, RNG and position; far below the frozen part's 44.7 MB.
     assert (probe.run_dir / "last.pt").stat().st_size < 100_000
     # The export still holds the full model.
@@ -168,39 +175,64 @@ def test_the_probe_format_rule(policy, weights: str, probe_format: bool) -> None
     assert uses_probe_format(model, weights) is probe_format
 
 
-def test_timm_probe_refuses_a_changed_weights_file_in_one_line(shapes4, tmp_path) -> None:
-    """A timm probe: eval of its best.pt matches the run; after its weights file is altered (one number), `fastft
-    eval` exits 2 with one line naming the checkpoint and the file, and predict and a resume refuse the same way."""
-    timm = pytest.importorskip("timm")
+def test_a_changed_weights_file_is_refused_in_one_line(probe, probe_file, shapes4, tmp_path) -> None:
+    """One number of the probe's weights file changed after the run: `fastft eval` exits 2 with one line naming the
+    checkpoint and the file; predict and a resume refuse the same way (the run folder is left as it was)."""
     from fastft.errors import CheckpointError
+
+    best, last = probe.run_dir / "best.pt", probe.run_dir / "last.pt"
+    original = probe_file.read_bytes()
+    state = torch.load(probe_file, weights_only=True)
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] += 1e-3
+    torch.save(state, probe_file)
+    try:
+        proc = run_cli(
+            "eval", "--checkpoint", str(best), "--data", str(shapes4 / "val"), "--workers", "0", "--device=cpu"
+        )
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fastft: error: "), proc.stderr
+        assert f"{best}: the weights at {probe_file} changed since the run" in lines[0]
+        with pytest.raises(CheckpointError, match=re.escape(f"{best}: the weights at {probe_file} changed")):
+            fastft.predict(best, shapes4 / "val", tmp_path / "p.csv", workers=0, device="cpu")
+        assert not (tmp_path / "p.csv").exists()
+        before = last.read_bytes()
+        cfg = tiny_config(
+            shapes4,
+            probe.run_dir.parent,
+            model__weights=str(probe_file),
+            model__freeze="backbone",
+            data__batch_size=16,
+            optim__epochs=2,
+            checkpoint__resume="auto",
+        )
+        with pytest.raises(CheckpointError, match=re.escape(f"{last}: the weights at {probe_file} changed")):
+            finetune(cfg)
+        assert last.read_bytes() == before
+    finally:
+        probe_file.write_bytes(original)
+
+
+def test_timm_probe_checkpoint_evaluates_as_the_run(shapes4, tmp_path) -> None:
+    """A timm resnet10t probe: its best.pt holds the head and a timm fingerprint, and evaluates as the run did."""
+    timm = pytest.importorskip("timm")
 
     torch.manual_seed(3)
     weights = _weights(tmp_path / "r10t.pth", timm.create_model("resnet10t", pretrained=False))
-    common = {
-        "model__source": "timm",
-        "model__name": "resnet10t",
-        "model__weights": str(weights),
-        "model__freeze": "backbone",
-        "optim__max_steps": 1,
-    }
-    result = finetune(tiny_config(shapes4, tmp_path, **common))
+    cfg = tiny_config(
+        shapes4,
+        tmp_path,
+        model__source="timm",
+        model__name="resnet10t",
+        model__weights=str(weights),
+        model__freeze="backbone",
+        optim__max_steps=1,
+    )
+    result = finetune(cfg)
     best = result.run_dir / "best.pt"
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
-    assert set(ckpt["model"]) == {"fc.weight", "fc.bias"} and ckpt["frozen"]["source"] == "timm"
+    assert set(ckpt["model"]) == {"fc.weight", "fc.bias"}
+    assert (ckpt["frozen"]["source"], ckpt["frozen"]["name"]) == ("timm", "resnet10t")
     report = fastft.evaluate(best, shapes4 / "val", **EVAL).metrics
     assert report["confusion_matrix"] == result.metrics["confusion_matrix"]
     assert report["loss"] == pytest.approx(result.metrics["loss"], abs=1e-6)
-    state = torch.load(weights, weights_only=True)
-    state["layer1.0.conv1.weight"][0, 0, 0, 0] += 1e-3
-    torch.save(state, weights)
-    proc = run_cli("eval", "--checkpoint", str(best), "--data", str(shapes4 / "val"), "--workers", "0", "--device=cpu")
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fastft: error: "), proc.stderr
-    assert f"{best}: the weights at {weights} changed since the run" in lines[0]
-    with pytest.raises(CheckpointError, match="changed since the run"):
-        fastft.predict(best, shapes4 / "val", tmp_path / "p.csv", workers=0, device="cpu")
-    assert not (tmp_path / "p.csv").exists()
-    last = result.run_dir / "last.pt"
-    with pytest.raises(CheckpointError, match=re.escape(f"{last}: the weights at {weights} changed since the run")):
-        finetune(tiny_config(shapes4, tmp_path, checkpoint__resume="auto", **common))
