@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 
 from fastft import outputs
-from fastft.checkpoint import load_checkpoint, load_model_state
+from fastft.checkpoint import load_checkpoint, load_model_checkpoint, weights_place
 from fastft.config import DataConfig, ModelConfig, PrecisionConfig
 from fastft.data.index import index_for_eval, list_images
 from fastft.data.loaders import build_loader
 from fastft.data.transforms import TransformSpec
-from fastft.errors import ConfigError, DataError
+from fastft.errors import CheckpointError, ConfigError, DataError, FastftError
 from fastft.evaluation import run_evaluation
 from fastft.model import build_model, load_state_file
 from fastft.parallel import env as penv
@@ -31,21 +31,30 @@ class EvalResult:
 def load_trained(checkpoint: str | Path, device: torch.device):
     """Rebuild the trained model from a fastft checkpoint (weights_only load) or its `model.safetensors` export.
 
-    Returns (model, meta)."""
+    A probe checkpoint's frozen part is rebuilt from its weights source, as training built it, and checked against
+    the checkpoint's fingerprint (fastft.checkpoint.load_model_checkpoint). Returns (model, meta)."""
     if str(checkpoint).endswith(".safetensors"):
         state = {"model": load_state_file(checkpoint), "meta": _export_meta(Path(checkpoint))}
     else:
         state = load_checkpoint(checkpoint)
-    meta = state["meta"]
+    meta, frozen = state["meta"], state.get("frozen")
     mcfg = ModelConfig(
         source=meta.get("source", "torchvision"),  # checkpoints from before timm record no source
         name=meta["model_name"],
-        weights="none",
+        weights=frozen["weights"] if frozen else "none",
         head_hidden=meta["head_hidden"],
         head_dropout=meta["head_dropout"],
     )
-    model = build_model(mcfg, meta["num_classes"], image_size=meta["transform"]["crop_size"])
-    load_model_state(model, state["model"], checkpoint)
+    try:
+        model = build_model(
+            mcfg, meta["num_classes"], image_size=meta["transform"]["crop_size"], pretrained_ok=frozen is not None
+        )
+    except FastftError as e:
+        if frozen is None:
+            raise
+        where = weights_place(frozen)
+        raise CheckpointError(f"{checkpoint}: cannot rebuild its frozen part from {where}: {e}") from None
+    load_model_checkpoint(model, state, checkpoint)
     return model.to(device).eval(), meta
 
 

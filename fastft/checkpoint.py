@@ -1,10 +1,15 @@
 """Checkpoints: atomic writes (temp file + fsync + rename), exact-resume state, and loading that cannot run code.
 
 A checkpoint is a dict of tensors and plain containers only, read back with ``torch.load(weights_only=True)``;
-exports of the trained model and head are safetensors files with a JSON sidecar."""
+exports of the trained model and head are safetensors files with a JSON sidecar.
+
+A probe checkpoint (the frozen part holds most of the parameters and comes from a weights source) stores only what
+training can change, plus a fingerprint of the frozen part: its source and a blake2b digest of its tensors. Loading
+rebuilds the frozen part from that source and refuses when the digest differs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -16,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastft.backbones.freeze import is_bn, is_frozen_bn
 from fastft.errors import CheckpointError, FastftError
 
 FORMAT_VERSION = 1
@@ -142,6 +148,86 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: str
     model.load_state_dict(state, strict=True)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Probe checkpoints: the trainable state + a fingerprint of the frozen part
+
+
+def trainable_keys(model: nn.Module) -> set[str]:
+    """State-dict keys training can change: every parameter that requires grad, and the buffers of a module that
+    trains (one with a trainable parameter of its own, or a BatchNorm that is not frozen: in train mode it updates its
+    running statistics, even parameter-less). A frozen BatchNorm stays in eval, so its buffers never change."""
+    keys: set[str] = set()
+    for prefix, m in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        own = list(m.named_parameters(recurse=False))
+        keys |= {dot + n for n, p in own if p.requires_grad}
+        if any(p.requires_grad for _, p in own) or (is_bn(m) and not is_frozen_bn(m)):
+            keys |= {dot + n for n, _ in m.named_buffers(recurse=False)}
+    return keys
+
+
+def frozen_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys a probe checkpoint leaves to the weights source (state-dict order). A frozen tensor that is
+    no longer fp32 (DeepSpeed casts the whole wrapped part to bf16/fp16) no longer equals its source: it is stored."""
+    train = trainable_keys(model)
+    return [
+        k
+        for k, v in model.state_dict().items()
+        if k not in train and not (v.is_floating_point() and v.dtype not in (torch.float32, torch.float64))
+    ]
+
+
+def uses_probe_format(model: nn.Module, weights: str) -> bool:
+    """The rule: a probe checkpoint when the frozen parameters are more than half of the model's and come from a
+    weights source (a pretrained tag or a file). Random weights (`none`) cannot be rebuilt: a full checkpoint."""
+    total = sum(p.numel() for p in model.parameters())
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return weights.lower() not in ("none", "") and 2 * frozen > total
+
+
+def frozen_digest(state: dict[str, torch.Tensor], keys: list[str]) -> tuple[str, int]:
+    """(blake2b hex digest, bytes hashed) over `keys` in name order: each key, dtype, shape and the tensor's bytes
+    (contiguous, on the CPU, so channels_last and the device do not change it)."""
+    h = hashlib.blake2b(digest_size=32)
+    total = 0
+    for k in sorted(keys):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)};".encode())
+        data = t.reshape(-1).view(torch.uint8).numpy()
+        h.update(data)
+        total += data.nbytes
+    return h.hexdigest(), total
+
+
+def weights_place(frozen: dict[str, Any]) -> str:
+    """Where a probe checkpoint's frozen part comes from, as the error names it."""
+    from fastft.backbones.weights import is_path
+
+    w = frozen["weights"]
+    return w if is_path(w) else f"{frozen['source']}:{frozen['name']} (weights {w})"
+
+
+def load_model_checkpoint(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
+    """Load a checkpoint's model state into `model`: a full one strictly; a probe one over the frozen part `model` was
+    rebuilt with, after checking that part against the fingerprint (CheckpointError, one line, when it differs)."""
+    frozen = ckpt.get("frozen")
+    if frozen is None:
+        load_model_state(model, ckpt["model"], path)
+        return
+    own = model.state_dict()
+    keys = [k for k in own if k not in ckpt["model"]]
+    problem = describe_mismatch(model, {**{k: own[k] for k in keys}, **ckpt["model"]})  # unexpected keys, shapes
+    if problem:
+        raise CheckpointError(f"{path} does not match the model: {problem}")
+    digest, _ = frozen_digest(own, keys)
+    if len(keys) != frozen["tensors"] or digest != frozen["blake2b"]:
+        raise CheckpointError(
+            f"{path}: the weights at {weights_place(frozen)} changed since the run: the frozen part they give "
+            f"({len(keys)} tensors, not stored in this checkpoint) does not match the checkpoint's fingerprint"
+        )
+    model.load_state_dict(ckpt["model"], strict=False)
+
+
 def export_safetensors(
     module: nn.Module, path: Path, meta: dict[str, Any], state: dict[str, torch.Tensor] | None = None
 ) -> Path:
@@ -180,6 +266,7 @@ class Checkpointer:
         self.run_dir, self.env, self.model, self.backend = run_dir, env, model, backend
         self.optimizer, self.scheduler, self.meta, self.sweep = optimizer, scheduler, meta, sweep
         self._whole = False  # the file written last holds the whole state (no optimizer state kept beside it)
+        self._digest: tuple[tuple[str, ...], str, int] | None = None  # (frozen keys, digest, bytes) last hashed
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The model's state dict with full-precision weights: where the backend trains a bf16/fp16 copy (DeepSpeed),
@@ -191,6 +278,24 @@ class Checkpointer:
             state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
             state.update({names[i]: t for i, t in masters.items() if i in names})
         return state
+
+    def fingerprint(self) -> dict[str, Any] | None:
+        """The frozen part's fingerprint when this save is a probe checkpoint (uses_probe_format), else None. The
+        digest is computed once per frozen set: frozen tensors never change, and an unfreeze changes the set."""
+        mcfg = self.meta.get("config", {}).get("model", {})
+        if not uses_probe_format(self.model, mcfg.get("weights", "none")):
+            return None
+        keys = frozen_keys(self.model)
+        if self._digest is None or self._digest[0] != tuple(keys):
+            self._digest = (tuple(keys), *frozen_digest(self.model.state_dict(), keys))
+        return {
+            "source": mcfg.get("source", "torchvision"),
+            "name": mcfg.get("name"),
+            "weights": mcfg["weights"],
+            "tensors": len(keys),
+            "bytes": self._digest[2],
+            "blake2b": self._digest[1],
+        }
 
     def save(self, name: str, *, epoch: int, batch: int, step: int, best: dict, stats: dict | None) -> None:
         """Write `name` (last.pt / best.pt) for position (epoch, batch); `stats`: the partial epoch's loss sums."""
@@ -214,6 +319,11 @@ class Checkpointer:
         if not self.env.is_main:
             return
         extra = {"sweep_bank": self.sweep.state_dict()} if self.sweep is not None else {}
+        frozen = self.fingerprint()
+        if frozen is not None:
+            extra["frozen"] = frozen
+            left = set(self._digest[0])  # rebuilt from the weights source on load
+            weights = {k: v for k, v in weights.items() if k not in left}
         state = {
             **extra,
             "model": weights,
@@ -246,7 +356,7 @@ class Checkpointer:
     def restore(self, state: dict[str, Any], path: Path) -> None:
         """Model, sweep bank, optimizer, schedule, backend counters and this rank's RNG from a checkpoint read by
         load_checkpoint (the position, best and epoch stats are the caller's)."""
-        load_model_state(self.model, state["model"], path)
+        load_model_checkpoint(self.model, state, path)
         if self.sweep is not None:
             self.sweep.load_state_dict(state["sweep_bank"], path)
         self.backend.load_optimizer_state(state["optimizer"], path)

@@ -50,7 +50,11 @@ _ORDER = "the saved position in the epoch means the same samples only with the s
 RULES: dict[str, Rule] = {
     "model.source": Rule(MUST, "the saved weights are this source's model"),
     "model.name": Rule(MUST, "the saved weights are this model's"),
-    "model.weights": Rule(MUST, "it picks the preprocessing preset (crop size, mean/std) the run trained with"),
+    "model.weights": Rule(
+        MUST,
+        "it picks the preprocessing preset (crop size, mean/std) the run trained with, and a probe checkpoint's "
+        "frozen part is rebuilt from it",
+    ),
     "model.num_classes": Rule(MUST, "the head's shape", same=_inferred_or_equal),
     "model.freeze": Rule(MUST, _GROUPS),
     "model.head_hidden": Rule(MUST, "the head's shape"),
