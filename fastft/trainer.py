@@ -27,6 +27,7 @@ from fastft import checkpoint as ckpt_io
 from fastft import resume as resume_rules
 from fastft.backbones import Backbone, build_backbone, preprocess_spec, trace_options
 from fastft.backbones.freeze import freeze
+from fastft.backbones.hf_text import split_text
 from fastft.backbones.split import split_model
 from fastft.checkpoint import Checkpointer, refuse_nonfinite
 from fastft.compile import apply_compile, resolve_target
@@ -151,11 +152,16 @@ class _ModelSource:
         return self.backbone.head
 
     def spec(self):
-        return preprocess_spec(self.cfg.model, self.cfg.data.image_size)
+        return preprocess_spec(self.cfg.model, self.cfg.data.image_size, max_length=self.cfg.data.max_length)
 
-    def build(self, num_classes: int, image_size: int) -> tuple[torch.nn.Module, tuple[int, int]]:
+    def build(
+        self, num_classes: int, image_size: int, *, labels: list[str] | None = None
+    ) -> tuple[torch.nn.Module, tuple[int, int]]:
         """The model with its new head, frozen as configured: (model, (trainable, total) parameter counts)."""
-        self.backbone = build_backbone(self.cfg.model, num_classes, image_size=image_size)
+        data = self.cfg.data
+        self.backbone = build_backbone(
+            self.cfg.model, num_classes, image_size=image_size, max_length=data.max_length, labels=labels
+        )
         model = self.backbone.model
         trainable, total = freeze(model, self.cfg.model.freeze, head=self.head, stages=self.backbone.stages())
         log.info(
@@ -169,6 +175,8 @@ class _ModelSource:
         return model, (trainable, total)
 
     def split(self, model: torch.nn.Module):
+        if self.backbone.source == "hf":  # a text encoder is cut at its stages (no torch.fx trace of HF models)
+            return split_text(self.backbone, {n for n, p in model.named_parameters() if p.requires_grad})
         return split_model(model, head=self.head, trace=trace_options(model))
 
     def param_groups(self, model: torch.nn.Module, names: list[str], cfg, **kw) -> list[dict]:
@@ -232,7 +240,7 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> Run:
     resumed_step = state["step"] if state is not None else 0
     inputs.start(start_epoch, start_batch, training_left=start_epoch < epochs and resumed_step < total_steps)
 
-    model, counts = source.build(num_classes, spec.crop_size)
+    model, counts = source.build(num_classes, getattr(spec, "crop_size", 0), labels=index.classes)
     check_before_training(
         cfg,
         model=model,
