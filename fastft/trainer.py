@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,7 +235,7 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> Run:
     source = _ModelSource(cfg)
     spec = source.spec()
     # After a replayed unfreeze the original run went uncached too.
-    inputs = Inputs(cfg, env, index, spec, cached=cfg.features.cache != "off" and not replayed, opened=opened)
+    inputs = _data(cfg)[1](cfg, env, index, spec, cached=cfg.features.cache != "off" and not replayed, opened=opened)
     epochs, steps_per_epoch, total_steps = _lengths(cfg, env, len(inputs.train), len(index.train))
     start_epoch, start_batch = pos or (0, 0)
     resumed_step = state["step"] if state is not None else 0
@@ -361,13 +362,23 @@ def _optimizer(cfg: FinetuneConfig, model, source, replayed: list, device: torch
 
 def _index(cfg: FinetuneConfig):
     """The data index (one class mapping for every loader) and the number of classes."""
-    index = index_from_config(cfg.data, seed=cfg.run.seed)
+    index = _data(cfg)[0](cfg)
     if not index.val:
         raise FastftError("no validation images: add a val folder or raise data.val_fraction")
     num_classes = cfg.model.num_classes or index.num_classes
     if num_classes != index.num_classes:
         raise ConfigError(f"model.num_classes: {num_classes} but the data has {index.num_classes} classes")
     return index, num_classes
+
+
+def _data(cfg: FinetuneConfig) -> tuple[Callable, type]:
+    """(index function, inputs class) of the run's data: text rows for a text encoder (model.source=hf), else
+    images. The one place the run picks its modality."""
+    if cfg.model.source == "hf":
+        from fastft.text_inputs import TextInputs, text_index
+
+        return text_index, TextInputs
+    return lambda c: index_from_config(c.data, seed=c.run.seed), Inputs
 
 
 def _read_resume(cfg: FinetuneConfig, env: penv.DistEnv, index, resume_from: Path | None) -> dict | None:
@@ -498,7 +509,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, float]:
         loss = train_step(run, images, labels, boundary=boundary, timer=timer, epoch=epoch)
         stats.loss_sum += loss
         stats.loss_n += 1
-        stats.seen += images.shape[0]
+        stats.seen += labels.shape[0]
         if bar is not None:
             bar.update(1)
         run.backend.step(boundary)
