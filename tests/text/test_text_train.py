@@ -107,6 +107,16 @@ def test_text_run_trains_and_keeps_frozen_weights(text_data, tmp_path, freeze, l
     assert {k for k in folder if not frozen(k)} <= changed | {k for k in folder if "position_ids" in k}
 
 
+def test_the_run_reads_data_max_length(text_data, tmp_path) -> None:
+    """data.max_length reaches the model: 65 tokens is more than the tiny BERT's 64 positions, refused in one line
+    before the run folder is made."""
+    from fastft.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"^data\.max_length: 65 is more than .* \(64 positions\)$"):
+        finetune(text_config(text_data, tmp_path / "runs", data__max_length=65))
+    assert not (tmp_path / "runs").exists()
+
+
 class _Interrupt(Exception):
     pass
 
