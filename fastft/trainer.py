@@ -76,7 +76,7 @@ class Run:
     resume_from: Path | None
     index: object
     num_classes: int
-    inputs: Inputs
+    inputs: Inputs  # or fastft.text_inputs.TextInputs (model.source=hf): the same interface
     model: torch.nn.Module
     source: _ModelSource  # the model source: its Backbone (head, stages, preprocessing) and the split
     split: object  # fastft.model.Split: prefix + trainable suffix (the sweep's bank when sweeping)
@@ -241,7 +241,7 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> Run:
     resumed_step = state["step"] if state is not None else 0
     inputs.start(start_epoch, start_batch, training_left=start_epoch < epochs and resumed_step < total_steps)
 
-    model, counts = source.build(num_classes, getattr(spec, "crop_size", 0), labels=index.classes)
+    model, counts = source.build(num_classes, getattr(spec, "crop_size", 0), labels=index.classes)  # text: no crop
     check_before_training(
         cfg,
         model=model,
