@@ -162,9 +162,11 @@ def test_text_resume_equals_the_uninterrupted_run(text_data, tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_ddp_text_run_reports_as_one_process(text_data, tmp_path) -> None:
-    """2 ranks x batch 4 == one process x batch 8 (the same global batches), evaluated on 101 val rows (shards of 51
-    and 50): the same confusion matrix, every row counted once, the same metrics. Without dropout: each rank draws
+@pytest.mark.parametrize(("freeze", "lr"), [("backbone", "0.05"), ("until:layer.0", "0.003")])
+def test_ddp_text_run_reports_as_one_process(text_data, tmp_path, freeze, lr) -> None:
+    """2 ranks x batch 4 == one process x batch 8 (the same global batches; a linear probe, and a cut between layers
+    whose DDP-wrapped part takes hidden states + mask), evaluated on 101 val rows (shards of 51 and 50): the same
+    confusion matrix, every row counted once, the same metrics. Without dropout: each rank draws
     its own dropout masks, so with dropout the two runs would train differently."""
     val = write_rows(tmp_path / "val101.csv", 101, seed=3)
     bert = make_tiny_bert(tmp_path / "bert", init_range=0.2, dropout=0.0)
@@ -172,7 +174,7 @@ def test_ddp_text_run_reports_as_one_process(text_data, tmp_path) -> None:
         "train",
         "--model.source=hf",
         f"--model.name={bert}",
-        "--model.freeze=backbone",
+        f"--model.freeze={freeze}",
         "--data.root=",
         f"--data.train_list={text_data['train']}",
         f"--data.val_list={val}",
@@ -180,7 +182,7 @@ def test_ddp_text_run_reports_as_one_process(text_data, tmp_path) -> None:
         "--precision.dtype=fp32",
         "--compile.target=none",
         "--optim.name=adamw",
-        "--optim.lr=0.05",
+        f"--optim.lr={lr}",
         "--optim.epochs=3",
         "--log.progress=false",
         "--log.tensorboard=false",
