@@ -2,12 +2,13 @@
 
 Each sample is counted exactly once whatever the world size: loaders shard evaluation data without padding
 duplicates (or mask their padding), and a short or empty last batch is handled without NaN. When the model is
-compiled, short batches are padded to the full batch size and the padding is sliced off before the metrics."""
+compiled, short image batches are padded to the full batch size and the padding is sliced off before the metrics;
+text batches (dicts of token tensors, fastft/text_inputs.py) are never padded: their length varies batch to batch."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,19 @@ class StreamingEvaluator:
         self.count = 0
 
 
+def _batch_on(device: torch.device, images, n: int, *, pad_to: int, channels_last: bool):
+    """A batch on `device`: a dict of token tensors as it is (text batches are never padded: their length varies
+    batch to batch anyway), or an image tensor padded to `pad_to` rows and channels_last when asked."""
+    if isinstance(images, Mapping):
+        return {k: v.to(device, non_blocking=True) for k, v in images.items()}
+    images = images.to(device, non_blocking=True)
+    if pad_to and n < pad_to:
+        images = torch.cat([images, images.new_zeros((pad_to - n, *images.shape[1:]))])
+    if channels_last and images.ndim == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
 @torch.no_grad()
 def run_evaluation(
     forward: Callable[[torch.Tensor], torch.Tensor],
@@ -129,15 +143,11 @@ def run_evaluation(
     With `heads` = H > 0, `forward` returns (H, B, classes) and one report per head is returned."""
     evs = [StreamingEvaluator(num_classes, device) for _ in range(max(heads, 1))]
     for images, labels in loader:
-        n = images.shape[0]
+        n = labels.shape[0] if isinstance(images, Mapping) else images.shape[0]
         if n == 0:
             continue
-        images = images.to(device, non_blocking=True)
+        images = _batch_on(device, images, n, pad_to=pad_to, channels_last=channels_last)
         labels = labels.to(device, non_blocking=True).long()
-        if pad_to and n < pad_to:
-            images = torch.cat([images, images.new_zeros((pad_to - n, *images.shape[1:]))])
-        if channels_last and images.ndim == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), precision.autocast():
             logits = forward(images)
         logits = logits.float().clone()

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from fastft import early_stop
 from fastft import resume as resume_rules
 from fastft.backbones import Backbone, build_backbone, preprocess_spec, trace_options
 from fastft.backbones.freeze import freeze
+from fastft.backbones.hf_text import split_text
 from fastft.backbones.split import split_model
 from fastft.checkpoint import Checkpointer, refuse_nonfinite
 from fastft.compile import apply_compile, resolve_target
@@ -75,7 +77,7 @@ class Run:
     resume_from: Path | None
     index: object
     num_classes: int
-    inputs: Inputs
+    inputs: Inputs  # or fastft.text_inputs.TextInputs (model.source=hf): the same interface
     model: torch.nn.Module
     source: _ModelSource  # the model source: its Backbone (head, stages, preprocessing) and the split
     split: object  # fastft.model.Split: prefix + trainable suffix (the sweep's bank when sweeping)
@@ -154,11 +156,16 @@ class _ModelSource:
         return self.backbone.head
 
     def spec(self):
-        return preprocess_spec(self.cfg.model, self.cfg.data.image_size)
+        return preprocess_spec(self.cfg.model, self.cfg.data.image_size, max_length=self.cfg.data.max_length)
 
-    def build(self, num_classes: int, image_size: int) -> tuple[torch.nn.Module, tuple[int, int]]:
+    def build(
+        self, num_classes: int, image_size: int, *, labels: list[str] | None = None
+    ) -> tuple[torch.nn.Module, tuple[int, int]]:
         """The model with its new head, frozen as configured: (model, (trainable, total) parameter counts)."""
-        self.backbone = build_backbone(self.cfg.model, num_classes, image_size=image_size)
+        data = self.cfg.data
+        self.backbone = build_backbone(
+            self.cfg.model, num_classes, image_size=image_size, max_length=data.max_length, labels=labels
+        )
         model = self.backbone.model
         trainable, total = freeze(model, self.cfg.model.freeze, head=self.head, stages=self.backbone.stages())
         log.info(
@@ -172,6 +179,8 @@ class _ModelSource:
         return model, (trainable, total)
 
     def split(self, model: torch.nn.Module):
+        if self.backbone.source == "hf":  # a text encoder is cut at its stages (no torch.fx trace of HF models)
+            return split_text(self.backbone, {n for n, p in model.named_parameters() if p.requires_grad})
         return split_model(model, head=self.head, trace=trace_options(model))
 
     def param_groups(self, model: torch.nn.Module, names: list[str], cfg, **kw) -> list[dict]:
@@ -229,13 +238,13 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> Run:
     source = _ModelSource(cfg)
     spec = source.spec()
     # After a replayed unfreeze the original run went uncached too.
-    inputs = Inputs(cfg, env, index, spec, cached=cfg.features.cache != "off" and not replayed, opened=opened)
+    inputs = _data(cfg)[1](cfg, env, index, spec, cached=cfg.features.cache != "off" and not replayed, opened=opened)
     epochs, steps_per_epoch, total_steps = _lengths(cfg, env, len(inputs.train), len(index.train))
     start_epoch, start_batch = pos or (0, 0)
     resumed_step = state["step"] if state is not None else 0
     inputs.start(start_epoch, start_batch, training_left=start_epoch < epochs and resumed_step < total_steps)
 
-    model, counts = source.build(num_classes, spec.crop_size)
+    model, counts = source.build(num_classes, getattr(spec, "crop_size", 0), labels=index.classes)  # text: no crop
     check_before_training(
         cfg,
         model=model,
@@ -365,13 +374,23 @@ def _optimizer(cfg: FinetuneConfig, model, source, replayed: list, device: torch
 
 def _index(cfg: FinetuneConfig):
     """The data index (one class mapping for every loader) and the number of classes."""
-    index = index_from_config(cfg.data, seed=cfg.run.seed)
+    index = _data(cfg)[0](cfg)
     if not index.val:
         raise FastftError("no validation images: add a val folder or raise data.val_fraction")
     num_classes = cfg.model.num_classes or index.num_classes
     if num_classes != index.num_classes:
         raise ConfigError(f"model.num_classes: {num_classes} but the data has {index.num_classes} classes")
     return index, num_classes
+
+
+def _data(cfg: FinetuneConfig) -> tuple[Callable, type]:
+    """(index function, inputs class) of the run's data: text rows for a text encoder (model.source=hf), else
+    images. The one place the run picks its modality."""
+    if cfg.model.source == "hf":
+        from fastft.text_inputs import TextInputs, text_index
+
+        return text_index, TextInputs
+    return lambda c: index_from_config(c.data, seed=c.run.seed), Inputs
 
 
 def _read_resume(cfg: FinetuneConfig, env: penv.DistEnv, index, resume_from: Path | None) -> dict | None:
@@ -504,7 +523,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, float]:
         loss = train_step(run, images, labels, boundary=boundary, timer=timer, epoch=epoch)
         stats.loss_sum += loss
         stats.loss_n += 1
-        stats.seen += images.shape[0]
+        stats.seen += labels.shape[0]
         if bar is not None:
             bar.update(1)
         run.backend.step(boundary)

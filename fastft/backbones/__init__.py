@@ -26,19 +26,37 @@ def _source(name: str):
                 raise
             raise ModelError("model.source=timm needs timm (pip install 'fastft[timm]')") from None
         return timm
-    raise ModelError(f"model.source={name!r} is not built yet in this version (torchvision, timm)")
+    raise ModelError(f"model.source={name!r} is not built yet in this version (torchvision, timm, hf)")
 
 
-def build_backbone(cfg: ModelConfig, num_classes: int, *, image_size: int = 0, pretrained_ok: bool = True) -> Backbone:
+def build_backbone(
+    cfg: ModelConfig,
+    num_classes: int,
+    *,
+    image_size: int = 0,
+    pretrained_ok: bool = True,
+    max_length: int = 128,
+    labels: list[str] | None = None,
+) -> Backbone:
     """The classifier `cfg` names, from its source, with its weights and a new `num_classes` head (nothing frozen).
 
     `image_size` is the crop the loaders produce (0 = the model's own); `pretrained_ok=False` skips the weights
-    (evaluation rebuilds a model and loads a checkpoint over it)."""
+    (evaluation rebuilds a model and loads a checkpoint over it). A text encoder (source "hf") is read from its
+    folder (or the hub cache) whatever `pretrained_ok` says; `max_length` and the class names `labels` are its own."""
+    if cfg.source == "hf":
+        from fastft.backbones.hf_text import HFTextBackbone
+
+        return HFTextBackbone(cfg.name, num_classes, max_length=max_length, labels=labels)
     return _source(cfg.source).build(cfg, num_classes, image_size=image_size, pretrained_ok=pretrained_ok)
 
 
-def preprocess_spec(cfg: ModelConfig, image_size: int = 0) -> TransformSpec:
-    """The loaders' input contract for `cfg`'s model, read from its source's preset without building the model."""
+def preprocess_spec(cfg: ModelConfig, image_size: int = 0, *, max_length: int = 128) -> TransformSpec | TextSpec:
+    """The loaders' input contract for `cfg`'s model, read from its source's preset without building the model:
+    an image transform, or (source "hf") the tokenizer folder and `max_length`."""
+    if cfg.source == "hf":
+        from fastft.backbones.hf_text import text_spec
+
+        return text_spec(cfg.name, max_length)
     return _source(cfg.source).preprocess_spec(cfg, image_size)
 
 

@@ -106,6 +106,27 @@ def _load(name: str, num_classes: int, labels: list[str] | None) -> tuple[nn.Mod
     return model, tokenizer, str(Path(resolved).resolve())
 
 
+def text_spec(name: str, max_length: int) -> TextSpec:
+    """The tokenizer folder of model `name` (a folder, or a hub name read from the local cache) and `max_length`,
+    without loading the model: what the data is tokenised with before the model is built.
+
+    Raises:
+        ModelError: the folder does not exist, or the name is not in the local hub cache.
+    """
+    if _is_folder_name(name):
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise ModelError(f"model.name: Hugging Face model folder not found: {folder}")
+        return TextSpec(str(folder.resolve()), max_length)
+    from transformers.utils import cached_file
+
+    try:
+        config = cached_file(name, "config.json", local_files_only=_offline())
+    except Exception as e:
+        raise ModelError(f"model.name: cannot find Hugging Face model {name!r}: {_first_line(e)}") from None
+    return TextSpec(str(Path(config).parent.resolve()), max_length)
+
+
 def _find_head(hf: nn.Module, name: str) -> str:
     for attr in _HEAD_NAMES:
         if isinstance(getattr(hf, attr, None), nn.Module):

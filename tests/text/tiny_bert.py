@@ -37,8 +37,11 @@ def make_tokenizer(folder: Path, words=WORDS):
     return fast
 
 
-def make_tiny_bert(folder: Path, *, seed: int = 0, dropout: float = 0.1) -> Path:
-    """A BertModel (no classifier) + tokenizer in `folder`, loadable by AutoModelForSequenceClassification."""
+def make_tiny_bert(folder: Path, *, seed: int = 0, dropout: float = 0.1, init_range: float = 0.02) -> Path:
+    """A BertModel (no classifier) + tokenizer in `folder`, loadable by AutoModelForSequenceClassification.
+
+    `init_range` (BERT's initializer_range): larger weights mix the tokens into the pooled output, so a linear probe on
+    this untrained encoder has features to learn from."""
     import torch
     from transformers import BertConfig, BertModel
 
@@ -52,6 +55,7 @@ def make_tiny_bert(folder: Path, *, seed: int = 0, dropout: float = 0.1) -> Path
         max_position_embeddings=64,
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
+        initializer_range=init_range,
     )
     torch.manual_seed(seed)
     BertModel(cfg).save_pretrained(folder)
