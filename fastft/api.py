@@ -38,6 +38,11 @@ def load_trained(checkpoint: str | Path, device: torch.device):
     else:
         state = load_checkpoint(checkpoint)
     meta, frozen = state["meta"], state.get("frozen")
+    if meta.get("source") == "hf":
+        raise ConfigError(
+            f"{checkpoint}: a text model ({meta['model_name']}); fastft eval, predict and export take image models "
+            "only for now (a text run reports its evaluation itself)"
+        )
     mcfg = ModelConfig(
         source=meta.get("source", "torchvision"),  # checkpoints from before timm record no source
         name=meta["model_name"],

@@ -76,8 +76,6 @@ def export_model(
     if fmt == "onnx":
         _require_onnx()
     model, meta = load_trained(checkpoint, torch.device("cpu"))
-    if meta.get("source") == "hf":
-        raise ConfigError(f"{checkpoint}: a text model; its run folder's export is the Hugging Face folder to use")
     model = model.float().eval()
     crop = meta["transform"]["crop_size"]
     example = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))

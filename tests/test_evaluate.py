@@ -267,3 +267,26 @@ def test_without_class_names_rows_have_no_class_key():
     report = run_evaluation(_Recorder(48, 3), _loader(3, [4]), num_classes=3, device=CPU, precision=FP32)
     assert "classes" not in report
     assert all("class" not in row for row in report["per_class"])
+
+
+@pytest.mark.parametrize("classes", [2, 4, 5])
+def test_report_keys_are_the_scalar_keys_of_the_metrics_built(classes) -> None:
+    """report_keys is written out (so the check before the first step needs no torchmetrics import); it must stay the
+    list the metrics give."""
+    from fastft.evaluation import build_metrics, report_keys
+
+    collection, extra = build_metrics(classes, torch.device("cpu"))
+    built = [k for k in collection.keys() if not k.endswith("_per_class") and k != "confusion_matrix"] + list(extra)
+    assert report_keys(classes) == built
+
+
+def test_the_best_metric_check_imports_no_torchmetrics() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import fastft.trainer; from fastft.preflight import check_best_metric; "
+        "check_best_metric('f1_macro', 4); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchmetrics'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]

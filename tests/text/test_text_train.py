@@ -15,6 +15,7 @@ from conftest import run_cli, run_torchrun
 from safetensors.torch import load_file
 from tiny_bert import make_tiny_bert
 
+import fastft.api as fastft_api
 from fastft.config import FinetuneConfig
 from fastft.train import finetune
 
@@ -105,6 +106,16 @@ def test_text_run_trains_and_keeps_frozen_weights(text_data, tmp_path, freeze, l
     changed = {k for k, v in folder.items() if not torch.equal(trained[f"hf.bert.{k}"], v)}
     assert {k for k in folder if frozen(k)}.isdisjoint(changed)
     assert {k for k in folder if not frozen(k)} <= changed | {k for k in folder if "position_ids" in k}
+    # what the inference commands do not take yet is a one-line refusal, not a traceback
+    from fastft.errors import ConfigError
+    from fastft.export import export_model
+
+    for call in (
+        lambda: fastft_api.load_trained(result.paths["best"], torch.device("cpu")),
+        lambda: export_model(result.paths["last"], tmp_path / "export"),
+    ):
+        with pytest.raises(ConfigError, match=r"a text model .*take image models only for now"):
+            call()
 
 
 def test_the_run_reads_data_max_length(text_data, tmp_path) -> None:
