@@ -13,17 +13,23 @@ from fastft.data.torch_loader import TorchLoader
 from fastft.data.transforms import TransformSpec
 
 
+def _images(folder, n: int, size: tuple[int, int], ext: str) -> list[tuple[str, int]]:
+    """n random images of `size` (height, width); sample i is labelled i."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(n):
+        path = folder / f"{i}.{ext}"
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+        samples.append((str(path), i))
+    return samples
+
+
 def test_loading_in_process_leaves_the_cuda_generators_alone(tmp_path, monkeypatch) -> None:
     """With data.workers=0 the samples are augmented in the training process. Seeding each sample must not reseed the
     CUDA generators (torch.manual_seed does, and fork_rng(devices=[]) does not restore them): the model's dropout
     would then be a function of the last sample loaded. Observed through the calls that reseed CUDA; the CPU
     generator must come back as it was, and the augmentation must still follow the sample's seed."""
-    rng = np.random.default_rng(0)
-    samples = []
-    for i in range(8):
-        path = tmp_path / f"{i}.jpg"
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
-        samples.append((str(path), i))
+    samples = _images(tmp_path, 8, (40, 48), "jpg")
     calls: list[str] = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append("manual_seed_all"))
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append("manual_seed"))
@@ -55,12 +61,7 @@ class _Native:
 def test_garbage_is_collected_before_the_workers_fork(tmp_path) -> None:
     """A forked worker whose garbage collector finalised an inherited DALI pipeline hung forever (its executor waits
     for threads that only exist in the parent): garbage awaiting collection is destroyed here, before the fork."""
-    rng = np.random.default_rng(0)
-    samples = []
-    for i in range(4):
-        path = tmp_path / f"{i}.png"
-        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(path)
-        samples.append((str(path), i))
+    samples = _images(tmp_path, 4, (20, 20), "png")
     loader = TorchLoader(samples, TransformSpec(crop_size=8, resize_size=8), train=True, batch_size=2, workers=2)
     finalised: list[int] = []
     gc.disable()  # the cycle must not be collected before the loader starts by chance
