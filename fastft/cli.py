@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on a folder of class folders")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", required=True)
-    e.add_argument("--out", help="folder for metrics.json and confusion_matrix.png")
+    e.add_argument("--out", help="folder for metrics.json, confusion_matrix.png and report.html")
     e.add_argument("--config", help="TOML run file for the options below (plus --section.key=value overrides)")
     e.add_argument("--batch-size", type=int, help="alias of --data.batch_size (default 64)")
     e.add_argument("--workers", type=int, help="alias of --data.workers (default 2)")

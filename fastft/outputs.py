@@ -22,7 +22,7 @@ from pathlib import Path
 from fastft.errors import ConfigError
 
 PREDICTIONS_HEADER = "path,label,probability"
-REPORT_FILES = ("metrics.json", "confusion_matrix.png")
+REPORT_FILES = ("metrics.json", "confusion_matrix.png", "report.html")
 # Everything a run writes into its folder; `--overwrite` removes exactly these, never other files.
 RUN_OUTPUTS = (
     "last.pt",
@@ -30,6 +30,7 @@ RUN_OUTPUTS = (
     "events.jsonl",
     "metrics.json",
     "confusion_matrix.png",
+    "report.html",
     "model.safetensors",
     "model.json",
     "head.safetensors",
@@ -128,6 +129,10 @@ def _is_fastft_report_file(path: Path) -> bool:
         if path.name == "metrics.json":
             data = json.loads(path.read_text(encoding="utf-8"))
             return isinstance(data, dict) and "confusion_matrix" in data and "num_samples" in data
+        if path.name == "report.html":
+            from fastft.report_html import MARKER
+
+            return MARKER in path.read_text(encoding="utf-8")[:1000]
         with open(path, "rb") as f:
             return f.read(8) == b"\x89PNG\r\n\x1a\n"
     except (OSError, ValueError):
@@ -135,7 +140,7 @@ def _is_fastft_report_file(path: Path) -> bool:
 
 
 def check_report_target(out_dir: Path, *, checkpoint: Path, data: Path, overwrite: bool) -> None:
-    """`fastft eval --out`: a folder (new or existing) whose metrics.json / confusion_matrix.png are replaced only
+    """`fastft eval --out`: a folder (new or existing) whose report files (REPORT_FILES) are replaced only
     with `--overwrite` and only when fastft wrote them; never an input."""
     if _exists(out_dir) and not out_dir.is_dir():
         raise ConfigError(f"--out: {out_dir} exists and is not a folder; give a folder for the report")

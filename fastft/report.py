@@ -1,4 +1,4 @@
-"""Render an evaluation report: console table, metrics.json and confusion_matrix.png."""
+"""Render an evaluation report: console table, metrics.json, confusion_matrix.png and report.html."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def format_table(report: dict) -> str:
     if rows:
         width = max(12, *(len(str(r.get("class", i))) for i, r in enumerate(rows)))
         lines.append(f"  {'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
-        for i, r in enumerate(rows):
+        # most samples first (ties by name), as in report.html: rare classes sit together at the bottom
+        for i, r in sorted(enumerate(rows), key=lambda t: (-t[1]["support"], str(t[1].get("class", t[0])))):
             lines.append(
                 f"  {r.get('class', i)!s:<{width}} {r['precision']:>9.4f} {r['recall']:>9.4f} "
                 f"{r['f1']:>9.4f} {r['support']:>8d}"
@@ -82,9 +83,14 @@ def confusion_figure(report: dict):
     return fig
 
 
-def write_report(report: dict, out_dir: Path, *, prefix: str = "") -> dict[str, Path]:
-    """Write metrics.json and confusion_matrix.png into out_dir; returns their paths."""
+def write_report(
+    report: dict, out_dir: Path, *, prefix: str = "", events: Path | None = None, best_metric: str | None = None
+) -> dict[str, Path]:
+    """Write metrics.json, confusion_matrix.png and report.html (with a run's curves from `events`) into out_dir;
+    returns their paths."""
     import matplotlib.pyplot as plt
+
+    from fastft.report_html import write_html
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -97,4 +103,5 @@ def write_report(report: dict, out_dir: Path, *, prefix: str = "") -> dict[str, 
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, paths["confusion_matrix"])
+    paths["html"] = write_html(report, out_dir / f"{prefix}report.html", events=events, best_metric=best_metric)
     return paths

@@ -697,7 +697,9 @@ def finish(run: Run) -> RunResult:
         sweep_text = report.pop("sweep_table", None)
         if cfg.data.loader == "synthetic":
             report["synthetic_data"] = True  # one random batch: the metrics say nothing about the data folder
-        paths.update(write_report(report, run_dir))
+        paths.update(
+            write_report(report, run_dir, events=run_dir / "events.jsonl", best_metric=cfg.checkpoint.best_metric)
+        )
         paths.update(_export(run, final_state))
         _log_end(run)
         print(format_table(report))
