@@ -50,15 +50,19 @@ def _png(fig) -> str:
     return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode("ascii")}">'
 
 
-def _confusion_images(report: dict) -> list[str]:
+def row_normalised(cm: list[list[int]]):
+    """Each true class's row divided by its support (2 decimals; a class with no samples stays a row of zeros)."""
     import numpy as np
 
+    cm = np.asarray(cm)
+    rows = cm.sum(axis=1, keepdims=True)
+    return np.round(np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0), 2)
+
+
+def _confusion_images(report: dict) -> list[str]:
     from fastft.report import confusion_figure
 
-    cm = np.asarray(report["confusion_matrix"])
-    rows = cm.sum(axis=1, keepdims=True)
-    normed = np.round(np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0), 2)
-    fig = confusion_figure({**report, "confusion_matrix": normed})
+    fig = confusion_figure({**report, "confusion_matrix": row_normalised(report["confusion_matrix"])})
     fig.axes[0].set_title("confusion matrix, each true class's row divided by its support")
     return [_png(confusion_figure(report)), _png(fig)]
 

@@ -14,6 +14,7 @@ from conftest import tiny_config
 from PIL import Image
 
 from fastft.report import format_table, write_report
+from fastft.report_html import row_normalised
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -137,12 +138,15 @@ def test_report_html_tables_images_and_escaping(tmp_path) -> None:
     ]
 
 
-def test_row_normalised_confusion_matrix_differs_from_counts(tmp_path) -> None:
-    """An evaluation report (no events): both matrices, and the page says there are no curves."""
+def test_an_evaluation_report_has_both_matrices_and_says_it_has_no_curves(tmp_path) -> None:
     page, text = _parse(write_report(_report(), tmp_path)["html"])
     assert len(_png_sizes(page)) == 2
-    assert page.images[0] != page.images[1]
     assert "no per-epoch curves" in text
+
+
+def test_row_normalised_divides_each_row_by_its_support() -> None:
+    got = row_normalised([[1, 1, 0], [0, 8, 1], [2, 0, 7], [0, 0, 0]])
+    assert got.tolist() == [[0.5, 0.5, 0.0], [0.0, 0.89, 0.11], [0.22, 0.0, 0.78], [0.0, 0.0, 0.0]]
 
 
 def test_a_failed_write_leaves_the_old_report_and_no_temp_file(tmp_path, monkeypatch) -> None:
