@@ -189,3 +189,23 @@ def test_a_training_run_writes_report_html_with_its_curves(shapes4, tmp_path) ->
     # 2 confusion matrices, 5 per-epoch curves (train_loss, loss, f1_macro = best_metric, top1, img_per_s), lr
     assert len(_png_sizes(page)) == 8 and "no per-epoch curves" not in text
     assert not [p.name for p in result.run_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_eval_out_replaces_only_a_report_html_that_fastft_wrote(tmp_path) -> None:
+    from fastft.errors import ConfigError
+    from fastft.outputs import check_report_target, clear_outputs
+
+    ckpt, data = tmp_path / "best.pt", tmp_path / "val"
+    write_report(_report(), tmp_path / "ours")
+    (tmp_path / "ours" / "metrics.json").unlink()
+    (tmp_path / "ours" / "confusion_matrix.png").unlink()
+    with pytest.raises(ConfigError, match=r"report\.html already exists"):
+        check_report_target(tmp_path / "ours", checkpoint=ckpt, data=data, overwrite=False)
+    check_report_target(tmp_path / "ours", checkpoint=ckpt, data=data, overwrite=True)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.html").write_text("<html><body>my notes</body></html>")
+    with pytest.raises(ConfigError, match=r"report\.html exists and was not written by fastft"):
+        check_report_target(mine, checkpoint=ckpt, data=data, overwrite=True)
+    clear_outputs(tmp_path / "ours")  # a run folder's --overwrite removes the old run's report.html
+    assert not (tmp_path / "ours" / "report.html").exists()
