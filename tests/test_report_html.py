@@ -14,7 +14,6 @@ from conftest import tiny_config
 from PIL import Image
 
 from fastft.report import format_table, write_report
-from fastft.report_html import row_normalised
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -145,6 +144,8 @@ def test_an_evaluation_report_has_both_matrices_and_says_it_has_no_curves(tmp_pa
 
 
 def test_row_normalised_divides_each_row_by_its_support() -> None:
+    from fastft.report_html import row_normalised
+
     got = row_normalised([[1, 1, 0], [0, 8, 1], [2, 0, 7], [0, 0, 0]])
     assert got.tolist() == [[0.5, 0.5, 0.0], [0.0, 0.89, 0.11], [0.22, 0.0, 0.78], [0.0, 0.0, 0.0]]
 
