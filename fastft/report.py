@@ -103,5 +103,8 @@ def write_report(
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, paths["confusion_matrix"])
-    paths["html"] = write_html(report, out_dir / f"{prefix}report.html", events=events, best_metric=best_metric)
+    png = paths["confusion_matrix"].read_bytes()
+    paths["html"] = write_html(
+        report, out_dir / f"{prefix}report.html", events=events, best_metric=best_metric, counts_png=png
+    )
     return paths

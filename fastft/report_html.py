@@ -41,13 +41,17 @@ def read_curves(events: Path | None) -> dict[str, list[dict]]:
     return {"eval": [evals[k] for k in sorted(evals)], "step": steps}
 
 
+def _img(png: bytes) -> str:
+    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+
+
 def _png(fig) -> str:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
-    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode("ascii")}">'
+    return _img(buf.getvalue())
 
 
 def row_normalised(cm: list[list[int]]):
@@ -59,12 +63,23 @@ def row_normalised(cm: list[list[int]]):
     return np.round(np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0), 2)
 
 
-def _confusion_images(report: dict) -> list[str]:
+def _confusion_images(report: dict, counts_png: bytes | None) -> list[str]:
     from fastft.report import confusion_figure
 
-    fig = confusion_figure({**report, "confusion_matrix": row_normalised(report["confusion_matrix"])})
-    fig.axes[0].set_title("confusion matrix, each true class's row divided by its support")
-    return [_png(confusion_figure(report)), _png(fig)]
+    counts = _img(counts_png) if counts_png is not None else _png(confusion_figure(report))
+    normed = row_normalised(report["confusion_matrix"])
+    title = "confusion matrix, each true class's row divided by its support"
+    if len(normed) <= 50:
+        fig = confusion_figure({**report, "confusion_matrix": normed})
+        fig.axes[0].set_title(title)
+    else:  # no class names: unreadable at this size, and laying out their labels costs most of the render
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(10, 10))
+        ax.imshow(normed, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        ax.set(xlabel="predicted (class index)", ylabel="true (class index)", title=title)
+        fig.tight_layout()
+    return [counts, _png(fig)]
 
 
 def _curve_images(curves: dict[str, list[dict]], best_metric: str | None) -> list[str]:
@@ -103,8 +118,11 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render_html(report: dict, *, events: Path | None = None, best_metric: str | None = None) -> str:
-    """The page for `report`; curves come from `events` (a run's events.jsonl) when given and it holds evaluations."""
+def render_html(
+    report: dict, *, events: Path | None = None, best_metric: str | None = None, counts_png: bytes | None = None
+) -> str:
+    """The page for `report`; curves come from `events` (a run's events.jsonl) when given and it holds evaluations;
+    `counts_png` is the counts matrix already rendered (confusion_matrix.png), drawn here when not given."""
     scalars = [[k, v] for k, v in report.items() if isinstance(v, float) or (v is None and k != "early_stop")]
     named = [{**r, "class": r.get("class", str(i))} for i, r in enumerate(report.get("per_class", []))]
     per_class = [[r["class"], r["precision"], r["recall"], r["f1"], r["support"]] for r in by_support(named)]
@@ -116,7 +134,7 @@ def render_html(report: dict, *, events: Path | None = None, best_metric: str | 
         '<h2>Metrics</h2><div id="metrics">' + _table(["metric", "value"], scalars) + "</div>",
         '<h2>Per class (by support)</h2><div id="per-class">',
         _table(["class", "precision", "recall", "f1", "support"], per_class) + "</div>",
-        "<h2>Confusion matrix</h2>" + "".join(_confusion_images(report)),
+        "<h2>Confusion matrix</h2>" + "".join(_confusion_images(report, counts_png)),
         "<h2>Curves</h2>"
         + ("".join(curves) if curves else "<p>no per-epoch curves: this report is not from a training run</p>"),
         "</body></html>\n",
@@ -124,9 +142,16 @@ def render_html(report: dict, *, events: Path | None = None, best_metric: str | 
     return "".join(parts)
 
 
-def write_html(report: dict, path: Path, *, events: Path | None = None, best_metric: str | None = None) -> Path:
+def write_html(
+    report: dict,
+    path: Path,
+    *,
+    events: Path | None = None,
+    best_metric: str | None = None,
+    counts_png: bytes | None = None,
+) -> Path:
     """Write report.html atomically (temp file + rename); returns its path."""
-    text = render_html(report, events=events, best_metric=best_metric)
+    text = render_html(report, events=events, best_metric=best_metric, counts_png=counts_png)
     with atomic_target(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path

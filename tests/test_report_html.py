@@ -210,3 +210,20 @@ def test_eval_out_replaces_only_a_report_html_that_fastft_wrote(tmp_path) -> Non
         check_report_target(mine, checkpoint=ckpt, data=data, overwrite=True)
     clear_outputs(tmp_path / "ours")  # a run folder's --overwrite removes the old run's report.html
     assert not (tmp_path / "ours" / "report.html").exists()
+
+
+def test_many_classes_get_a_plain_normalised_matrix() -> None:
+    """Over 50 classes the normalised matrix is drawn without class names at 10 in x 80 dpi (the counts image is the
+    confusion_matrix.png already written, passed through as it is)."""
+    from fastft.report_html import render_html
+
+    n = 60
+    cm = [[5 if i == j else 0 for j in range(n)] for i in range(n)]
+    rows = [{"class": f"c{i}", "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 5} for i in range(n)]
+    report = {"top1": 1.0, "num_samples": 5 * n, "per_class": rows, "confusion_matrix": cm}
+    buf = io.BytesIO()
+    Image.new("RGB", (7, 3)).save(buf, format="PNG")
+    page = Page()
+    page.feed(render_html(report, counts_png=buf.getvalue()))
+    assert _png_sizes(page) == [(7, 3), (800, 800)]
+    assert [r[0] for r in page.tables["per-class"][1:]] == sorted(f"c{i}" for i in range(n))  # all tied: by name
