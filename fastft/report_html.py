@@ -68,10 +68,11 @@ def _confusion_images(report: dict, counts_png: bytes | None) -> list[str]:
 
     counts = _img(counts_png) if counts_png is not None else _png(confusion_figure(report))
     normed = row_normalised(report["confusion_matrix"])
-    title = "confusion matrix, each true class's row divided by its support"
+    title = "row-normalised"
     if len(normed) <= 50:
         fig = confusion_figure({**report, "confusion_matrix": normed})
         fig.axes[0].set_title(title)
+        fig.tight_layout()  # again: the new title is longer
     else:  # no class names: unreadable at this size, and laying out their labels costs most of the render
         import matplotlib.pyplot as plt
 
@@ -97,6 +98,7 @@ def _curve_images(curves: dict[str, list[dict]], best_metric: str | None) -> lis
             ax.plot(*zip(*points), marker="o")
             label = "val loss" if key == "loss" else key
             ax.set(xlabel="epoch", ylabel=label, title=label + (" (best metric)" if key == best_metric else ""))
+            ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
             fig.tight_layout()
             images.append(_png(fig))
     if curves["step"]:
