@@ -104,7 +104,7 @@ def write_record(out: Path, rows: list, wall: float, args: argparse.Namespace) -
     lines += [
         "",
         f"Chance macro-F1: {1 / TEXT_CLASSES:.3f}. The machine ran other work at the same time (a full test suite and"
-        " other engineers' runs on the same 2 cores): the seconds are not timings of fastft.",
+        " other training jobs on the same 2 cores): the seconds are not timings of fastft.",
         "",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
