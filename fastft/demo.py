@@ -92,7 +92,7 @@ def text_demo_config(
     cfg.data.max_length, cfg.data.batch_size = 32, 16  # the synthetic sentences are under 32 tokens
     cfg.precision.dtype, cfg.compile.target = "fp32", "none"
     cfg.run.out_dir, cfg.run.name, cfg.run.overwrite = out_dir, "demo-text", True
-    cfg.optim.name, cfg.optim.warmup_steps, cfg.optim.epochs = "adamw", 10, epochs or 3
+    cfg.optim.name, cfg.optim.warmup_steps, cfg.optim.epochs = "adamw", 10, epochs or 2
     # A probe trains only the new head (a high rate); fine-tuning moves the encoder (a BERT-sized rate).
     cfg.optim.lr = 0.05 if freeze == "backbone" else 2e-4
     return cfg.validate()
