@@ -104,7 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="folder to write into")
     x.add_argument("--overwrite", action="store_true", help="replace files of the same names in --out")
 
-    d = sub.add_parser("demo", help="generate a small shapes dataset and fine-tune a small model on it")
+    d = sub.add_parser("demo", help="generate a small dataset and fine-tune a pretrained model on it")
+    d.add_argument(
+        "--task", choices=("image", "text"), default="image", help="image: shapes + resnet18; text: sentences + MiniLM"
+    )
     d.add_argument("--out-dir", default="runs")
     d.add_argument("--data-dir", default=None, help="where the generated dataset is cached")
     d.add_argument("--epochs", type=int, default=None)
@@ -161,9 +164,10 @@ def run(argv: list[str]) -> int:
 
         return run_bench(args)
     if args.command == "demo":
-        from fastft.demo import run_demo
+        from fastft.demo import run_demo, run_text_demo
 
-        run_demo(out_dir=args.out_dir, data_dir=args.data_dir, epochs=args.epochs)
+        demo = run_text_demo if args.task == "text" else run_demo
+        demo(out_dir=args.out_dir, data_dir=args.data_dir, epochs=args.epochs)
         return 0
     raise AssertionError(args.command)
 
