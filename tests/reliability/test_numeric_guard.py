@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from _reliability import FAST, cli, error_line, events, finite_state, mentions, one_thread
 from conftest import tiny_config
 
+import fastft.losses
 import fastft.train
 import fastft.trainer
 from fastft.parallel.backend import LocalBackend
 
 
 def _poison_loss(monkeypatch, at_call: int, value: float) -> None:
-    """The at_call-th training loss becomes `value` (the loop's only use of F is cross_entropy)."""
+    """The at_call-th training loss becomes `value` (fastft.losses uses F only for cross_entropy)."""
     calls = {"n": 0}
 
     def cross_entropy(*args, **kwargs):
@@ -26,7 +27,7 @@ def _poison_loss(monkeypatch, at_call: int, value: float) -> None:
         loss = F.cross_entropy(*args, **kwargs)
         return loss * value if calls["n"] == at_call else loss
 
-    monkeypatch.setattr(fastft.trainer, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+    monkeypatch.setattr(fastft.losses, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
 
 
 def _train(shapes4, out, *extra: str) -> tuple[int, str]:
@@ -71,7 +72,7 @@ def test_non_finite_gradients_never_reach_the_saved_checkpoint(shapes4, tmp_path
             logits.register_hook(lambda g: g * float("inf"))
         return F.cross_entropy(logits, *args, **kwargs)
 
-    monkeypatch.setattr(fastft.trainer, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+    monkeypatch.setattr(fastft.losses, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
     rc, err = _train(shapes4, tmp_path, "--model.freeze=backbone")
     assert rc == 2 and "epoch 1" in error_line(err)
     assert finite_state(torch.load(tmp_path / "r" / "last.pt", map_location="cpu", weights_only=True)["model"])
@@ -154,7 +155,7 @@ def test_on_the_gpu_cadence_a_bad_last_step_of_an_epoch_never_reaches_a_checkpoi
             logits.register_hook(lambda g: g * float("inf"))
         return F.cross_entropy(logits, *args, **kwargs)
 
-    monkeypatch.setattr(fastft.trainer, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+    monkeypatch.setattr(fastft.losses, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
     rc, err = cli(
         "train",
         f"--data.root={shapes4}",

@@ -16,6 +16,7 @@ import pytest
 import torch
 from _reliability import FAST, child_env, cli, error_line, events, mentions
 
+import fastft.losses
 import fastft.train
 import fastft.trainer
 
@@ -173,7 +174,7 @@ def test_overwrite_clears_the_previous_runs_outputs_before_training(shapes4, tmp
     def nan_loss(*args, **kwargs):
         return torch.nn.functional.cross_entropy(*args, **kwargs) * float("nan")
 
-    monkeypatch.setattr(fastft.trainer, "F", types.SimpleNamespace(cross_entropy=nan_loss))  # dies at step 1
+    monkeypatch.setattr(fastft.losses, "F", types.SimpleNamespace(cross_entropy=nan_loss))  # dies at step 1
     rc, err = _train(shapes4, tmp_path, "--overwrite")
     assert rc == 2 and "step 1" in error_line(err)
     run = tmp_path / "r"
@@ -343,7 +344,7 @@ def test_a_nan_before_any_save_does_not_point_at_a_checkpoint(shapes4, tmp_path,
     def nan_loss(*args, **kwargs):
         return torch.nn.functional.cross_entropy(*args, **kwargs) * float("nan")
 
-    monkeypatch.setattr(fastft.trainer, "F", types.SimpleNamespace(cross_entropy=nan_loss))
+    monkeypatch.setattr(fastft.losses, "F", types.SimpleNamespace(cross_entropy=nan_loss))
     rc, err = _train(shapes4, tmp_path)
     line = error_line(err)
     assert rc == 2 and mentions(line, "step 1", "no checkpoint was written", str(tmp_path / "r"))
