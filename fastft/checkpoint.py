@@ -233,14 +233,19 @@ def export_safetensors(
 ) -> Path:
     """Save a module's state dict (or `state`, the same keys) as safetensors (+ `<path>.json` with the metadata
     needed to rebuild it)."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().cpu() for k, v in (state or module.state_dict()).items()}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={"fastft": json.dumps(meta)})
+    save_state_with_meta(state or module.state_dict(), tmp, meta)
     os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return path
+
+
+def save_state_with_meta(state: dict[str, torch.Tensor], path: Path, meta: dict[str, Any]) -> None:
+    """A state dict as a safetensors file carrying fastft's metadata (what load_trained reads back)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(state, str(path), metadata={"fastft": json.dumps(meta)})
 
 
 # --------------------------------------------------------------------------------------------------------------------

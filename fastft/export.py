@@ -128,10 +128,9 @@ def _onnx(model: torch.nn.Module, meta: dict, example: torch.Tensor, path: Path)
 
 
 def _safetensors(model: torch.nn.Module, meta: dict, example: torch.Tensor, path: Path) -> None:
-    from safetensors.torch import save_file
+    from fastft.checkpoint import save_state_with_meta
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"fastft": json.dumps({**meta, "part": "model"})})
+    save_state_with_meta(model.state_dict(), path, {**meta, "part": "model"})
 
 
 def _torchscript(model: torch.nn.Module, meta: dict, example: torch.Tensor, path: Path) -> None:
