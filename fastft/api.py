@@ -33,16 +33,12 @@ def load_trained(checkpoint: str | Path, device: torch.device):
 
     A probe checkpoint's frozen part is rebuilt from its weights source, as training built it, and checked against
     the checkpoint's fingerprint (fastft.checkpoint.load_model_checkpoint). Returns (model, meta)."""
-    if str(checkpoint).endswith(".safetensors"):
-        state = {"model": load_state_file(checkpoint), "meta": _export_meta(Path(checkpoint))}
-    else:
-        state = load_checkpoint(checkpoint)
+    state = read_trained(checkpoint)
     meta, frozen = state["meta"], state.get("frozen")
     if meta.get("source") == "hf":
-        raise ConfigError(
-            f"{checkpoint}: a text model ({meta['model_name']}); fastft eval, predict and export take image models "
-            "only for now (a text run reports its evaluation itself)"
-        )
+        from fastft.text_eval import build_text_model
+
+        return build_text_model(meta, state, checkpoint).model.to(device).eval(), meta
     mcfg = ModelConfig(
         source=meta.get("source", "torchvision"),  # checkpoints from before timm record no source
         name=meta["model_name"],
@@ -61,6 +57,18 @@ def load_trained(checkpoint: str | Path, device: torch.device):
         raise CheckpointError(f"{checkpoint}: cannot rebuild its frozen part from {where}: {e}") from None
     load_model_checkpoint(model, state, checkpoint)
     return model.to(device).eval(), meta
+
+
+def read_trained(checkpoint: str | Path) -> dict:
+    """The saved state of a fastft checkpoint (weights_only) or model export: "model", "meta" and, for a probe
+    checkpoint, the frozen part's "frozen" fingerprint."""
+    if str(checkpoint).endswith(".safetensors"):
+        return {"model": load_state_file(checkpoint), "meta": _export_meta(Path(checkpoint))}
+    return load_checkpoint(checkpoint)
+
+
+def _is_text(meta: dict) -> bool:
+    return meta.get("source") == "hf"
 
 
 def _export_meta(path: Path) -> dict:
@@ -94,10 +102,11 @@ def evaluate(
     print_report: bool = False,
     overwrite: bool = False,
 ) -> EvalResult:
-    """Evaluate a checkpoint on an image folder of class folders (names must be among the trained classes).
+    """Evaluate a checkpoint on an image folder of class folders (names must be among the trained classes), or a text
+    model on a `.csv`/`.jsonl` file of text,label rows.
 
-    Distributed-aware: under torchrun each rank evaluates its shard and the metrics are synced exactly. `out_dir`
-    is checked before anything runs (see fastft.outputs); an existing report there is replaced only with `overwrite`.
+        Distributed-aware: under torchrun each rank evaluates its shard and the metrics are synced exactly. `out_dir`
+        is checked before anything runs (see fastft.outputs); an existing report there is replaced only with `overwrite`.
     """
     check_options(batch_size=batch_size, workers=workers, device=device, loader=loader, precision=precision)
     if out_dir is not None:
@@ -106,16 +115,23 @@ def evaluate(
     dl = None
     try:
         model, meta = load_trained(checkpoint, env.device)
-        samples = index_for_eval(Path(data), meta["classes"])
-        spec = TransformSpec.from_dict(meta["transform"])
-        dcfg = DataConfig(
-            root=str(data), batch_size=batch_size, workers=workers, loader=loader, persistent_workers=False
-        )
-        dl = build_loader(samples, spec, dcfg, train=False, seed=0, env=env)
         prec = resolve_precision(PrecisionConfig(dtype=precision), env.device)
-        report = run_evaluation(
-            model, dl, num_classes=meta["num_classes"], device=env.device, precision=prec, classes=meta["classes"]
-        )
+        if _is_text(meta):
+            from fastft.text_eval import evaluate_text
+
+            if loader == "dali":
+                raise ConfigError("--loader: dali decodes images; a text model's rows are tokenised (use torch)")
+            report = evaluate_text(model, meta, Path(data), batch_size=batch_size, env=env, precision=prec)
+        else:
+            samples = index_for_eval(Path(data), meta["classes"])
+            spec = TransformSpec.from_dict(meta["transform"])
+            dcfg = DataConfig(
+                root=str(data), batch_size=batch_size, workers=workers, loader=loader, persistent_workers=False
+            )
+            dl = build_loader(samples, spec, dcfg, train=False, seed=0, env=env)
+            report = run_evaluation(
+                model, dl, num_classes=meta["num_classes"], device=env.device, precision=prec, classes=meta["classes"]
+            )
         paths: dict[str, Path] = {}
         if out_dir is not None and env.is_main:
             paths = write_report(report, Path(out_dir))
@@ -139,17 +155,25 @@ def predict(
     device: str = "auto",
     on_bad_file: str = "error",
 ) -> Path:
-    """Classify every image under `inputs` (a file or folder, recursively); write path,label,probability rows.
+    """Classify every image under `inputs` (a file or folder, recursively); write path,label,probability rows. A
+    text model classifies the texts of a `.txt` file (one per line) or a `.csv`/`.jsonl` file with a text column and
+    writes line,text,label,probability rows in the file's order.
 
-    Files are checked first, as for training (`data.on_bad_file`): "error" stops naming the first bad one, "skip"
-    leaves it out of the rows (and logs it). `out_csv` is checked before anything runs: never an input, never an
-    existing file other than a predictions CSV; it is written atomically."""
+        Files are checked first, as for training (`data.on_bad_file`): "error" stops naming the first bad one, "skip"
+        leaves it out of the rows (and logs it). `out_csv` is checked before anything runs: never an input, never an
+        existing file other than a predictions CSV; it is written atomically."""
     check_options(batch_size=batch_size, workers=workers, device=device)
     out = Path(out_csv)
     outputs.check_predict_target(out, checkpoint=Path(checkpoint), inputs=Path(inputs))
     dev = penv.resolve_device(device, 0)
     model, meta = load_trained(checkpoint, dev)
     src = Path(inputs)
+    if _is_text(meta):
+        from fastft.text_eval import predict_text
+
+        with outputs.atomic_target(out) as tmp:
+            predict_text(model, meta, src, tmp, batch_size=batch_size, device=dev)
+        return out
     if src.is_dir():
         files = sorted(list_images(src))  # the training index's rules: hidden entries, folder symlinks
     elif src.exists() or src.is_symlink():

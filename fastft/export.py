@@ -6,6 +6,8 @@
 - safetensors: the full model's weights with fastft's metadata, as a run's `model.safetensors`.
 - torchscript: `torch.jit.trace` on a fixed-size example (torch marks TorchScript deprecated; kept for runtimes that
   still load it).
+- hf (text models only, and their only format): `save_pretrained` of the trained classifier and its tokenizer; the
+  folder loads with `AutoModelForSequenceClassification` / `AutoTokenizer` `from_pretrained`.
 
 Every file is written under a temporary name and renamed into place; an existing file is replaced only with
 `overwrite`, so a folder written before is never lost by accident.
@@ -26,8 +28,9 @@ import torch
 
 from fastft.errors import ConfigError
 
-FORMATS = ("onnx", "safetensors", "torchscript")
+FORMATS = ("onnx", "safetensors", "torchscript", "hf")
 FILE_NAMES = {"onnx": "model.onnx", "safetensors": "model.safetensors", "torchscript": "model.torchscript.pt"}
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.json")  # what save_pretrained writes that must be new
 INPUT, OUTPUT = "images", "logits"
 
 
@@ -63,11 +66,16 @@ def export_model(
         ConfigError: an unknown format, a file that exists without `overwrite`, a text model, or a missing extra.
         CheckpointError: the checkpoint cannot be read or does not match its model.
     """
-    from fastft.api import load_trained
+    from fastft.api import load_trained, read_trained
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = Path(out_dir)
+    state = read_trained(checkpoint)
+    if state["meta"].get("source") == "hf":
+        return _export_text(checkpoint, state, out, fmt=fmt, overwrite=overwrite)
+    if fmt == "hf":
+        raise ConfigError("--format hf: a Hugging Face folder is written for text models (model.source=hf) only")
     targets = [out / FILE_NAMES[fmt], out / "preprocess.json"]
     if not overwrite:
         for path in targets:
@@ -85,6 +93,21 @@ def export_model(
     spec = json.dumps(preprocess_spec(meta), indent=2) + "\n"
     written += _write_into(out, targets[1].name, lambda path: path.write_text(spec, encoding="utf-8"))
     return written
+
+
+def _export_text(checkpoint: str | Path, state: dict, out: Path, *, fmt: str, overwrite: bool) -> list[Path]:
+    """A text model as a Hugging Face folder (`save_pretrained` of the trained classifier and its tokenizer)."""
+    from fastft.text_eval import build_text_model
+
+    if fmt != "hf":
+        raise ConfigError(f"--format {fmt}: a text model exports as --format hf (a save_pretrained folder)")
+    if not overwrite:
+        for name in HF_FILES:
+            if (out / name).exists():
+                raise ConfigError(f"{out / name} exists; pass --overwrite to replace it")
+    backbone = build_text_model(state["meta"], state, checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    return _write_into(out, "config.json", lambda path: backbone.export(path.parent))
 
 
 def _require_onnx() -> None:

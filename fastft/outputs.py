@@ -22,6 +22,7 @@ from pathlib import Path
 from fastft.errors import ConfigError
 
 PREDICTIONS_HEADER = "path,label,probability"
+TEXT_PREDICTIONS_HEADER = "line,text,label,probability"  # a text model's predictions
 REPORT_FILES = ("metrics.json", "confusion_matrix.png", "report.html")
 # Everything a run writes into its folder; `--overwrite` removes exactly these, never other files.
 RUN_OUTPUTS = (
@@ -100,7 +101,7 @@ def check_writable(target: Path, *, what: str) -> None:
 def is_predictions_csv(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            return f.readline().rstrip("\r\n") == PREDICTIONS_HEADER
+            return f.readline().rstrip("\r\n") in (PREDICTIONS_HEADER, TEXT_PREDICTIONS_HEADER)
     except (OSError, UnicodeDecodeError):
         return False
 

@@ -58,10 +58,16 @@ def _decode(path: Path, data: bytes) -> str:
 
 
 def _add(out: TextFile, line: int, text: object, label: object) -> None:
+    """Append one row; `label` None: a file read for prediction (no labels)."""
     if not isinstance(text, str):
         raise DataError(f"{out.path}:{line}: text must be a string, got {type(text).__name__}")
     if not text.strip():
         raise DataError(f"{out.path}:{line}: empty text")
+    if label is None:
+        out.texts.append(text)
+        out.labels.append("")
+        out.lines.append(line)
+        return
     if isinstance(label, bool) or not isinstance(label, str | int) or not str(label).strip():
         raise DataError(f"{out.path}:{line}: label must be a non-empty string or an integer, got {label!r}")
     out.texts.append(text)
@@ -69,7 +75,7 @@ def _add(out: TextFile, line: int, text: object, label: object) -> None:
     out.lines.append(line)
 
 
-def _read_csv(out: TextFile, text: str) -> None:
+def _read_csv(out: TextFile, text: str, columns: tuple[str, ...] = ("text", "label")) -> None:
     reader = csv.reader(io.StringIO(text, newline=""))
     header, cols = None, {}
     while True:
@@ -84,17 +90,18 @@ def _read_csv(out: TextFile, text: str) -> None:
             continue
         if header is None:
             header = [c.strip().lower() for c in row]
-            cols = {c: header.index(c) for c in ("text", "label") if c in header}
-            if len(cols) < 2:
-                raise DataError(f"{out.path}:{line}: expected a header naming the columns text,label, got {row!r}")
+            cols = {c: header.index(c) for c in columns if c in header}
+            if len(cols) < len(columns):
+                want = ",".join(columns)
+                raise DataError(f"{out.path}:{line}: expected a header naming the columns {want}, got {row!r}")
             continue
         missing = [c for c, i in cols.items() if i >= len(row)]
         if missing:
             raise DataError(f"{out.path}:{line}: missing column {missing[0]!r} ({len(row)} of {len(header)} fields)")
-        _add(out, line, row[cols["text"]], row[cols["label"]])
+        _add(out, line, row[cols["text"]], row[cols["label"]] if "label" in cols else None)
 
 
-def _read_jsonl(out: TextFile, text: str) -> None:
+def _read_jsonl(out: TextFile, text: str, columns: tuple[str, ...] = ("text", "label")) -> None:
     for line, raw in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit inside a JSON string
         if not raw.strip():
             continue
@@ -103,15 +110,25 @@ def _read_jsonl(out: TextFile, text: str) -> None:
         except json.JSONDecodeError as e:
             raise DataError(f"{out.path}:{line}: bad JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise DataError(f"{out.path}:{line}: expected an object with text and label, got {type(obj).__name__}")
-        missing = [c for c in ("text", "label") if c not in obj]
+            want = " and ".join(columns)
+            raise DataError(f"{out.path}:{line}: expected an object with {want}, got {type(obj).__name__}")
+        missing = [c for c in columns if c not in obj]
         if missing:
             raise DataError(f"{out.path}:{line}: missing column {missing[0]!r}")
-        _add(out, line, obj["text"], obj["label"])
+        _add(out, line, obj["text"], obj["label"] if "label" in columns else None)
 
 
-def read_text_file(path: Path) -> TextFile:
-    """Read a `.csv` or `.jsonl` file of text,label rows (see the module docstring for the rules).
+def _read_lines(out: TextFile, text: str) -> None:
+    """A .txt file for prediction: one text per line, blank lines skipped."""
+    for line, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
+        if raw.strip():
+            _add(out, line, raw, None)
+
+
+def read_text_file(path: Path, *, labels: bool = True) -> TextFile:
+    """Read a `.csv` or `.jsonl` file of text,label rows (see the module docstring for the rules). `labels=False`
+    reads texts to classify: a `text` column or key is enough (labels are ""), and a `.txt` file is one text per line.
 
     Raises:
         DataError: a missing file, an unknown extension, a bad row (naming file and line), or no rows at all.
@@ -120,13 +137,19 @@ def read_text_file(path: Path) -> TextFile:
     if not path.is_file():
         raise DataError(f"text file not found: {path}")
     kind = path.suffix.lower()
-    if kind not in (".csv", ".jsonl", ".ndjson"):
-        raise DataError(f"{path}: text data must be a .csv or .jsonl file of text,label rows")
+    columns = ("text", "label") if labels else ("text",)
+    if kind not in (".csv", ".jsonl", ".ndjson") and (labels or kind != ".txt"):
+        what = "a .csv or .jsonl file of text,label rows" if labels else "a .txt, .csv or .jsonl file of texts"
+        raise DataError(f"{path}: text data must be {what}")
     data = path.read_bytes()
     out = TextFile(path, hashlib.sha256(data).hexdigest())
-    (_read_csv if kind == ".csv" else _read_jsonl)(out, _decode(path, data))
+    text = _decode(path, data)
+    if kind == ".txt":
+        _read_lines(out, text)
+    else:
+        (_read_csv if kind == ".csv" else _read_jsonl)(out, text, columns)
     if not out.texts:
-        raise DataError(f"{path}: no text,label rows")
+        raise DataError(f"{path}: no {','.join(columns)} rows")
     return out
 
 

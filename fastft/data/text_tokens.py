@@ -98,7 +98,7 @@ def tokenize_file(file: TextFile, spec: TextSpec, *, cache_dir: Path | None = No
         except Exception as e:  # truncated or overwritten: rebuilt below
             reason = f"unreadable ({type(e).__name__})"
         log.warning("fastft: token cache %s is %s; rebuilding it", path, reason)
-    tokens = _tokenize(file, spec)
+    tokens = tokenize(file, spec)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{key}.{os.getpid()}.tmp"
     save_file(
@@ -110,7 +110,8 @@ def tokenize_file(file: TextFile, spec: TextSpec, *, cache_dir: Path | None = No
     return tokens
 
 
-def _tokenize(file: TextFile, spec: TextSpec) -> Tokens:
+def tokenize(file: TextFile, spec: TextSpec) -> Tokens:
+    """The tokens of every row of `file`, without the cache (DataError when the tokenizer cannot be read)."""
     from transformers import AutoTokenizer
 
     try:
