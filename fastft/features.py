@@ -84,11 +84,13 @@ def fingerprint(
     precision: str = "fp32",
     channels_last: bool = False,
     model: dict | None = None,
+    data: str | None = None,
 ) -> str:
     """A key over everything that determines the cached features: the prefix (its architecture, which also fixes
     the frozen cut, and every weight and buffer, so the weights file's content), the preprocessing, the views and,
     when they are augmented, the run seed (it seeds each view's augmentation), the compute precision, the storage
-    dtype, the memory layout, the fastft and torch versions, and the file list with sizes and mtimes."""
+    dtype, the memory layout, the fastft and torch versions, and the file list with sizes and mtimes (or `data`: a
+    source's own key over its rows, e.g. a text file's bytes and tokens)."""
     import fastft
 
     h = hashlib.sha256()
@@ -110,6 +112,9 @@ def fingerprint(
     for name, t in sorted(prefix.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    if data is not None:
+        h.update(f"data\0{data}".encode())
+        return h.hexdigest()[:24]
     for path, label in samples:
         st = os.stat(path)
         h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -190,7 +195,10 @@ def _compute_shard(
     for v, images in source.batches():
         if v != view:
             view, pos = v, 0
-        images = images.to(env.device, non_blocking=True)
+        if isinstance(images, dict):  # a text source's token tensors
+            images = {k: v.to(env.device, non_blocking=True) for k, v in images.items()}
+        else:
+            images = images.to(env.device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), precision.autocast():
@@ -202,8 +210,12 @@ def _compute_shard(
     return out
 
 
-def _feature_shape(prefix: nn.Module, spec: TransformSpec, env: DistEnv, precision: Precision) -> tuple[int, ...]:
-    x = torch.zeros(1, 3, spec.crop_size, spec.crop_size, device=env.device)
+def _feature_shape(prefix: nn.Module, source, env: DistEnv, precision: Precision) -> tuple[int, ...]:
+    """The prefix's output shape for one input: a blank image of the spec's crop, or the source's own example."""
+    if hasattr(source, "example"):
+        x = source.example(env.device)
+    else:
+        x = torch.zeros(1, 3, source.spec.crop_size, source.spec.crop_size, device=env.device)
     prefix.eval()
     with torch.inference_mode(), precision.autocast():
         return tuple(prefix(x).shape[1:])
@@ -231,7 +243,7 @@ def build_features(
     n, V = len(samples), max(views, 1)
     labels = torch.tensor([y for _, y in samples], dtype=torch.long)
     np_dtype = _NP_DTYPES[dtype]
-    full = (V, n, *_feature_shape(prefix, spec, env, precision))
+    full = (V, n, *_feature_shape(prefix, source, env, precision))
     cache_dir = Path(os.path.expandvars(str(cache_dir))).expanduser()
     if mode == "memory":
         folder, name = _memory_folder(cache_dir, int(np.prod(full)) * np.dtype(np_dtype).itemsize), None
@@ -247,6 +259,7 @@ def build_features(
             precision=precision.name,
             channels_last=channels_last,
             model=model,
+            data=getattr(source, "data_key", None),
         )
         folder, name = cache_dir / key, "table.npy"
     folder.mkdir(parents=True, exist_ok=True)

@@ -5,14 +5,18 @@ fastft/data/text.py, tokenised once into the token cache (fastft/data/text_token
 ~/.cache/fastft/text) and batched by length, sharded by rank (fastft/data/text_loader.py). A batch is a dict of token
 tensors: it is moved to the device tensor by tensor (never channels_last) and never padded to a fixed batch size.
 
-Not on the text path (each a one-line ConfigError before the run folder is touched): the frozen-feature cache
-(features.cache), the DALI and synthetic image loaders (data.loader), the head sweep (head.sweep_*).
+The frozen-feature cache (features.cache = memory | disk) stores a linear probe's pooled encoder output
+(fastft/text_features.py) and trains from it with the token loader's own batches; a cut inside the encoder is refused.
+Not on the text path (each a one-line ConfigError before the run folder is touched): augmented feature views
+(features.views), the DALI and synthetic image loaders (data.loader), the head sweep (head.sweep_*).
 model.channels_last is ignored: it concerns image activations only."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 
@@ -35,8 +39,13 @@ def check_text_config(cfg: FinetuneConfig) -> None:
         raise ConfigError(
             f"data.loader: {cfg.data.loader} loads images; model.source=hf reads text (use data.loader=auto or torch)"
         )
-    if cfg.features.cache != "off":
-        raise ConfigError("features.cache: the feature cache is not built for model.source=hf yet (use off)")
+    if cfg.features.cache != "off" and cfg.model.freeze != "backbone":
+        raise ConfigError(
+            f"features.cache: a text model caches the pooled output of a frozen encoder only (model.freeze=backbone, "
+            f"not {cfg.model.freeze!r})"
+        )
+    if cfg.features.cache != "off" and cfg.features.views:
+        raise ConfigError("features.views: text rows have no augmented views (use 0)")
     if cfg.head.sweep_lr or cfg.head.sweep_weight_decay:
         raise ConfigError("head.sweep_lr: the head sweep is not built for model.source=hf yet")
 
@@ -90,23 +99,22 @@ class TextInputs:
         cfg: the run's config (data.batch_size, data.eval_batch_size, run.seed are read).
         index: the text index (fastft.data.text.TextIndex).
         spec: the tokenizer folder and max_length (TextSpec).
-        cached: must be False (the feature cache is not built for text; refused by check_text_config).
+        cached: train a linear probe from the pooled-output cache (built by build_cache).
         opened: the loaders are appended, so the caller closes them also on failure.
     """
 
     def __init__(self, cfg: FinetuneConfig, env: penv.DistEnv, index, spec, *, cached: bool, opened: list) -> None:
-        if cached:
-            raise ConfigError("features.cache: the feature cache is not built for model.source=hf yet (use off)")
         self.cfg, self.env, self.index, self.spec = cfg, env, index, spec
-        self.cached = False
+        self.cached = cached
         self.eval_batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
         self.prefix: torch.nn.Module | None = None
         self.cache_info: dict = {}
         self.skipped: list[str] = []  # text rows are all checked when read: a bad row is an error, never skipped
-        train_tokens, val_tokens = _tokens(index, spec, env)
+        self.tokens = _tokens(index, spec, env)
         common = {"seed": cfg.run.seed, "rank": env.rank, "world": env.world_size}
-        self.train = TextLoader(index.train, train_tokens, train=True, batch_size=cfg.data.batch_size, **common)
-        self.val = TextLoader(index.val, val_tokens, train=False, batch_size=self.eval_batch_size, **common)
+        self.train = TextLoader(index.train, self.tokens[0], train=True, batch_size=cfg.data.batch_size, **common)
+        self.val = TextLoader(index.val, self.tokens[1], train=False, batch_size=self.eval_batch_size, **common)
+        self.token_loaders = (self.train, self.val)
         opened += [self.train, self.val]
 
     @property
@@ -119,27 +127,38 @@ class TextInputs:
             self.train.start(epoch, batch)
 
     def build_cache(self, prefix: torch.nn.Module | None, precision) -> None:
-        """No feature cache on the text path (refused before the run starts)."""
+        """Compute (or reuse) the pooled features of the train and val rows through the frozen encoder `prefix`;
+        from here on the loaders yield features, batched as the token loaders would batch their rows."""
+        if not self.cached:
+            return
+        from fastft.text_features import check_probe
+
+        check_probe(prefix)
+        self.train, self.val, self.cache_info = _cached_loaders(self, prefix, precision)
 
     def invalidate(self) -> None:
-        """An unfreeze moved the cut: nothing is cached, so nothing goes stale."""
+        """An unfreeze moved the cut: the cached features are stale, train from the tokens."""
+        self.cached = False
+        self.train, self.val = self.token_loaders
 
     def use_prefix(self, prefix: torch.nn.Module | None, *, compile_cfg=None) -> None:
-        """The frozen prefix token batches go through (compiled when `compile_cfg` is given)."""
-        self.prefix = prefix
-        if prefix is not None and compile_cfg is not None:
-            self.prefix = apply_compile(prefix, compile_cfg)
+        """The frozen prefix token batches go through (compiled when `compile_cfg` is given); none while cached."""
+        self.prefix = None if self.cached else prefix
+        if self.prefix is not None and compile_cfg is not None:
+            self.prefix = apply_compile(self.prefix, compile_cfg)
 
-    def to_device(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, device):
-        """The model's token tensors (row indices left out) and the labels on `device`."""
+    def to_device(self, batch: Mapping[str, torch.Tensor] | torch.Tensor, labels: torch.Tensor, device):
+        """The model's token tensors (row indices left out), or cached features, and the labels on `device`."""
+        if isinstance(batch, torch.Tensor):
+            return batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         moved = {k: v.to(device, non_blocking=True) for k, v in model_inputs(batch).items()}
         return moved, labels.to(device, non_blocking=True)
 
     def features(self, batch: Mapping[str, torch.Tensor], precision, dtype: torch.dtype | None):
         """What the trainable part takes: the prefix's output (pooled tensor, or hidden states + mask), or the token
         tensors themselves when nothing is frozen before it; floating tensors in `dtype` when set."""
-        if self.prefix is None:
-            return _cast(dict(batch), dtype)
+        if self.prefix is None:  # cached features, or nothing frozen before the trainable part
+            return _cast(batch if isinstance(batch, torch.Tensor) else dict(batch), dtype)
         # The frozen prefix builds no autograd graph; clone turns its inference tensors into normal ones.
         with torch.inference_mode(), precision.autocast():
             out = self.prefix(batch)
@@ -152,8 +171,46 @@ class TextInputs:
         if prefix is not None:
             prefix.eval()
 
-        def forward(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            x = model_inputs(batch)
+        def forward(batch: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+            x = batch if isinstance(batch, torch.Tensor) else model_inputs(batch)  # a tensor: cached features
             return suffix(_cast(prefix(x) if prefix is not None else x, dtype))
 
         return forward
+
+
+def _cached_loaders(inputs: TextInputs, prefix: torch.nn.Module, precision):
+    """(train loader, val loader, build info) over the pooled features of the train and val rows."""
+    from fastft.features import build_features
+    from fastft.inputs import _default_cache
+    from fastft.text_features import TextFeatureLoader, TextSource
+
+    cfg, env, index = inputs.cfg, inputs.env, inputs.index
+    cache_dir = Path(cfg.features.dir) if cfg.features.dir else _default_cache() / "features"
+    common = {
+        "mode": cfg.features.cache,
+        "dtype": cfg.features.dtype,
+        "cache_dir": cache_dir,
+        "env": env,
+        "precision": precision,
+        "channels_last": False,
+    }
+    t0 = time.perf_counter()
+    tables = []
+    for split, tokens, train in ((index.train, inputs.tokens[0], True), (index.val, inputs.tokens[1], False)):
+        source = TextSource(
+            split, tokens, inputs.spec, rank=env.rank, world=env.world_size, batch_size=inputs.eval_batch_size
+        )
+        tables.append(build_features(prefix, source, train=train, **common))
+    build_s = time.perf_counter() - t0
+    log.info(
+        "fastft: feature cache (%s, %s): train %s, val %s in %.1fs",
+        cfg.features.cache,
+        cfg.features.dtype,
+        tables[0].source,
+        tables[1].source,
+        build_s,
+    )
+    loaders = [TextFeatureLoader(t, like) for t, like in zip(tables, inputs.token_loaders)]
+    info = {"wall_s": build_s, "rows": sum(t.num_samples for t in tables), "train": tables[0].source}
+    info["val"] = tables[1].source
+    return loaders[0], loaders[1], info

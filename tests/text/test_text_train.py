@@ -127,7 +127,7 @@ def test_the_run_reads_data_max_length(text_data, tmp_path) -> None:
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("features__cache", "memory", "features.cache: the feature cache is not built for model.source=hf"),
+        ("features__cache", "memory", "features.cache: a text model caches the pooled output of a frozen encoder only"),
         ("data__loader", "synthetic", "data.loader: synthetic loads images"),
         ("head__sweep_lr", [0.1, 0.01], "head.sweep_lr: the head sweep is not built for model.source=hf"),
     ],
@@ -136,7 +136,7 @@ def test_what_the_text_path_does_not_do_is_one_line(text_data, tmp_path, key, va
     from fastft.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"^{message}"):
-        finetune(text_config(text_data, tmp_path / "runs", **{key: value}))
+        finetune(text_config(text_data, tmp_path / "runs", model__freeze="none", **{key: value}))
     assert not (tmp_path / "runs").exists()
 
 
