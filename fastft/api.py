@@ -105,8 +105,8 @@ def evaluate(
     """Evaluate a checkpoint on an image folder of class folders (names must be among the trained classes), or a text
     model on a `.csv`/`.jsonl` file of text,label rows.
 
-        Distributed-aware: under torchrun each rank evaluates its shard and the metrics are synced exactly. `out_dir`
-        is checked before anything runs (see fastft.outputs); an existing report there is replaced only with `overwrite`.
+    Distributed-aware: under torchrun each rank evaluates its shard and the metrics are synced exactly. `out_dir`
+    is checked before anything runs (see fastft.outputs); an existing report there is replaced only with `overwrite`.
     """
     check_options(batch_size=batch_size, workers=workers, device=device, loader=loader, precision=precision)
     if out_dir is not None:
