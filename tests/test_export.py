@@ -95,8 +95,10 @@ def test_export_never_replaces_a_file_unasked_and_bad_input_is_one_line(trained,
     refused = f"fastft: error: {out / 'preprocess.json'} exists; pass --overwrite to replace it"
     assert p.returncode == 2 and p.stderr.strip() == refused, p.stderr[-3000:]
     assert (out / "preprocess.json").read_text() == "mine" and not (out / "model.safetensors").exists()
-    with pytest.raises(ConfigError, match="--format must be one of onnx, safetensors, torchscript, got 'tflite'"):
+    with pytest.raises(ConfigError, match="--format must be one of onnx, safetensors, torchscript, hf, got 'tflite'"):
         export_model(ckpt, out, fmt="tflite")
+    with pytest.raises(ConfigError, match="--format hf: a Hugging Face folder is written for text models"):
+        export_model(ckpt, out, fmt="hf")
     with pytest.raises(CheckpointError, match=r"missing\.pt"):
         export_model(tmp_path / "missing.pt", tmp_path / "y")
     export_model(ckpt, out, fmt="safetensors", overwrite=True)
