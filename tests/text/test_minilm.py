@@ -50,7 +50,8 @@ def test_minilm_builds_tokenises_and_gives_finite_logits(minilm, tmp_path) -> No
 
 def test_minilm_linear_probe_trains_through_the_run(minilm, tmp_path, monkeypatch) -> None:
     """A linear probe of the real encoder through fastft.train.finetune on the synthetic text task (6 classes, 240
-    train / 120 val rows): val macro-F1 well above chance (1/6), every val row counted once, the encoder unchanged."""
+    train / 120 val rows), trained from the feature cache (the encoder runs once): val macro-F1 well above chance
+    (1/6), every val row counted once, the encoder unchanged."""
     import math
 
     from safetensors.torch import load_file
@@ -68,7 +69,9 @@ def test_minilm_linear_probe_trains_through_the_run(minilm, tmp_path, monkeypatc
     cfg.optim.name, cfg.optim.lr, cfg.optim.epochs = "adamw", 0.05, 5
     cfg.run.out_dir, cfg.run.device = str(tmp_path / "runs"), "cpu"
     cfg.log.progress, cfg.log.tensorboard = False, False
+    cfg.features.cache = "memory"
     result = finetune(cfg.validate())
+    assert result.feature_cache["rows"] == 360 and result.feature_cache["train"] == "built"
     report = result.metrics
     assert report["f1_macro"] > 0.35 and report["loss"] < math.log(6) - 0.3, report
     assert sum(map(sum, report["confusion_matrix"])) == report["num_samples"] == 120
