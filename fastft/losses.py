@@ -1,9 +1,10 @@
 """The training loss: cross-entropy or focal, optionally weighted per class (`optim.loss`, `optim.class_weights`).
 
-Labels are class indices (B,) or, with MixUp / CutMix, soft targets (B, K); every form is a mean over the batch of per-sample terms, `w[y] * l(x, y)` divided by the batch size (not by the sum
+Every form is a mean over the batch of per-sample terms, `w[y] * l(x, y)` divided by the batch size (not by the sum
 of the weights, as `F.cross_entropy(weight=...)` does): the mean of the ranks' (or micro-batches') means is then the
 mean over the global batch, so N ranks x batch B still compute the update of one process x N*B. With `balanced`
 weights, whose mean over the training set is 1, the loss keeps the scale of the unweighted one.
+Labels are class indices (B,) or, with MixUp / CutMix, soft targets (B, K): then sum_c t_c w_c l(x, c).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import torch
 from fastft import checkpoint as ckpt_io
 from fastft import early_stop
 from fastft import resume as resume_rules
+from fastft.augment import BatchMix, batch_mix
 from fastft.backbones import Backbone, build_backbone, preprocess_spec, trace_options
 from fastft.backbones.freeze import freeze
 from fastft.backbones.hf_text import split_text
@@ -38,7 +39,6 @@ from fastft.errors import ConfigError, FastftError
 from fastft.evaluation import run_evaluation
 from fastft.inputs import Inputs
 from fastft.logging import RunLogger
-from fastft.augment import BatchMix, batch_mix
 from fastft.losses import Loss, class_weights
 from fastft.optim import Schedule, build_optimizer, param_groups
 from fastft.parallel import env as penv
