@@ -59,6 +59,28 @@ class DataConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training augmentation beyond data.augment's crop + flip (fastft/augment.py, data/transforms.py)."""
+
+    policy: str = "none"  # none | randaugment | trivialaugment | autoaugment (torchvision.transforms.v2, per sample)
+    random_erase: float = 0.0  # probability of erasing one random rectangle per sample (RandomErasing)
+    color_jitter: float = 0.0  # brightness/contrast/saturation jitter strength in [0, 1] (0 = off)
+    mixup_alpha: float = 0.0  # >0: MixUp with lambda ~ Beta(alpha, alpha), on the device after the loader
+    cutmix_alpha: float = 0.0  # >0: CutMix (with mixup_alpha too: one of the two per batch, at random)
+    mix_prob: float = 1.0  # probability that a batch is mixed (when mixup_alpha or cutmix_alpha > 0)
+
+    def pixel_options(self) -> list[str]:
+        """The per-sample (pixel) options that are on, as `augment.key` names."""
+        on = [("policy", self.policy != "none"), ("random_erase", self.random_erase > 0)]
+        on.append(("color_jitter", self.color_jitter > 0))
+        return [f"augment.{k}" for k, v in on if v]
+
+    def mix_options(self) -> list[str]:
+        """The batch-mixing options that are on (MixUp / CutMix)."""
+        return [f"augment.{k}" for k in ("mixup_alpha", "cutmix_alpha") if getattr(self, k) > 0]
+
+
+@dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd | adamw
     lr: float = 0.001
@@ -145,6 +167,7 @@ class FinetuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
@@ -177,6 +200,7 @@ class FinetuneConfig:
         _min("data.workers", self.data.workers, 0)
         _choice("data.loader", self.data.loader, ("auto", "torch", "dali", "synthetic"))
         _choice("data.on_bad_file", self.data.on_bad_file, ("error", "skip"))
+        _check_augment(self)
         _choice("optim.name", self.optim.name, ("sgd", "adamw"))
         if not 0 < self.optim.lr < math.inf:
             raise ConfigError(f"optim.lr: must be finite and > 0, got {self.optim.lr}")
@@ -228,6 +252,36 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_augment(cfg: FinetuneConfig) -> None:
+    """`[augment]` values, and the combinations that cannot take them (one line naming the option)."""
+    a = cfg.augment
+    _choice("augment.policy", a.policy, ("none", "randaugment", "trivialaugment", "autoaugment"))
+    _range("augment.random_erase", a.random_erase, 0.0, 1.0)
+    _range("augment.color_jitter", a.color_jitter, 0.0, 1.0)
+    _min("augment.mixup_alpha", a.mixup_alpha, 0.0)
+    _min("augment.cutmix_alpha", a.cutmix_alpha, 0.0)
+    _range("augment.mix_prob", a.mix_prob, 0.0, 1.0)
+    on = a.pixel_options() + a.mix_options()
+    if not on:
+        return
+    if cfg.model.source == "hf":
+        raise ConfigError(f"{on[0]}: image augmentation does not apply to text models (model.source = hf)")
+    if not cfg.data.augment:
+        raise ConfigError(f"{on[0]}: needs data.augment = true (data.augment = false trains on the eval transform)")
+    if cfg.features.cache != "off":
+        raise ConfigError(
+            f"{on[0]}: not with features.cache = {cfg.features.cache} (cached features are computed once, before "
+            "any per-sample or per-batch augmentation); set features.cache = off"
+        )
+    if a.pixel_options() and cfg.data.loader == "dali":
+        raise ConfigError(
+            f"{a.pixel_options()[0]}: not with data.loader = dali (its per-sample draws would not follow the run's "
+            "(seed, epoch, sample) seeds); use data.loader = torch"
+        )
+    if a.mix_options() and cfg.optim.loss == "focal":
+        raise ConfigError(f"{a.mix_options()[0]}: not with optim.loss = focal (it takes hard labels); use ce")
 
 
 def check_device(key: str, name: str) -> None:

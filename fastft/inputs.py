@@ -44,7 +44,7 @@ class Inputs:
         # Sharded by rank; every file is checked here, before the model is built.
         seed = cfg.run.seed
         self.images = (
-            build_loader(index.train, spec, cfg.data, train=True, seed=seed, env=env),
+            build_loader(index.train, spec, cfg.data, train=True, seed=seed, env=env, pixel_aug=cfg.augment),
             build_loader(index.val, spec, cfg.data, train=False, seed=seed, env=env, batch_size=self.eval_batch_size),
         )
         opened += self.images

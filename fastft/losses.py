@@ -4,6 +4,7 @@ Every form is a mean over the batch of per-sample terms, `w[y] * l(x, y)` divide
 of the weights, as `F.cross_entropy(weight=...)` does): the mean of the ranks' (or micro-batches') means is then the
 mean over the global batch, so N ranks x batch B still compute the update of one process x N*B. With `balanced`
 weights, whose mean over the training set is 1, the loss keeps the scale of the unweighted one.
+Labels are class indices (B,) or, with MixUp / CutMix, soft targets (B, K): then sum_c t_c w_c l(x, c).
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ class Loss:
         return self
 
     def per_sample(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses for class indices (B,) or soft targets (B, K) (MixUp / CutMix, fastft/augment.py)."""
         logits = logits.float()
+        if labels.ndim == 2:
+            return self._soft(logits, labels)
         ce = F.cross_entropy(logits, labels, reduction="none", label_smoothing=self.label_smoothing)
         if self.kind == "focal":  # -(1 - p_y)^gamma log p_y (Lin et al.), p_y the softmax probability of the label
             p = torch.exp(-ce)
@@ -64,6 +68,18 @@ class Loss:
         if self.weights is not None:
             ce = ce * self.weights[labels]
         return ce
+
+    def _soft(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """sum_c t_c * w_c * l(x, c): the target-weighted mix of the per-class terms, so a one-hot row gives exactly
+        the hard-label loss (label smoothing and class weights included) and a mixed row the same mix of the two
+        samples' losses."""
+        if self.kind == "focal":
+            raise ConfigError("optim.loss = focal takes class labels, not mixed targets (MixUp / CutMix): use ce")
+        nll = -F.log_softmax(logits, dim=-1)
+        if self.label_smoothing:  # F.cross_entropy's smoothing: (1 - eps) * nll_c + eps * mean_k nll_k
+            nll = (1 - self.label_smoothing) * nll + self.label_smoothing * nll.mean(dim=-1, keepdim=True)
+        t = targets.float() if self.weights is None else targets.float() * self.weights
+        return (t * nll).sum(dim=-1)
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.per_sample(logits, labels).mean()

@@ -45,6 +45,7 @@ def _inferred_or_equal(a: Any, b: Any) -> bool:
 
 
 _GROUPS = "the optimizer's parameter groups and their state are built from it"
+_AUG = "the rest of the run trains with the new augmentation: not bit-identical to an uninterrupted run"
 _ORDER = "the saved position in the epoch means the same samples only with the same value"
 
 RULES: dict[str, Rule] = {
@@ -85,6 +86,12 @@ RULES: dict[str, Rule] = {
     "data.pin_memory": Rule(MAY),
     "data.persistent_workers": Rule(MAY),
     "data.on_bad_file": Rule(NOTED, "a file skipped (or not) changes the samples the rest of the run sees"),
+    "augment.policy": Rule(NOTED, _AUG),
+    "augment.random_erase": Rule(NOTED, _AUG),
+    "augment.color_jitter": Rule(NOTED, _AUG),
+    "augment.mixup_alpha": Rule(NOTED, _AUG),
+    "augment.cutmix_alpha": Rule(NOTED, _AUG),
+    "augment.mix_prob": Rule(NOTED, _AUG),
     "optim.name": Rule(MUST, "the optimizer state (momentum buffers vs. Adam moments) is the saved optimizer's"),
     "optim.lr": Rule(MAY),
     "optim.momentum": Rule(MAY),

@@ -111,7 +111,7 @@ class Sweep:
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, loss: Loss) -> torch.Tensor:
         """Sum of the heads' mean losses (`loss`, the run's): each head gets exactly its own gradient."""
-        per = loss.per_sample(logits.flatten(0, 1), labels.repeat(self.heads))
+        per = loss.per_sample(logits.flatten(0, 1), labels.repeat(self.heads, *[1] * (labels.ndim - 1)))
         return per.view(self.heads, -1).mean(dim=1).sum()
 
     def select(self, reports: list[dict]) -> dict:

@@ -26,6 +26,7 @@ import torch
 from fastft import checkpoint as ckpt_io
 from fastft import early_stop
 from fastft import resume as resume_rules
+from fastft.augment import BatchMix, batch_mix
 from fastft.backbones import Backbone, build_backbone, preprocess_spec, trace_options
 from fastft.backbones.freeze import freeze
 from fastft.backbones.hf_text import split_text
@@ -103,6 +104,7 @@ class Run:
     start_batch: int = 0
     resumed_stats: dict | None = None  # a partial epoch's loss sums (resume inside an epoch)
     loss: Loss | None = None  # the training loss (optim.loss, optim.class_weights)
+    mix: BatchMix | None = None  # MixUp / CutMix of each batch on the device (augment.*)
     best: dict = field(default_factory=dict)
     early_stop: dict | None = None  # {"epoch", "reason"}: the run stopped before its last epoch (checkpoint.patience)
     report: dict = field(default_factory=dict)
@@ -289,6 +291,7 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> Run:
         start_batch=start_batch,
         best={"metric": cfg.checkpoint.best_metric, "value": None, "epoch": None},
         loss=_loss(cfg, index, env.device),
+        mix=batch_mix(cfg.augment, num_classes=num_classes, seed=cfg.run.seed),
     )
     assemble(run)
     seed_rank_streams(cfg.run.seed, env.rank, env.world_size)
@@ -520,7 +523,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, float]:
         if batch_idx >= usable or run.step >= run.total_steps:
             break
         boundary = (batch_idx + 1) % accum == 0
-        loss = train_step(run, images, labels, boundary=boundary, timer=timer, epoch=epoch)
+        loss = train_step(run, images, labels, boundary=boundary, timer=timer, epoch=epoch, batch=batch_idx)
         stats.loss_sum += loss
         stats.loss_n += 1
         stats.seen += labels.shape[0]
@@ -546,10 +549,15 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, float]:
     return train_loss, img_s
 
 
-def train_step(run: Run, images, labels, *, boundary: bool, timer: StepTimer, epoch: int) -> torch.Tensor:
-    """One micro-batch: inputs -> frozen part -> trainable part -> loss -> backward. Returns the detached loss."""
+def train_step(
+    run: Run, images, labels, *, boundary: bool, timer: StepTimer, epoch: int, batch: int = 0
+) -> torch.Tensor:
+    """One micro-batch (`batch`: its index in the epoch): inputs -> (MixUp/CutMix) -> frozen part -> trainable part ->
+    loss -> backward. Returns the detached loss."""
     inputs, precision, backend = run.inputs, run.precision, run.backend
     images, labels = inputs.to_device(images, labels, run.device)
+    if run.mix is not None:  # labels become soft targets (B, K)
+        images, labels = run.mix(images, labels, epoch=epoch, batch=batch)
     timer.mark("data")
     feats = inputs.features(images, precision, backend.input_dtype)
     timer.mark("frozen")

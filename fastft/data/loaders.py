@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
-from fastft.config import DataConfig
+from fastft.config import AugmentConfig, DataConfig
 from fastft.data.base import PREFETCH_PER_WORKER, Loader
 from fastft.data.checks import screen
 from fastft.data.index import Sample
@@ -40,12 +40,15 @@ def _dali_problem() -> str | None:
     return None
 
 
-def resolve_loader(cfg: DataConfig, env: DistEnv) -> str:
+def resolve_loader(cfg: DataConfig, env: DistEnv, *, pixel_aug: AugmentConfig | None = None) -> str:
     """`auto`: DALI on a GPU when it can run there (GPU decode); the torchvision loader otherwise (on a GPU, with the
-    reason logged)."""
+    reason logged), and whenever `pixel_aug` has a per-sample option on (the torchvision loader applies them)."""
     if cfg.loader != "auto":
         return cfg.loader
     if env.device.type != "cuda":
+        return "torch"
+    if pixel_aug is not None and pixel_aug.pixel_options():
+        log.info("fastft: data.loader=auto: the torchvision loader (%s)", pixel_aug.pixel_options()[0])
         return "torch"
     problem = _dali_problem()
     if problem is None:
@@ -63,6 +66,7 @@ def build_loader(
     seed: int,
     env: DistEnv,
     batch_size: int | None = None,
+    pixel_aug: AugmentConfig | None = None,
 ) -> Loader:
     """The loader `data.loader` picks (`resolve_loader`) for one rank, after the file checks.
 
@@ -77,7 +81,7 @@ def build_loader(
         DataError: `data.on_bad_file = "error"` and a file is unusable, or too few samples for one batch per rank.
     """
     bs = batch_size or cfg.batch_size
-    kind = resolve_loader(cfg, env)
+    kind = resolve_loader(cfg, env, pixel_aug=pixel_aug if train else None)
     skipped: list[str] = []
     if kind != "synthetic":
         samples, skipped = screen(samples, on_bad_file=cfg.on_bad_file, threads=max(2, cfg.workers), env=env)
@@ -86,7 +90,7 @@ def build_loader(
     elif kind == "dali":
         loader = _dali_loader(samples, spec, cfg, train=train, seed=seed, env=env, batch_size=bs)
     else:
-        loader = _torch_loader(samples, spec, cfg, train=train, seed=seed, env=env, batch_size=bs)
+        loader = _torch_loader(samples, spec, cfg, train=train, seed=seed, env=env, batch_size=bs, pixel_aug=pixel_aug)
     loader.skipped = skipped
     return loader
 
@@ -135,6 +139,7 @@ def _torch_loader(
     seed: int,
     env: DistEnv,
     batch_size: int,
+    pixel_aug: AugmentConfig | None = None,
 ) -> Loader:
     from fastft.data.torch_loader import TorchLoader
 
@@ -150,6 +155,7 @@ def _torch_loader(
         world=env.world_size,
         pin_memory=cfg.pin_memory and env.device.type == "cuda",
         persistent_workers=cfg.persistent_workers,
+        pixel_aug=pixel_aug if train else None,
     )
 
 

@@ -53,11 +53,19 @@ class ImageDataset(torch.utils.data.Dataset):
     """Indexed by (sample index, epoch) so augmentation is reproducible under any sharding or worker count."""
 
     def __init__(
-        self, samples: list[Sample], spec: TransformSpec, *, train: bool, augment: bool = True, seed: int = 0
+        self,
+        samples: list[Sample],
+        spec: TransformSpec,
+        *,
+        train: bool,
+        augment: bool = True,
+        seed: int = 0,
+        pixel_aug=None,
     ) -> None:
         self.samples = samples
         self.train = train and augment  # without augmentation, training sees the eval transform
-        self.transform = torchvision_transform(spec, train=self.train)
+        # `pixel_aug`: an AugmentConfig (policy, colour jitter, random erasing) on top of crop + flip
+        self.transform = torchvision_transform(spec, train=self.train, augment=pixel_aug if self.train else None)
         self.seed = seed
 
     def __len__(self) -> int:
@@ -69,7 +77,8 @@ class ImageDataset(torch.utils.data.Dataset):
         image = open_rgb(path)
         if not self.train:
             return self.transform(image), label
-        # The transforms draw from the global CPU generator: seed it for this sample and restore it after. Only that
+        # The transforms (crop, flip and any [augment] policy, jitter, erasing) draw from the global CPU generator: seed
+        # it for this sample and restore it after. Only that
         # generator: torch.manual_seed would also reseed every CUDA generator (which fork_rng(devices=[]) does not
         # restore), so with workers=0 the model's dropout would follow the last sample loaded.
         with torch.random.fork_rng(devices=[]):
@@ -131,8 +140,9 @@ class TorchLoader:
         world: int = 1,
         pin_memory: bool = False,
         persistent_workers: bool = True,
+        pixel_aug=None,
     ) -> None:
-        self.dataset = ImageDataset(samples, spec, train=train, augment=augment, seed=seed)
+        self.dataset = ImageDataset(samples, spec, train=train, augment=augment, seed=seed, pixel_aug=pixel_aug)
         self.sampler = ShardedBatchSampler(len(samples), batch_size, train=train, seed=seed, rank=rank, world=world)
         self.loader = batch_loader(
             self.dataset,

@@ -50,8 +50,12 @@ def spec_from_weights(weights, image_size: int = 0) -> TransformSpec:
     return spec
 
 
-def torchvision_transform(spec: TransformSpec, *, train: bool):
-    """RandomResizedCrop + flip for training; resize shorter side + centre crop for evaluation."""
+def torchvision_transform(spec: TransformSpec, *, train: bool, augment=None):
+    """RandomResizedCrop + flip for training; resize shorter side + centre crop for evaluation.
+
+    `augment` (an AugmentConfig, training only) adds torchvision's policy and colour jitter after the flip and random
+    erasing after normalisation, the order of torchvision's classification references. Every draw is from the global
+    CPU generator, which the dataset seeds per sample (torch_loader.ImageDataset)."""
     import torch
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import v2 as T
@@ -63,11 +67,33 @@ def torchvision_transform(spec: TransformSpec, *, train: bool):
                 spec.crop_size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=interp, antialias=True
             ),
             T.RandomHorizontalFlip(),
+            *_pixel_augment(augment, interp),
         ]
         if train
         else [T.Resize(spec.resize_size, interpolation=interp, antialias=True), T.CenterCrop(spec.crop_size)]
     )
-    return T.Compose([T.ToImage(), *head, T.ToDtype(torch.float32, scale=True), T.Normalize(spec.mean, spec.std)])
+    tail = [T.RandomErasing(p=augment.random_erase)] if train and augment is not None and augment.random_erase else []
+    return T.Compose(
+        [T.ToImage(), *head, T.ToDtype(torch.float32, scale=True), T.Normalize(spec.mean, spec.std), *tail]
+    )
+
+
+def _pixel_augment(augment, interp) -> list:
+    """The policy (on uint8 pixels, as torchvision's references apply it) and colour jitter of `augment`."""
+    from torchvision.transforms import v2 as T
+
+    if augment is None:
+        return []
+    policies = {
+        "randaugment": lambda: T.RandAugment(interpolation=interp),
+        "trivialaugment": lambda: T.TrivialAugmentWide(interpolation=interp),
+        "autoaugment": lambda: T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, interpolation=interp),
+    }
+    out = [policies[augment.policy]()] if augment.policy != "none" else []
+    if augment.color_jitter:
+        s = augment.color_jitter
+        out.append(T.ColorJitter(brightness=s, contrast=s, saturation=s))
+    return out
 
 
 @functools.cache
