@@ -110,8 +110,8 @@ def weights_file(tmp_path_factory) -> Path:
 
 def _cfg(root: Path, out: Path, weights: Path, **kw):
     """resnet18 from a weights file; layer4.1 (convs + BatchNorm) and fc train, 4.7M of 11.2M parameters (probe
-    checkpoints). 2 epochs x 2 steps, a save at every step; the EMA (decay 0.5: far from the raw weights after 4
-    steps) picks best.pt."""
+    checkpoints). 2 epochs x 2 steps, a step save at step 3 (mid-epoch 2); the EMA (decay 0.5: far from the raw
+    weights after 4 steps) picks best.pt."""
     return tiny_config(
         root,
         out,
@@ -119,19 +119,24 @@ def _cfg(root: Path, out: Path, weights: Path, **kw):
         model__freeze="until:layer4.0",
         data__batch_size=16,
         optim__ema_decay=0.5,
-        checkpoint__every_steps=1,
+        checkpoint__every_steps=3,
         checkpoint__best_metric="ema/f1_macro",
         **kw,
     )
 
 
 @pytest.fixture(scope="module")
-def runs(shapes2, weights_file, module_tmp):
-    """(uninterrupted run, run stopped after step 3 (mid-epoch 2) and resumed from last.pt)."""
+def full(shapes2, weights_file, module_tmp):
+    """The uninterrupted run."""
+    return finetune(_cfg(shapes2, module_tmp("ema"), weights_file, run__name="full"))
+
+
+@pytest.fixture(scope="module")
+def resumed(full, shapes2, weights_file):
+    """(the run stopped after step 3 (mid-epoch 2): its last.pt, then the run resumed from it)."""
     from fastft.parallel.backend import LocalBackend
 
-    out = module_tmp("ema")
-    full = finetune(_cfg(shapes2, out, weights_file, run__name="full"))
+    out = full.run_dir.parent
     real, calls = LocalBackend.step, {"n": 0}
 
     def stop_after_step_3(self, boundary=True):
@@ -145,16 +150,16 @@ def runs(shapes2, weights_file, module_tmp):
         with pytest.raises(_Stop):
             finetune(_cfg(shapes2, out, weights_file, run__name="cut"))
     cut = torch.load(out / "cut" / "last.pt", map_location="cpu", weights_only=True)
-    resumed = finetune(_cfg(shapes2, out, weights_file, run__name="cut", checkpoint__resume="auto"))
-    return full, resumed, cut
+    return cut, finetune(_cfg(shapes2, out, weights_file, run__name="cut", checkpoint__resume="auto"))
 
 
 def _ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_an_interrupted_run_resumed_mid_epoch_ends_bit_identical_ema_included(runs) -> None:
-    full, resumed, cut = runs
+@pytest.mark.slow  # two more runs (~20 s of CPU)
+def test_an_interrupted_run_resumed_mid_epoch_ends_bit_identical_ema_included(full, resumed) -> None:
+    cut, resumed = resumed
     assert cut["step"] == 3 and cut["batch"] == 1 and int(cut["ema"]["n_averaged"]) == 3  # a mid-epoch step save
     a, b = _ckpt(full.run_dir / "last.pt"), _ckpt(resumed.run_dir / "last.pt")
     assert int(a["ema"]["n_averaged"]) == int(b["ema"]["n_averaged"]) == 4
@@ -169,8 +174,7 @@ def test_an_interrupted_run_resumed_mid_epoch_ends_bit_identical_ema_included(ru
     assert {k: resumed.metrics[k] for k in scalars} == scalars
 
 
-def test_best_metric_ema_keeps_the_ema_weights_in_best_pt_and_the_export(runs, shapes2) -> None:
-    full = runs[0]
+def test_best_metric_ema_keeps_the_ema_weights_in_best_pt_and_the_export(full) -> None:
     best, last = _ckpt(full.run_dir / "best.pt"), _ckpt(full.run_dir / "last.pt")
     assert best["best"]["metric"] == "ema/f1_macro" and "ema" in best and "model" in best  # both, and which won
     export = load_file(full.paths["model_export"])
