@@ -742,7 +742,8 @@ def _export(run: Run, final_state: dict[str, torch.Tensor]) -> dict[str, Path]:
     head = model.get_submodule(run.source.head)
     head_prefix = f"{run.source.head}."
     head_state = {k.removeprefix(head_prefix): v for k, v in final_state.items() if k.startswith(head_prefix)}
-    meta = {**meta, "ema_weights": run.ema is not None and picks_ema(run.cfg.checkpoint.best_metric)}
+    if run.ema is not None:  # which weights the files hold: the EMA's or the raw ones (finish)
+        meta = {**meta, "ema_weights": picks_ema(run.cfg.checkpoint.best_metric)}
     model_meta, head_meta = {**meta, "part": "model"}, {**meta, "part": "head"}
     model_path = ckpt_io.export_safetensors(model, run_dir / "model.safetensors", model_meta, final_state)
     head_path = ckpt_io.export_safetensors(head, run_dir / "head.safetensors", head_meta, head_state)
