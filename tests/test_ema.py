@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 from conftest import tiny_config
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -17,6 +18,7 @@ from fastft.api import load_trained
 from fastft.config import FinetuneConfig
 from fastft.ema import Ema
 from fastft.errors import ConfigError
+from fastft.export import export_model
 from fastft.report import format_table
 from fastft.train import finetune
 
@@ -174,7 +176,7 @@ def test_an_interrupted_run_resumed_mid_epoch_ends_bit_identical_ema_included(fu
     assert {k: resumed.metrics[k] for k in scalars} == scalars
 
 
-def test_best_metric_ema_keeps_the_ema_weights_in_best_pt_and_the_export(full) -> None:
+def test_best_metric_ema_keeps_the_ema_weights_in_best_pt_and_the_export(full, tmp_path) -> None:
     best, last = _ckpt(full.run_dir / "best.pt"), _ckpt(full.run_dir / "last.pt")
     assert best["best"]["metric"] == "ema/f1_macro" and "ema" in best and "model" in best  # both, and which won
     export = load_file(full.paths["model_export"])
@@ -190,6 +192,11 @@ def test_best_metric_ema_keeps_the_ema_weights_in_best_pt_and_the_export(full) -
     assert m["ema_weights"] is True
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in best["ema"]["state"].items())
+    written = export_model(full.run_dir / "best.pt", tmp_path, fmt="safetensors")  # `fastft export`
+    exported = load_file(written[0])
+    assert all(torch.equal(exported[k], v) for k, v in best["ema"]["state"].items())
+    with safe_open(str(written[0]), framework="pt") as f:
+        assert json.loads(f.metadata()["fastft"])["ema_weights"] is True
     # The report on the console and in metrics.json: both models.
     metrics = json.loads((full.run_dir / "metrics.json").read_text())
     assert metrics["ema/f1_macro"] == full.metrics["ema/f1_macro"] and "f1_macro" in metrics
