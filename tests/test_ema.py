@@ -14,7 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+import fastft
 from fastft.api import load_trained
+from fastft.checkpoint import atomic_save
 from fastft.config import FinetuneConfig
 from fastft.ema import Ema
 from fastft.errors import ConfigError
@@ -176,7 +178,7 @@ def test_an_interrupted_run_resumed_mid_epoch_ends_bit_identical_ema_included(fu
     assert {k: resumed.metrics[k] for k in scalars} == scalars
 
 
-def test_best_metric_ema_keeps_the_ema_weights_in_best_pt_and_the_export(full, tmp_path) -> None:
+def test_best_metric_ema_keeps_the_ema_weights_in_best_pt_and_the_export(full, shapes2, tmp_path) -> None:
     best, last = _ckpt(full.run_dir / "best.pt"), _ckpt(full.run_dir / "last.pt")
     assert best["best"]["metric"] == "ema/f1_macro" and "ema" in best and "model" in best  # both, and which won
     export = load_file(full.paths["model_export"])
@@ -201,5 +203,14 @@ def test_best_metric_ema_keeps_the_ema_weights_in_best_pt_and_the_export(full, t
     metrics = json.loads((full.run_dir / "metrics.json").read_text())
     assert metrics["ema/f1_macro"] == full.metrics["ema/f1_macro"] and "f1_macro" in metrics
     assert metrics["ema/loss"] != metrics["loss"]  # two models were evaluated
+    # Each is the evaluation of its own weights: the EMA export, and last.pt read as a raw-weights checkpoint.
+    val = {"device": "cpu", "precision": "fp32", "workers": 0}
+    ema_eval = fastft.evaluate(full.paths["model_export"], shapes2 / "val", **val).metrics
+    last["best"]["metric"] = "f1_macro"
+    atomic_save(last, tmp_path / "raw.pt")
+    raw_eval = fastft.evaluate(tmp_path / "raw.pt", shapes2 / "val", **val).metrics
+    assert ema_eval["loss"] == pytest.approx(metrics["ema/loss"], abs=1e-6)
+    assert raw_eval["loss"] == pytest.approx(metrics["loss"], abs=1e-6)
+    assert ema_eval["confusion_matrix"] != raw_eval["confusion_matrix"] or ema_eval["loss"] != raw_eval["loss"]
     line = next(ln for ln in format_table(metrics).splitlines() if ln.split()[0] == "loss")
     assert line.split() == ["loss", f"{metrics['loss']:.4f}", "ema", f"{metrics['ema/loss']:.4f}"]
