@@ -214,3 +214,42 @@ def test_best_metric_ema_keeps_the_ema_weights_in_best_pt_and_the_export(full, s
     assert ema_eval["confusion_matrix"] != raw_eval["confusion_matrix"] or ema_eval["loss"] != raw_eval["loss"]
     line = next(ln for ln in format_table(metrics).splitlines() if ln.split()[0] == "loss")
     assert line.split() == ["loss", f"{metrics['loss']:.4f}", "ema", f"{metrics['ema/loss']:.4f}"]
+
+
+@pytest.mark.slow  # a CLI run and a 2-rank torchrun (~1 min of CPU)
+def test_ddp_ema_equals_one_process_on_the_same_global_batch(shapes4, tmp_path) -> None:
+    """2 ranks x batch 4 == one process x batch 8 (the DDP test's setting, a hidden head layer training): the EMA
+    head that is exported (best_metric ema/f1_macro) and the ema/ report agree (fp32: the all-reduce order differs)."""
+    from conftest import run_cli, run_torchrun
+
+    common = [
+        f"--data.root={shapes4}",
+        "--model.weights=none",
+        "--data.image_size=32",
+        "--data.workers=0",
+        "--precision.dtype=fp32",
+        "--log.progress=false",
+        "--run.device=cpu",
+        "--compile.target=none",
+        "--optim.lr=0.05",
+        "--run.seed=7",
+        "--optim.epochs=2",
+        "--model.freeze=backbone",
+        "--model.head_hidden=16",
+        "--optim.ema_decay=0.5",
+        "--checkpoint.best_metric=ema/f1_macro",
+        f"--run.out_dir={tmp_path}",
+    ]
+    for p in (
+        run_cli("train", *common, "--data.batch_size=8", "--run.name=single", "--parallel.backend=none"),
+        run_torchrun(2, "train", *common, "--data.batch_size=4", "--run.name=ddp"),
+    ):
+        assert p.returncode == 0, p.stderr[-3000:]
+    single, ddp = (load_file(tmp_path / n / "head.safetensors") for n in ("single", "ddp"))
+    raw = _ckpt(tmp_path / "single" / "last.pt")["model"]
+    assert any(not torch.equal(single[k], raw[f"fc.{k}"]) for k in single)  # the export is the EMA head
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], atol=1e-5, rtol=1e-4, msg=k)
+    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("single", "ddp"))
+    assert a["num_samples"] == b["num_samples"] == 24
+    assert b["ema/loss"] == pytest.approx(a["ema/loss"], abs=1e-5) and b["ema/top1"] == a["ema/top1"]
