@@ -14,6 +14,7 @@ from fastft.config import DataConfig, ModelConfig, PrecisionConfig
 from fastft.data.index import index_for_eval, list_images
 from fastft.data.loaders import build_loader
 from fastft.data.transforms import TransformSpec
+from fastft.ema import apply_saved
 from fastft.errors import CheckpointError, ConfigError, DataError, FastftError
 from fastft.evaluation import run_evaluation
 from fastft.model import build_model, load_state_file
@@ -56,6 +57,8 @@ def load_trained(checkpoint: str | Path, device: torch.device):
         where = weights_place(frozen)
         raise CheckpointError(f"{checkpoint}: cannot rebuild its frozen part from {where}: {e}") from None
     load_model_checkpoint(model, state, checkpoint)
+    if "ema" in state:  # a run with an EMA: its weights when the run's best_metric picks them (fastft.ema)
+        meta = {**meta, "ema_weights": apply_saved(model, state, checkpoint)}
     return model.to(device).eval(), meta
 
 

@@ -265,11 +265,14 @@ class Checkpointer:
     the fp32 masters from the backend, the finiteness check before every save, and restore.
 
     Every rank calls save (RNG states are gathered, sharded optimizer state is written by every rank); rank 0 writes
-    the file. `sweep`: a head sweep whose bank is saved beside the model."""
+    the file. `sweep`: a head sweep whose bank is saved beside the model; `ema`: the weights' EMA, saved likewise."""
 
-    def __init__(self, run_dir: Path, *, env, model: nn.Module, backend, optimizer, scheduler, meta: dict, sweep=None):
+    def __init__(
+        self, run_dir: Path, *, env, model: nn.Module, backend, optimizer, scheduler, meta: dict, sweep=None, ema=None
+    ):
         self.run_dir, self.env, self.model, self.backend = run_dir, env, model, backend
         self.optimizer, self.scheduler, self.meta, self.sweep = optimizer, scheduler, meta, sweep
+        self.ema = ema  # fastft.ema.Ema or None: its state is saved beside the model's (both raw and EMA weights)
         self._whole = False  # the file written last holds the whole state (no optimizer state kept beside it)
         self._digest: tuple[tuple[str, ...], str, int] | None = None  # (frozen keys, digest, bytes) last hashed
 
@@ -321,9 +324,13 @@ class Checkpointer:
             refuse_nonfinite(float("nan"), shown, step, self.run_dir, what="a weight")
         opt_state = self.backend.save_optimizer_state(self.run_dir, name.removesuffix(".pt"))  # collective if sharded
         self._whole = opt_state is not None
+        if self.ema is not None:
+            self.ema.sync()  # collective: rank 0's averaged BatchNorm statistics, as for the model
         if not self.env.is_main:
             return
         extra = {"sweep_bank": self.sweep.state_dict()} if self.sweep is not None else {}
+        if self.ema is not None:
+            extra["ema"] = self.ema.state_dict()
         frozen = self.fingerprint()
         if frozen is not None:
             extra["frozen"] = frozen
@@ -364,6 +371,8 @@ class Checkpointer:
         load_model_checkpoint(self.model, state, path)
         if self.sweep is not None:
             self.sweep.load_state_dict(state["sweep_bank"], path)
+        if self.ema is not None:
+            self.ema.load_state_dict(state.get("ema"), path)
         self.backend.load_optimizer_state(state["optimizer"], path)
         self.scheduler.load_state_dict(state["scheduler"])
         self.backend.load_state_dict(state["backend"])

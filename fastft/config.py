@@ -100,6 +100,8 @@ class OptimConfig:
     max_steps: int = 0  # >0 stops after this many optimizer steps (overrides epochs)
     layer_decay: float = 1.0  # layer-wise LR decay: a stage at depth d from the head gets lr * layer_decay**d
     unfreeze: list[str] = field(default_factory=list)  # gradual unfreezing: ["EPOCH:module[:lr_factor]", ...]
+    ema_decay: float = 0.0  # EMA of the trainable weights (0 = off): ema = decay * ema + (1 - decay) * weights
+    ema_every: int = 1  # average every N optimizer steps
 
 
 @dataclass
@@ -224,6 +226,7 @@ class FinetuneConfig:
         _min("optim.max_steps", self.optim.max_steps, 0)
         _range("optim.layer_decay", self.optim.layer_decay, 0.0, 1.0, lo_open=True)
         parse_unfreeze(self.optim.unfreeze)
+        _check_ema(self)
         _choice("precision.dtype", self.precision.dtype, ("auto", "bf16", "fp16", "fp32"))
         _choice("compile.target", self.compile.target, ("auto", "none", "head", "all"))
         _choice(
@@ -325,6 +328,24 @@ def parse_unfreeze(entries: list[str]) -> list[UnfreezeStep]:
             ) from None
         steps.append(UnfreezeStep(epoch, module, factor))
     return sorted(steps, key=lambda s: s.epoch)
+
+
+def _check_ema(cfg: FinetuneConfig) -> None:
+    """optim.ema_decay / ema_every, and the combinations the EMA does not cover (one line each)."""
+    o = cfg.optim
+    _range("optim.ema_decay", o.ema_decay, 0.0, 1.0, hi_open=True)
+    _min("optim.ema_every", o.ema_every, 1)
+    if cfg.checkpoint.best_metric.startswith("ema/") and not o.ema_decay:
+        raise ConfigError(f"checkpoint.best_metric: {cfg.checkpoint.best_metric!r} needs optim.ema_decay > 0")
+    if not o.ema_decay:
+        return
+    for key, on in (
+        ("head.sweep_lr", bool(cfg.head.sweep_lr)),  # a bank of heads, one kept at the end: no EMA of it
+        ("optim.unfreeze", bool(o.unfreeze)),  # an unfreeze changes what the EMA would hold
+        ("parallel.backend=deepspeed", cfg.parallel.backend == "deepspeed"),  # its fp32 masters are not averaged
+    ):
+        if on:
+            raise ConfigError(f"optim.ema_decay: not supported with {key}")
 
 
 def _choice(key: str, value: Any, allowed: tuple | None) -> None:

@@ -21,7 +21,7 @@ def check_best_metric(key: str, num_classes: int) -> None:
     from fastft.evaluation import report_keys
 
     keys = report_keys(num_classes)
-    if key not in keys:
+    if key.removeprefix("ema/") not in keys:  # ema/<key>: the EMA model's (config validation checks it is on)
         raise ConfigError(
             f"checkpoint.best_metric: {key!r} is not a report key of a {num_classes}-class task ({', '.join(keys)})"
         )

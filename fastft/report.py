@@ -28,7 +28,8 @@ def format_table(report: dict) -> str:
     lines = [f"evaluation on {report['num_samples']} images"]
     for k in _SUMMARY:
         if report.get(k) is not None:
-            lines.append(f"  {k:<20} {report[k]:.4f}")
+            ema = report.get(f"ema/{k}")  # the EMA of the weights (optim.ema_decay), on the same images
+            lines.append(f"  {k:<20} {report[k]:.4f}" + (f"   ema {ema:.4f}" if ema is not None else ""))
     rows = report.get("per_class", [])
     if rows:
         width = max(12, *(len(str(r.get("class", i))) for i, r in enumerate(rows)))

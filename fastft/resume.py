@@ -110,6 +110,10 @@ RULES: dict[str, Rule] = {
     "optim.max_steps": Rule(MAY),
     "optim.layer_decay": Rule(MUST, _GROUPS),
     "optim.unfreeze": Rule(MUST, _GROUPS),
+    "optim.ema_decay": Rule(
+        NOTED, "the average continues with the new decay (from 0: it starts at the resume step; to 0: it is dropped)"
+    ),
+    "optim.ema_every": Rule(MAY),
     "precision.dtype": Rule(NOTED, "a fp16 loss-scaler state is dropped (leaving fp16) or started fresh (entering it)"),
     "compile.target": Rule(MAY),
     "compile.mode": Rule(MAY),

@@ -35,6 +35,7 @@ from fastft.checkpoint import Checkpointer, refuse_nonfinite
 from fastft.compile import apply_compile, resolve_target
 from fastft.config import FinetuneConfig, UnfreezeStep, check_device, parse_unfreeze
 from fastft.data.index import index_from_config
+from fastft.ema import Ema, build_ema, picks_ema
 from fastft.errors import ConfigError, FastftError
 from fastft.evaluation import run_evaluation
 from fastft.inputs import Inputs
@@ -98,6 +99,7 @@ class Run:
     stop: penv.StopSignal | None = None
     train_module: torch.nn.Module | None = None  # the wrapped (and compiled) suffix the step calls
     suffix: torch.nn.Module | None = None  # the compiled suffix, unwrapped (evaluation)
+    ema: Ema | None = None  # optim.ema_decay: the EMA of the trainable suffix
     # Progress: the position, counters and results the loop advances.
     step: int = 0
     start_epoch: int = 0
@@ -294,6 +296,7 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> Run:
         mix=batch_mix(cfg.augment, num_classes=num_classes, seed=cfg.run.seed),
     )
     assemble(run)
+    run.ema = build_ema(cfg.optim, split.suffix, model)
     seed_rank_streams(cfg.run.seed, env.rank, env.world_size)
     run.meta = _meta(cfg, env, index, spec, source.head, num_classes)
     _open(run, state, counts)
@@ -323,6 +326,7 @@ def _open(run: Run, state: dict | None, counts: tuple[int, int]) -> None:
         scheduler=run.scheduler,
         meta=run.meta,
         sweep=run.sweep,
+        ema=run.ema,
     )
     if state is not None:
         _restore(run, state)
@@ -583,6 +587,8 @@ def after_step(run: Run, epoch: int, batch_idx: int, stats: EpochStats, *, bar, 
     run.scheduler.step()
     run.step += 1
     step = run.step
+    if run.ema is not None:
+        run.ema.step(step)
     saving = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
     if step % cfg.log.every_steps == 0 or saving:
         mean_loss = stats.loss_sum.item() / stats.loss_n  # one host sync per log interval
@@ -673,11 +679,19 @@ def _early_stop(run: Run, epoch: int) -> dict | None:
 
 
 def evaluate(run: Run) -> dict:
-    """The exact evaluation of the current model on the val loader (the best head's report when sweeping)."""
+    """The exact evaluation of the current model on the val loader (the best head's report when sweeping); with an
+    EMA, its model's scalars are added under `ema/` keys, evaluated the same way."""
     sync_buffers(run.split.suffix)  # every rank evaluates the model that is saved (rank 0's buffers)
-    forward = run.inputs.eval_forward(run.suffix, run.backend.input_dtype)
     run.split.suffix.eval()
-    out = run_evaluation(
+    if run.ema is not None:  # both models in one pass over the images: the frozen prefix runs once
+        return run.ema.merge(*_evaluate_suffix(run, run.ema.paired(run.suffix), heads=2))
+    out = _evaluate_suffix(run, run.suffix, heads=run.sweep.heads if run.sweep is not None else 0)
+    return out if run.sweep is None else run.sweep.select(out)
+
+
+def _evaluate_suffix(run: Run, suffix: Callable, *, heads: int) -> dict | list[dict]:
+    forward = run.inputs.eval_forward(suffix, run.backend.input_dtype)
+    return run_evaluation(
         forward,
         run.inputs.val,
         num_classes=run.num_classes,
@@ -686,9 +700,8 @@ def evaluate(run: Run) -> dict:
         channels_last=run.cfg.model.channels_last and run.inputs.prefix is not None,
         pad_to=run.inputs.eval_batch_size if run.target != "none" else 0,
         classes=run.index.classes,
-        heads=run.sweep.heads if run.sweep is not None else 0,
+        heads=heads,
     )
-    return out if run.sweep is None else run.sweep.select(out)
 
 
 def finish(run: Run) -> RunResult:
@@ -701,6 +714,8 @@ def finish(run: Run) -> RunResult:
     if run.early_stop:
         report["early_stop"] = run.early_stop
     final_state = run.checkpointer.model_state()  # a collective: every rank
+    if run.ema is not None and picks_ema(cfg.checkpoint.best_metric):
+        final_state = run.ema.model_state(final_state)  # the EMA is what the run keeps: its weights are exported
     if env.is_main:
         sweep_text = report.pop("sweep_table", None)
         if cfg.data.loader == "synthetic":
@@ -735,6 +750,8 @@ def _export(run: Run, final_state: dict[str, torch.Tensor]) -> dict[str, Path]:
     head = model.get_submodule(run.source.head)
     head_prefix = f"{run.source.head}."
     head_state = {k.removeprefix(head_prefix): v for k, v in final_state.items() if k.startswith(head_prefix)}
+    if run.ema is not None:  # which weights the files hold: the EMA's or the raw ones (finish)
+        meta = {**meta, "ema_weights": picks_ema(run.cfg.checkpoint.best_metric)}
     model_meta, head_meta = {**meta, "part": "model"}, {**meta, "part": "head"}
     model_path = ckpt_io.export_safetensors(model, run_dir / "model.safetensors", model_meta, final_state)
     head_path = ckpt_io.export_safetensors(head, run_dir / "head.safetensors", head_meta, head_state)
