@@ -39,7 +39,10 @@ def load_trained(checkpoint: str | Path, device: torch.device):
     if meta.get("source") == "hf":
         from fastft.text_eval import build_text_model
 
-        return build_text_model(meta, state, checkpoint).model.to(device).eval(), meta
+        backbone = build_text_model(meta, state, checkpoint)  # the EMA's weights when the run picked them
+        if "ema" in state:
+            meta = {**meta, "ema_weights": backbone.ema_weights}
+        return backbone.model.to(device).eval(), meta
     mcfg = ModelConfig(
         source=meta.get("source", "torchvision"),  # checkpoints from before timm record no source
         name=meta["model_name"],

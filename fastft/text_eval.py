@@ -28,9 +28,10 @@ from fastft.parallel import env as penv
 
 def build_text_model(meta: dict, state: dict, checkpoint: str | Path):
     """The HFTextBackbone of a text checkpoint, its weights loaded from `state` (fingerprint checked for a probe
-    checkpoint). Raises CheckpointError naming the checkpoint when its model folder cannot be read."""
+    checkpoint; the EMA's weights when the run's best_metric picked them). Raises CheckpointError naming the checkpoint when its model folder cannot be read."""
     from fastft.backbones.hf_text import HFTextBackbone
     from fastft.checkpoint import load_model_checkpoint
+    from fastft.ema import apply_saved
 
     spec = TextSpec.from_dict(meta["transform"])
     try:
@@ -40,6 +41,7 @@ def build_text_model(meta: dict, state: dict, checkpoint: str | Path):
     except FastftError as e:
         raise CheckpointError(f"{checkpoint}: cannot rebuild its text model: {e}") from None
     load_model_checkpoint(backbone.model, state, checkpoint)
+    backbone.ema_weights = apply_saved(backbone.model, state, checkpoint)  # when the run's best_metric picked the EMA
     return backbone
 
 
