@@ -28,7 +28,8 @@ from fastft.parallel import env as penv
 
 def build_text_model(meta: dict, state: dict, checkpoint: str | Path):
     """The HFTextBackbone of a text checkpoint, its weights loaded from `state` (fingerprint checked for a probe
-    checkpoint; the EMA's weights when the run's best_metric picked them). Raises CheckpointError naming the checkpoint when its model folder cannot be read."""
+    checkpoint; the EMA's weights when the run's best_metric picked them). Raises CheckpointError naming the
+    checkpoint when its model folder cannot be read."""
     from fastft.backbones.hf_text import HFTextBackbone
     from fastft.checkpoint import load_model_checkpoint
     from fastft.ema import apply_saved
