@@ -32,7 +32,7 @@ demo: setup
 	$(VENV)/bin/fastft demo
 
 test: setup
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q tests --durations=40
 
 test-fast: setup
 	$(VPY) -m pytest -q tests -m "not slow"
