@@ -1,7 +1,7 @@
 """A text linear probe, cached vs uncached: all-MiniLM-L6-v2 on the synthetic text task, the same data and budget,
 runs alternated, against the time of one forward pass of the encoder over the same rows.
 
-    python benchmarks/text_probe_cache.py --out benchmarks/results/text-probe-cache-<yyyymmdd>.md
+    python -m benchmarks.text_probe_cache --out benchmarks/results/text-probe-cache-<yyyymmdd>.md
 
 Each run is `fastft.train.finetune` in this process (Python start-up and imports excluded, as for the image probe
 figure); the forward pass is the frozen encoder (the probe's prefix) over every train and val row once, batched as
@@ -101,7 +101,7 @@ def write_record(out: Path, args, cfg, times: dict, fwd: list[float], f1: dict) 
     lines = [
         "# Text linear probe: feature cache vs none (all-MiniLM-L6-v2)",
         "",
-        f"Command: `python benchmarks/text_probe_cache.py --out {args.out} --epochs {args.epochs} --pairs {args.pairs}"
+        f"Command: `python -m benchmarks.text_probe_cache --out {args.out} --epochs {args.epochs} --pairs {args.pairs}"
         f" --train-rows {args.train_rows} --val-rows {args.val_rows}`",
         "",
         f"Hardware: {cpu_name()}, {torch.get_num_threads()} threads. Python {platform.python_version()}, "
