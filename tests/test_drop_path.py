@@ -16,7 +16,7 @@ from fastft.errors import ConfigError, ModelError
 
 def _build(name: str, source: str = "torchvision", **kw):
     torch.manual_seed(0)
-    return build_backbone(ModelConfig(source=source, name=name, weights="none", **kw), 3, image_size=32)
+    return build_backbone(ModelConfig(source=source, name=name, **{"weights": "none", **kw}), 3, image_size=32)
 
 
 def _rates(model: torch.nn.Module) -> list[float]:
@@ -89,3 +89,17 @@ def test_frozen_prefix_keeps_every_path_while_the_suffix_drops_them() -> None:
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / a.norm())
+
+
+def test_a_weights_file_loads_under_a_new_drop_path(tmp_path) -> None:
+    """Stochastic depth has no parameters: a file saved from the default build loads into a drop_path 0.4 build."""
+    from safetensors.torch import save_file
+
+    plain = _build("efficientnet_b0").model
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    loaded = build_backbone(
+        ModelConfig(name="efficientnet_b0", weights=str(tmp_path / "w.safetensors"), drop_path=0.4), 3, image_size=32
+    )
+    assert max(_rates(loaded.model)) == pytest.approx(0.4 * 15 / 16)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k
