@@ -29,7 +29,9 @@ class ModelConfig:
     head_hidden: int = 0  # >0 adds a hidden layer (Linear -> ReLU -> Dropout) before the classifier
     head_dropout: float = 0.0
     channels_last: bool = True  # NHWC activations: faster convolutions on GPUs and on CPUs with oneDNN
-    grad_checkpointing: bool = False  # timm: recompute activations in the backward pass (less memory, more compute)
+    grad_checkpointing: bool = False  # the old name of activation_checkpointing (either switches it on)
+    activation_checkpointing: bool = False  # recompute the trainable blocks' activations in backward: less memory
+    drop_path: float = -1.0  # stochastic depth rate of the deepest block; -1 = the model's own default, 0 = off
 
 
 @dataclass
@@ -186,6 +188,7 @@ class FinetuneConfig:
         _min("model.num_classes", self.model.num_classes, 0)
         _min("model.head_hidden", self.model.head_hidden, 0)
         _range("model.head_dropout", self.model.head_dropout, 0.0, 1.0, hi_open=True)
+        _check_memory_keys(self.model)
         if isinstance(self.model.freeze, str):
             f = self.model.freeze
             if f not in ("none", "backbone") and not (f.startswith("until:") and len(f) > len("until:")):
@@ -346,6 +349,18 @@ def _check_ema(cfg: FinetuneConfig) -> None:
     ):
         if on:
             raise ConfigError(f"optim.ema_decay: not supported with {key}")
+
+
+def _check_memory_keys(m: ModelConfig) -> None:
+    """model.drop_path and model.activation_checkpointing (fastft.act_ckpt): image models only."""
+    if m.drop_path != -1:
+        _range("model.drop_path", m.drop_path, 0.0, 1.0, hi_open=True)
+    for key, on in (("drop_path", m.drop_path > 0), ("activation_checkpointing", m.activation_checkpointing)):
+        if on and m.source == "hf":
+            raise ConfigError(f"model.{key}: not available for model.source=hf (torchvision and timm models)")
+    if m.source == "timm" and m.drop_path > 0 and (m.activation_checkpointing or m.grad_checkpointing):
+        if m.freeze != "none":  # timm's checkpointed model is not split: its frozen blocks would drop paths in training
+            raise ConfigError("model.drop_path: with activation checkpointing a timm model needs model.freeze = none")
 
 
 def _choice(key: str, value: Any, allowed: tuple | None) -> None:

@@ -62,6 +62,8 @@ RULES: dict[str, Rule] = {
     "model.head_dropout": Rule(MAY),
     "model.channels_last": Rule(MAY),
     "model.grad_checkpointing": Rule(MAY),
+    "model.activation_checkpointing": Rule(MAY),
+    "model.drop_path": Rule(MAY),
     "head.sweep_lr": Rule(MUST, "the bank of heads and its optimizer groups"),
     "head.sweep_weight_decay": Rule(MUST, "the bank of heads and its optimizer groups"),
     "data.root": Rule(

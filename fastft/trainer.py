@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastft import act_ckpt, early_stop
 from fastft import checkpoint as ckpt_io
-from fastft import early_stop
 from fastft import resume as resume_rules
 from fastft.augment import BatchMix, batch_mix
 from fastft.backbones import Backbone, build_backbone, preprocess_spec, trace_options
@@ -185,7 +185,9 @@ class _ModelSource:
     def split(self, model: torch.nn.Module):
         if self.backbone.source == "hf":  # a text encoder is cut at its stages (no torch.fx trace of HF models)
             return split_text(self.backbone, {n for n, p in model.named_parameters() if p.requires_grad})
-        return split_model(model, head=self.head, trace=trace_options(model))
+        on = act_ckpt.enabled(self.cfg.model) and self.backbone.source == "torchvision"  # timm: its own switch
+        trace = dataclasses.replace(trace_options(model), leaf_names=act_ckpt.apply(model, on=on))
+        return split_model(model, head=self.head, trace=trace)
 
     def param_groups(self, model: torch.nn.Module, names: list[str], cfg, **kw) -> list[dict]:
         return param_groups(model, names, cfg, head=self.head, stages=self.backbone.stages(), **kw)

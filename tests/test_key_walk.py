@@ -45,6 +45,8 @@ VALUES: dict[str, tuple[object, dict[str, object]]] = {
     "model.head_dropout": (0.5, {}),
     "model.channels_last": (False, {}),
     "model.grad_checkpointing": (True, {"model.source": "timm", "model.name": "resnet10t", "model.freeze": "none"}),
+    "model.activation_checkpointing": (True, {"model.freeze": "until:layer3"}),
+    "model.drop_path": (0.1, {}),  # resnet18 has no stochastic depth: one line saying so
     "head.sweep_lr": ([0.1, 0.01], {}),
     "head.sweep_weight_decay": ([0.0, 0.1], {"head.sweep_lr": [0.1, 0.01]}),
     "data.root": ("@data", {}),

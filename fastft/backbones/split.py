@@ -51,6 +51,7 @@ class TraceOptions:
     leaf_types: tuple[type, ...] = ()
     autowrap_functions: tuple[Callable, ...] = ()
     untraceable: str = ""  # why the model must not be traced (the whole model is then the trainable part)
+    leaf_names: frozenset[str] = frozenset()  # modules kept whole by name (activation-checkpointed blocks)
 
 
 def _headless_view(model: nn.Module, head: str) -> nn.Module:
@@ -110,7 +111,9 @@ def _trace(model: nn.Module, trace: TraceOptions):
 
     class Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return is_frozen_bn(m) or isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+            if is_frozen_bn(m) or isinstance(m, leaves) or qualname in trace.leaf_names:
+                return True
+            return super().is_leaf_module(m, qualname)
 
     # Optional forward arguments (timm's ViT: attn_mask, is_causal) take their defaults, as in `model(x)`.
     params = list(inspect.signature(model.forward).parameters.values())[1:]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastft import act_ckpt
 from fastft.backbones import freeze, split
 from fastft.backbones.base import Stage, meta
 from fastft.backbones.weights import is_path, load_state_file, save_state, try_load
@@ -66,7 +67,7 @@ def trace_options(model: nn.Module) -> split.TraceOptions:
     from timm.layers import get_notrace_functions, get_notrace_modules
 
     why = (
-        "model.grad_checkpointing: a traced graph would not recompute"
+        "model.activation_checkpointing: a traced graph would not recompute"
         if getattr(model, "grad_checkpointing", False)
         else ""
     )
@@ -156,6 +157,8 @@ def build(cfg: ModelConfig, num_classes: int, *, image_size: int = 0, pretrained
     pcfg = pretrained_cfg(cfg.name)
     state = _weights_state(cfg, pcfg) if pretrained_ok else None
     size = {"img_size": image_size} if image_size and pcfg.get("fixed_input_size") else {}
+    if cfg.drop_path >= 0:
+        size["drop_path_rate"] = cfg.drop_path  # timm ramps it linearly over the blocks
     if state is None or _is_export(state, pcfg, num_classes):
         model = _create(cfg.name, num_classes, size)
         head = _new_head(model, num_classes, cfg)
@@ -172,7 +175,7 @@ def build(cfg: ModelConfig, num_classes: int, *, image_size: int = 0, pretrained
         except Exception as e:
             raise CheckpointError(f"{cfg.weights}: does not match {cfg.name} ({_first_line(e)})") from None
         head = _new_head(model, num_classes, cfg)
-    if cfg.grad_checkpointing:
+    if act_ckpt.enabled(cfg):
         model.set_grad_checkpointing(True)
     return TimmBackbone(cfg.name, model, head, spec_from_cfg(pcfg, image_size))
 
@@ -207,8 +210,14 @@ def _create(name: str, num_classes: int, size: dict, **kw) -> nn.Module:
 
     try:
         return timm.create_model(name, pretrained="pretrained_cfg_overlay" in kw, num_classes=num_classes, **size, **kw)
+    except TypeError as e:
+        if "drop_path_rate" not in str(e):
+            raise
+        if size["drop_path_rate"] > 0:
+            raise ModelError(f"model.drop_path: {name} takes no drop_path_rate (no stochastic depth)") from None
+        return _create(name, num_classes, {k: v for k, v in size.items() if k != "drop_path_rate"}, **kw)
     except (AssertionError, ValueError) as e:
-        if size:
+        if "img_size" in size:
             raise ModelError(f"data.image_size: {size['img_size']} does not fit {name} ({_first_line(e)})") from None
         raise
 

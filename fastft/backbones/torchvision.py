@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastft import act_ckpt
 from fastft.backbones import freeze
 from fastft.backbones.base import Stage, meta
 from fastft.backbones.weights import is_path, load_state_file, save_state, try_load
@@ -99,23 +100,19 @@ def build(
         ModelError: unknown model name (with close matches), weights that cannot be had, or an input size the
             architecture cannot take.
     """
-    import torchvision
 
-    if cfg.grad_checkpointing:
-        raise ModelError("model.grad_checkpointing: torchvision models have no such switch (timm models do)")
     names = list_model_names()
     if cfg.name not in names:
         close = difflib.get_close_matches(cfg.name, names, n=3, cutoff=0.5)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ModelError(f"unknown model {cfg.name!r}{hint}")
     weights = resolve_weights(cfg.name, cfg.weights) if pretrained_ok else None
-    try:
-        model = torchvision.models.get_model(cfg.name, weights=weights)
-    except Exception as e:
-        raise ModelError(f"cannot get {cfg.name} weights {weights}: {str(e).splitlines()[0]}") from None
+    model = _get_model(cfg.name, weights, cfg.drop_path)
     drop_aux_heads(model)
     if image_size:
-        model = fit_input_size(cfg.name, model, image_size)
+        model = fit_input_size(cfg.name, model, image_size, drop_path=cfg.drop_path)
+    if act_ckpt.enabled(cfg):
+        act_ckpt.check_supported(cfg.name, model)
     spec = preprocess_spec(cfg, image_size)
 
     def with_head() -> TorchvisionBackbone:
@@ -138,6 +135,50 @@ def build(
     return backbone
 
 
+def _get_model(name: str, weights: Any, drop_path: float, **kw) -> nn.Module:
+    """`torchvision.models.get_model` with `stochastic_depth_prob=drop_path` (-1: the builder's own rate).
+
+    Raises:
+        ModelError: drop_path > 0 for a family without stochastic depth; weights that cannot be had.
+    """
+    import torchvision
+
+    try:
+        if drop_path < 0:
+            return torchvision.models.get_model(name, weights=weights, **kw)
+        try:
+            return torchvision.models.get_model(name, weights=weights, stochastic_depth_prob=drop_path, **kw)
+        except TypeError as e:
+            if "stochastic_depth_prob" not in str(e):
+                raise
+            fixed = "multiple values" in str(e)  # swin's builders fix the rate (0.2 to 0.5 by size)
+        if not fixed and drop_path > 0:
+            raise ModelError(f"model.drop_path: {name} has no stochastic depth (families: {_DROP_PATH})")
+        model = torchvision.models.get_model(name, weights=weights, **kw)  # drop_path 0 without it: off already
+        if fixed:
+            _rescale_stochastic_depth(model, drop_path)
+        return model
+    except ModelError:
+        raise
+    except Exception as e:
+        if kw and isinstance(e, ValueError):  # an input size MaxViT cannot take: fit_input_size says so
+            raise
+        raise ModelError(f"cannot get {name} weights {weights}: {str(e).splitlines()[0]}") from None
+
+
+_DROP_PATH = "convnext, efficientnet, maxvit, swin"
+
+
+def _rescale_stochastic_depth(model: nn.Module, rate: float) -> None:
+    """Scale the per-block rates so the deepest is `rate`: the ramp swin's builder makes for stochastic_depth_prob."""
+    from torchvision.ops import StochasticDepth
+
+    layers = [m for m in model.modules() if isinstance(m, StochasticDepth)]
+    top = max(m.p for m in layers)
+    for m in layers:
+        m.p = m.p * rate / top
+
+
 def replace_head(model: nn.Module, num_classes: int, *, hidden: int = 0, dropout: float = 0.0) -> str:
     """Replace the classifier (the family's last Linear, or squeezenet's conv) with a fresh head; return its path."""
     path = freeze.find_head(model)
@@ -147,11 +188,10 @@ def replace_head(model: nn.Module, num_classes: int, *, hidden: int = 0, dropout
     return path
 
 
-def fit_input_size(name: str, model: nn.Module, image_size: int) -> nn.Module:
+def fit_input_size(name: str, model: nn.Module, image_size: int, *, drop_path: float = -1) -> nn.Module:
     """The model made to take `image_size` inputs where its architecture fixes the input size, weights kept: a ViT's
     position embeddings are interpolated to the new patch grid (torchvision's `interpolate_embeddings`), a MaxViT is
     rebuilt for the size (its weights do not depend on it). Call before the head is replaced."""
-    import torchvision
     from torchvision.models.maxvit import MaxVit
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -167,7 +207,7 @@ def fit_input_size(name: str, model: nn.Module, image_size: int) -> nn.Module:
         model.encoder.pos_embedding = nn.Parameter(embedding["encoder.pos_embedding"])
     elif isinstance(model, MaxVit) and image_size != _maxvit_size(model):
         try:
-            resized = torchvision.models.get_model(name, weights=None, input_size=(image_size, image_size))
+            resized = _get_model(name, None, drop_path, input_size=(image_size, image_size))
         except ValueError:
             raise ModelError(
                 f"data.image_size: {image_size} does not fit {name}: every stage's feature map must divide into "
