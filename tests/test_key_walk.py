@@ -89,6 +89,8 @@ VALUES: dict[str, tuple[object, dict[str, object]]] = {
     "optim.max_steps": (1, {}),
     "optim.layer_decay": (0.5, {"model.freeze": "until:layer4"}),
     "optim.unfreeze": (["2:layer4"], {"optim.epochs": 2}),
+    "optim.ema_decay": (0.9, {}),
+    "optim.ema_every": (2, {"optim.ema_decay": 0.9}),
     "precision.dtype": ("bf16", {}),
     # the eager backend: torch.compile traces the head (Dynamo) without the C toolchain inductor needs on CPU
     "compile.target": ("head", {"compile.backend": "eager"}),
