@@ -128,9 +128,13 @@ def run(argv: list[str]) -> int:
             overrides.append(f"--checkpoint.resume={args.resume}")
         if args.overwrite:
             overrides.append("--run.overwrite=true")
+        import fastft
+        from fastft import timing
         from fastft.config import load_config
         from fastft.outputs import check_config_file
         from fastft.train import finetune
+
+        timing.PROCESS_T0 = fastft._IMPORT_T0  # the run's set-up timings start with the imports
 
         cfg = load_config(args.config, overrides)
         check_config_file(args.config, cfg)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastft import act_ckpt, early_stop
+from fastft import act_ckpt, early_stop, timing
 from fastft import checkpoint as ckpt_io
 from fastft import resume as resume_rules
 from fastft.augment import BatchMix, batch_mix
@@ -50,7 +50,7 @@ from fastft.preflight import check_before_training
 from fastft.report import format_table, write_report
 from fastft.run_dir import open_run_dir, prepare_run_dir
 from fastft.sweep import Sweep
-from fastft.timing import StepTimer
+from fastft.timing import Phases, StepTimer
 from fastft.unfreeze import unfreeze_module
 
 log = logging.getLogger("fastft")
@@ -111,7 +111,9 @@ class Run:
     early_stop: dict | None = None  # {"epoch", "reason"}: the run stopped before its last epoch (checkpoint.patience)
     report: dict = field(default_factory=dict)
     throughput: dict[str, float] = field(default_factory=dict)
-    timings: dict[str, dict] = field(default_factory=dict)
+    timings: dict[str, dict] = field(default_factory=dict)  # per epoch; "setup" and "teardown": seconds per phase
+    phases: Phases | None = None  # the set-up's phases
+    teardown: Phases | None = None  # the last epoch's evaluation and saves, then finish()'s outputs
 
     @property
     def device(self) -> torch.device:
@@ -214,7 +216,11 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
         if cfg.run.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
-        run = setup(cfg, env, opened)
+        phases = Phases()
+        if timing.PROCESS_T0 is not None:  # the command line: its imports and config reading come first
+            phases.add("imports", time.perf_counter() - timing.PROCESS_T0)
+            phases.restart()
+        run = setup(cfg, env, opened, phases)
         for epoch in range(run.start_epoch, run.epochs):
             if run.step >= run.total_steps or run.early_stop:
                 break
@@ -229,17 +235,20 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
         penv.shutdown(env)
 
 
-def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> Run:
+def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list, phases: Phases | None = None) -> Run:
     """Build the run's state in the order of the module docstring; every refusal comes before the run folder is
-    touched. `opened` collects what must be closed when the run ends."""
+    touched. `opened` collects what must be closed when the run ends; `phases` gets the seconds of each step."""
+    lap = (phases or Phases()).lap
     stop = penv.StopSignal(env)  # closed with the loaders: the caller's signal handlers come back
     opened.append(stop)
     seed_everything(cfg.run.seed, env.rank)
     index, num_classes = _index(cfg)
+    lap("index")
     run_dir, resume_from = prepare_run_dir(cfg, env)
     state = _read_resume(cfg, env, index, resume_from)
     pos = (state["epoch"], state["batch"]) if state is not None else None
     plan, replayed = _unfreeze_plan(cfg, pos)
+    lap("run_folder")
 
     source = _ModelSource(cfg)
     spec = source.spec()
@@ -249,6 +258,7 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> Run:
     start_epoch, start_batch = pos or (0, 0)
     resumed_step = state["step"] if state is not None else 0
     inputs.start(start_epoch, start_batch, training_left=start_epoch < epochs and resumed_step < total_steps)
+    lap("loaders")  # every file checked, the first batches' decode started
 
     model, counts = source.build(num_classes, getattr(spec, "crop_size", 0), labels=index.classes)  # text: no crop
     check_before_training(
@@ -268,7 +278,9 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> Run:
     # Precision, then (optionally) the frozen-feature cache: from here on, a cached run's "images" are the prefix
     # outputs and the loop skips decode and backbone.
     precision = resolve_precision(cfg.precision, env.device)
+    lap("model")
     inputs.build_cache(split.prefix, precision)
+    lap("feature_cache")
     run = Run(
         cfg=cfg,
         env=env,
@@ -301,7 +313,14 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> Run:
     run.ema = build_ema(cfg.optim, split.suffix, model)
     seed_rank_streams(cfg.run.seed, env.rank, env.world_size)
     run.meta = _meta(cfg, env, index, spec, source.head, num_classes)
+    lap("assemble")  # backend, wrap, compile
     _open(run, state, counts)
+    lap("open")  # checkpointer, resumed state, run folder and logger
+    run.phases = phases or Phases()
+    run.timings["setup"] = run.phases.result()
+    log.info("fastft: set-up %s", run.phases.describe())
+    run.logger.event("setup", seconds=run.timings["setup"])
+    run.teardown = Phases()
     return run
 
 
@@ -623,6 +642,7 @@ def end_of_epoch(run: Run, epoch: int, train_loss: float, img_s: float) -> None:
     """Evaluate when due, keep the best, log, and write best.pt / last.pt."""
     cfg = run.cfg
     last_epoch = epoch + 1 == run.epochs or run.step >= run.total_steps
+    run.teardown.restart()  # kept when this is the last epoch: its evaluation and saves are the run's teardown
     run.logger.scalars(epoch, {"train/epoch_loss": train_loss, "train/img_per_s": img_s})
     better = False
     if (epoch + 1) % cfg.run.eval_every_epochs == 0 or last_epoch:
@@ -633,10 +653,14 @@ def end_of_epoch(run: Run, epoch: int, train_loss: float, img_s: float) -> None:
             last_epoch = True
             log.info("fastft: early stop after epoch %d: %s", epoch + 1, run.early_stop["reason"])
             run.logger.event("early_stop", step=run.step, **run.early_stop)
+    if last_epoch:
+        run.teardown.lap("evaluation")
     want_last = bool(cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or last_epoch
     if better or want_last:
         sync_buffers(run.split.suffix)
     run.checkpointer.save_epoch_end(epoch + 1, better=better, want_last=want_last, step=run.step, best=run.best)
+    if last_epoch:
+        run.teardown.lap("checkpoints")
 
 
 def _track_best(run: Run, epoch: int, train_loss: float, img_s: float) -> bool:
@@ -710,8 +734,10 @@ def finish(run: Run) -> RunResult:
     """Outputs: report, exports (full model and head alone) on rank 0; the run's result on every rank."""
     cfg, env, run_dir = run.cfg, run.env, run.run_dir
     paths: dict[str, Path] = {"run_dir": run_dir, "last": run_dir / "last.pt", "best": run_dir / "best.pt"}
+    lap = run.teardown.lap
     if not run.report:
         run.report = evaluate(run)
+        lap("evaluation")
     report = run.report
     if run.early_stop:
         report["early_stop"] = run.early_stop
@@ -722,15 +748,22 @@ def finish(run: Run) -> RunResult:
         sweep_text = report.pop("sweep_table", None)
         if cfg.data.loader == "synthetic":
             report["synthetic_data"] = True  # one random batch: the metrics say nothing about the data folder
+        lap("final_state")
         paths.update(
             write_report(report, run_dir, events=run_dir / "events.jsonl", best_metric=cfg.checkpoint.best_metric)
         )
+        lap("report")  # metrics.json, confusion matrix, report.html
         paths.update(_export(run, final_state))
+        lap("exports")
         _log_end(run)
+        lap("tensorboard")
         print(format_table(report))
         if sweep_text:
             print(f"head sweep ({run.sweep.heads} heads, kept by {cfg.checkpoint.best_metric}):\n{sweep_text}")
         print(f"run folder: {run_dir}")
+    run.timings["teardown"] = run.teardown.result()
+    log.info("fastft: teardown %s", run.teardown.describe())
+    run.logger.event("teardown", seconds=run.timings["teardown"])
     run.logger.close()
     penv.barrier(env)
     return RunResult(
