@@ -294,6 +294,7 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list) -> Run:
     seed_rank_streams(cfg.run.seed, env.rank, env.world_size)
     run.meta = _meta(cfg, env, index, spec, source.head, num_classes)
     _open(run, state, counts)
+    opened.append(run.checkpointer)  # closed last, also when the run fails: its write in flight finishes
     return run
 
 
@@ -361,13 +362,14 @@ def _optimizer(cfg: FinetuneConfig, model, source, replayed: list, device: torch
     scales (layer-wise decay); gradual unfreezing appends groups later. A head sweep trains a bank of heads with
     groups of its own, and the bank becomes the split's suffix."""
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = build_optimizer(source.param_groups(model, trainable_names, cfg.optim), cfg.optim)
+    kernel_on = None if cfg.parallel.backend == "deepspeed" else device  # DeepSpeed steps its own flat buffers
+    optimizer = build_optimizer(source.param_groups(model, trainable_names, cfg.optim), cfg.optim, device=kernel_on)
     for u in replayed:
         _apply_unfreeze(model, u, optimizer, cfg, source)
     split = source.split(model)
     sweep = Sweep.from_config(cfg, split, device)
     if sweep is not None:
-        optimizer = build_optimizer(sweep.param_groups(cfg.optim), cfg.optim)
+        optimizer = build_optimizer(sweep.param_groups(cfg.optim), cfg.optim, device=kernel_on)
         split = sweep.split
     return optimizer, split, sweep
 
@@ -594,6 +596,7 @@ def after_step(run: Run, epoch: int, batch_idx: int, stats: EpochStats, *, bar, 
     if run.stop.requested():  # SIGTERM / SIGUSR1: save this step boundary, then end (resume=auto continues)
         if not saving:
             _save(run, "last.pt", epoch, batch_idx + 1, stats)
+        run.checkpointer.wait()  # on disk before the message says so (a failed write is the error instead)
         _stopped(run.stop.received, epoch, step, run.run_dir)
 
 
@@ -701,6 +704,7 @@ def finish(run: Run) -> RunResult:
             write_report(report, run_dir, events=run_dir / "events.jsonl", best_metric=cfg.checkpoint.best_metric)
         )
         paths.update(_export(run, final_state))
+        run.checkpointer.wait()  # the last checkpoint write (in the background since the last save) is on disk
         _log_end(run)
         print(format_table(report))
         if sweep_text:
