@@ -102,6 +102,16 @@ def build_optimizer(
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **kernel)
 
 
+def fit_step_counts(optimizer: torch.optim.Optimizer) -> None:
+    """After loading a state saved by another step kernel: a fused step keeps its step counts as float32 on the
+    parameter's device, the others as a CPU tensor (load_state_dict places them by the saved groups' kernel)."""
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor) and g.get("fused"):
+                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
+
+
 class Schedule:
     """Linear warmup then cosine decay to lr * min_lr_ratio (or constant); one `step()` per optimizer step."""
 
