@@ -77,6 +77,8 @@ def _gaps(marks: list[float], every: int) -> dict:
     after_save = [t for s, t in zip(step_of, iv) if every and s % every == 1 and s > 1]
     normal = [t for s, t in zip(step_of, iv) if not every or s % every not in (0, 1)]
     normal = normal[2:] if len(normal) > 4 else normal  # the first steps warm up
+    if not normal:
+        raise SystemExit("no step away from a save: use more --steps or a larger --every")
     med = statistics.median(normal)
     out = {"normal_median_s": med, "normal_n": len(normal)}
     if at_save:
