@@ -341,6 +341,8 @@ class Checkpointer:
             return linking
         path = self.run_dir / name
         then = self.run_dir / link if linking else None
+        if self._whole:
+            state = self.snapshot.take(state)  # training goes on changing the tensors in place
 
         def write() -> None:
             atomic_save(state, path)
@@ -348,7 +350,6 @@ class Checkpointer:
                 atomic_link(path, then)  # only once the file is complete: a crash before leaves `then` as it was
 
         if self._whole:
-            state = self.snapshot.take(state)  # training goes on changing the tensors in place
             self.writer.submit(path, write)
         else:
             # The backend keeps state beside the file (DeepSpeed), named by the file: written here, in order.
