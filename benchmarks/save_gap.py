@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--optim", default="adamw")
     ap.add_argument("--opt-steps", type=int, default=16, help="steps of each optimizer-kernel run")
     ap.add_argument("--pairs", type=int, default=2, help="alternating fused/unfused pairs")
+    ap.add_argument("--parts", default="saves,optimizer", help="saves, optimizer or both (comma-separated)")
     args = ap.parse_args()
     data = make_image_folder(args.out / "data", num_classes=4, train_per_class=64, val_per_class=2, image_size=64)
     kw = {"size": args.size, "batch": args.batch, "optim": args.optim}
@@ -113,14 +114,14 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "args": {k: str(v) for k, v in vars(args).items()},
     }
-    for mode in ("sync", "background"):
+    for mode in ("sync", "background") if "saves" in args.parts else ():
         cfg = _config(data, args.out / "runs", mode, steps=args.steps, every=args.every, **kw)
         marks = _timed_run(cfg, background=mode == "background", fused=True)
         result[mode] = _gaps(marks, args.every)
         result[mode]["last_pt_bytes"] = (args.out / "runs" / mode / "last.pt").stat().st_size
         shutil.rmtree(args.out / "runs" / mode)
         print(mode, json.dumps(result[mode]), flush=True)
-    for pair in range(args.pairs):
+    for pair in range(args.pairs if "optimizer" in args.parts else 0):
         for fused in (True, False):
             name = f"opt-{'fused' if fused else 'default'}-{pair}"
             cfg = _config(data, args.out / "runs", name, steps=args.opt_steps, every=0, **kw)
@@ -128,7 +129,7 @@ def main() -> None:
             result[name] = {**gaps, "img_s": args.batch / gaps["normal_median_s"]}
             shutil.rmtree(args.out / "runs" / name)
             print(name, json.dumps(result[name]), flush=True)
-    (args.out / "save_gap.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"save_gap-{args.parts.replace(',', '-')}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
