@@ -23,6 +23,7 @@ from torch import nn
 
 from fastft.backbones.freeze import is_bn, is_frozen_bn
 from fastft.errors import CheckpointError, FastftError
+from fastft.saver import Snapshot, Writer, settle
 
 FORMAT_VERSION = 1
 
@@ -254,10 +255,19 @@ def save_state_with_meta(state: dict[str, torch.Tensor], path: Path, meta: dict[
 
 def refuse_nonfinite(value, epoch: int, step: int, run_dir: Path, what: str = "loss") -> NoReturn:
     """Stop the run on a non-finite loss, gradient or weight, naming the last good checkpoint (never overwritten)."""
+    settle()  # a checkpoint write in flight is finished first: the message names what is on disk
     text = f"{what} is not finite" if what != "loss" else f"loss is {float(value)}"
     kept = [p for p in (run_dir / "last.pt", run_dir / "best.pt") if p.is_file()]
     where = f"the last good checkpoint is kept: {kept[0]}" if kept else f"no checkpoint was written to {run_dir} yet"
     raise FastftError(f"{text} at epoch {epoch + 1}, step {step}: stopping; {where}")
+
+
+def _tensors(obj: Any) -> dict[str, torch.Tensor]:
+    """Every tensor in nested dicts/lists (the optimizer's state), keyed by position, for all_finite."""
+    if isinstance(obj, torch.Tensor):
+        return {"": obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {f"{k}/{sub}": t for k, v in items for sub, t in _tensors(v).items()}
 
 
 class Checkpointer:
@@ -268,13 +278,25 @@ class Checkpointer:
     the file. `sweep`: a head sweep whose bank is saved beside the model; `ema`: the weights' EMA, saved likewise."""
 
     def __init__(
-        self, run_dir: Path, *, env, model: nn.Module, backend, optimizer, scheduler, meta: dict, sweep=None, ema=None
+        self,
+        run_dir: Path,
+        *,
+        env,
+        model: nn.Module,
+        backend,
+        optimizer,
+        scheduler,
+        meta: dict,
+        sweep=None,
+        ema=None,
+        background: bool = True,
     ):
         self.run_dir, self.env, self.model, self.backend = run_dir, env, model, backend
         self.optimizer, self.scheduler, self.meta, self.sweep = optimizer, scheduler, meta, sweep
         self.ema = ema  # fastft.ema.Ema or None: its state is saved beside the model's (both raw and EMA weights)
         self._whole = False  # the file written last holds the whole state (no optimizer state kept beside it)
         self._digest: tuple[tuple[str, ...], str, int] | None = None  # (frozen keys, digest, bytes) last hashed
+        self.writer, self.snapshot = Writer(background=background), Snapshot()
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The model's state dict with full-precision weights: where the backend trains a bf16/fp16 copy (DeepSpeed),
@@ -305,8 +327,39 @@ class Checkpointer:
             "blake2b": self._digest[1],
         }
 
-    def save(self, name: str, *, epoch: int, batch: int, step: int, best: dict, stats: dict | None) -> None:
-        """Write `name` (last.pt / best.pt) for position (epoch, batch); `stats`: the partial epoch's loss sums."""
+    def save(
+        self, name: str, *, epoch: int, batch: int, step: int, best: dict, stats: dict | None, link: str | None = None
+    ) -> bool:
+        """Write `name` (last.pt / best.pt) for position (epoch, batch); `stats`: the partial epoch's loss sums.
+
+        The state is checked and copied to host memory here, on every rank (the collectives stay on this thread);
+        rank 0's file is then written in the background (see fastft.saver), after the previous write is done.
+        `link`: also make that file hold this state (atomic_link, after this write) where the file holds the whole
+        state; returns whether it will."""
+        self.writer.wait()  # one write in flight; a failed one is raised here, before anything else is written
+        state = self._state(name, epoch=epoch, batch=batch, step=step, best=best, stats=stats)
+        linking = link is not None and self._whole
+        if state is None:
+            return linking
+        path = self.run_dir / name
+        then = self.run_dir / link if linking else None
+        if self._whole:
+            state = self.snapshot.take(state)  # training goes on changing the tensors in place
+
+        def write() -> None:
+            atomic_save(state, path)
+            if then is not None:
+                atomic_link(path, then)  # only once the file is complete: a crash before leaves `then` as it was
+
+        if self._whole:
+            self.writer.submit(path, write)
+        else:
+            # The backend keeps state beside the file (DeepSpeed), named by the file: written here, in order.
+            write()
+        return linking
+
+    def _state(self, name: str, *, epoch: int, batch: int, step: int, best: dict, stats: dict | None) -> dict | None:
+        """The checkpoint's content on rank 0 (None on the other ranks), after refusing any non-finite weight."""
         from fastft.parallel.backend import all_finite
 
         rngs, stats_all = [rng_state()], [stats if batch else None]
@@ -314,8 +367,9 @@ class Checkpointer:
             gathered: list = [None] * self.env.world_size
             torch.distributed.all_gather_object(gathered, (rngs[0], stats_all[0]))
             rngs, stats_all = [g[0] for g in gathered], [g[1] for g in gathered]
-        # Nothing non-finite is ever written, whatever the device's check cadence in the loop: the gradient flag and
-        # the weights themselves are checked before the first byte (the same verdict on every rank).
+        # Nothing non-finite is ever written, whatever the device's check cadence in the loop: the gradient flag (set
+        # where the backend computes a gradient norm anyway), the weights and the optimizer's state are checked before
+        # the first byte (the same verdict on every rank). A non-finite gradient reaches the weights at its step.
         shown = epoch - 1 if batch == 0 else epoch  # the epoch the state comes from (0-based)
         if not self.backend.grads_finite():
             refuse_nonfinite(float("nan"), shown, step, self.run_dir, what="gradient norm")
@@ -323,11 +377,13 @@ class Checkpointer:
         if not all_finite(weights):
             refuse_nonfinite(float("nan"), shown, step, self.run_dir, what="a weight")
         opt_state = self.backend.save_optimizer_state(self.run_dir, name.removesuffix(".pt"))  # collective if sharded
+        if opt_state is not None and not all_finite(_tensors(opt_state["state"])):
+            refuse_nonfinite(float("nan"), shown, step, self.run_dir, what="the optimizer state")
         self._whole = opt_state is not None
         if self.ema is not None:
             self.ema.sync()  # collective: rank 0's averaged BatchNorm statistics, as for the model
         if not self.env.is_main:
-            return
+            return None
         extra = {"sweep_bank": self.sweep.state_dict()} if self.sweep is not None else {}
         if self.ema is not None:
             extra["ema"] = self.ema.state_dict()
@@ -336,7 +392,7 @@ class Checkpointer:
             extra["frozen"] = frozen
             left = set(self._digest[0])  # rebuilt from the weights source on load
             weights = {k: v for k, v in weights.items() if k not in left}
-        state = {
+        return {
             **extra,
             "model": weights,
             "optimizer": opt_state,
@@ -350,20 +406,27 @@ class Checkpointer:
             "best": best,
             "meta": self.meta,
         }
-        atomic_save(state, self.run_dir / name)
 
     def save_epoch_end(self, epoch: int, *, better: bool, want_last: bool, step: int, best: dict) -> None:
         """After epoch `epoch` (1-based, complete): best.pt when the metric improved, last.pt when due."""
+        linked = False
         if better:
-            self.save("best.pt", epoch=epoch, batch=0, step=step, best=best, stats=None)
-        if want_last and better and self._whole:
-            # The same state as best.pt, just written: link it rather than write it twice. (A crash before the link
-            # leaves last.pt at the previous save, so a resume redoes this epoch. A backend that keeps state beside
-            # the file names that state by tag, so there each name gets its own save.)
-            if self.env.is_main:
-                atomic_link(self.run_dir / "best.pt", self.run_dir / "last.pt")
-        elif want_last:
+            # The same state as best.pt: linked to it once written rather than written twice. (A crash before the
+            # link leaves last.pt at the previous save, so a resume redoes this epoch. A backend that keeps state
+            # beside the file names that state by tag, so there each name gets its own save.)
+            linked = self.save(
+                "best.pt", epoch=epoch, batch=0, step=step, best=best, stats=None, link="last.pt" if want_last else None
+            )
+        if want_last and not linked:
             self.save("last.pt", epoch=epoch, batch=0, step=step, best=best, stats=None)
+
+    def wait(self) -> None:
+        """Block until the checkpoint write in flight is on disk; CheckpointError (one line) when it failed."""
+        self.writer.wait()
+
+    def close(self) -> None:
+        """At the run's end, also when it fails: the write in flight finishes before the process goes on."""
+        self.writer.wait()
 
     def restore(self, state: dict[str, Any], path: Path) -> None:
         """Model, sweep bank, optimizer, schedule, backend counters and this rank's RNG from a checkpoint read by

@@ -5,6 +5,7 @@ group, including groups added later by gradual unfreezing."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +16,8 @@ from torch import nn
 from fastft.backbones.base import Stage
 from fastft.backbones.freeze import module_stages
 from fastft.config import OptimConfig
+
+log = logging.getLogger("fastft")
 
 
 def stage_depths(stages: Sequence[Stage]) -> dict[str, int]:
@@ -66,12 +69,47 @@ def param_groups(
     return groups
 
 
-def build_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
+def step_kernel(device: torch.device | None) -> dict[str, bool]:
+    """How the optimizer step runs on `device`: fused (one kernel over all parameters; torch has fused AdamW and SGD
+    on CPU and CUDA) where torch supports it, else foreach on CUDA, else torch's default. None: torch's default
+    (DeepSpeed wraps the optimizer and steps its own flat buffers). Each is deterministic, so a resumed run still
+    matches an uninterrupted one bit for bit."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    if device is None:
+        return {}
+    if device.type in ("cpu", "cuda") and device.type in _get_fused_kernels_supported_devices():
+        return {"fused": True}
+    return {"foreach": True} if device.type == "cuda" else {}
+
+
+_logged: set[tuple[str, str, str]] = set()  # choices already logged (a head sweep builds two optimizers)
+
+
+def build_optimizer(
+    groups: list[dict[str, Any]], cfg: OptimConfig, *, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """SGD or AdamW over `groups`, stepped by `step_kernel(device)` (logged once per optimizer and device)."""
     for g in groups:
         g["lr"] = cfg.lr * g["lr_scale"]
+    kernel = step_kernel(device)
+    key = (cfg.name, str(device), ",".join(kernel) or "default")
+    if key not in _logged:
+        _logged.add(key)
+        log.info("fastft: optimizer %s on %s: %s step", cfg.name, device or "its backend", key[2])
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kernel)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **kernel)
+
+
+def fit_step_counts(optimizer: torch.optim.Optimizer) -> None:
+    """After loading a state saved by another step kernel: a fused step keeps its step counts as float32 on the
+    parameter's device, the others as a CPU tensor (load_state_dict places them by the saved groups' kernel)."""
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor) and g.get("fused"):
+                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
 
 
 class Schedule:

@@ -23,6 +23,7 @@ import torch
 
 from fastft.config import FinetuneConfig
 from fastft.errors import ConfigError
+from fastft.optim import fit_step_counts
 
 log = logging.getLogger("fastft")
 
@@ -208,7 +209,7 @@ def reconcile(state: dict, cfg: FinetuneConfig, *, world_size: int, path: Path, 
     return notes
 
 
-_HYPER = ("momentum", "weight_decay", "betas", "lr")
+_HYPER = ("momentum", "weight_decay", "betas", "lr", "fused", "foreach")  # the step kernel: this device's
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
@@ -218,3 +219,4 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     optimizer.load_state_dict(saved)
     for g, values in zip(optimizer.param_groups, mine):
         g.update(values)
+    fit_step_counts(optimizer)

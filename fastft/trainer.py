@@ -315,6 +315,7 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list, phases: Phases |
     run.meta = _meta(cfg, env, index, spec, source.head, num_classes)
     lap("assemble")  # backend, wrap, compile
     _open(run, state, counts)
+    opened.append(run.checkpointer)  # closed last, also when the run fails: its write in flight finishes
     lap("open")  # checkpointer, resumed state, run folder and logger
     run.phases = phases or Phases()
     run.timings["setup"] = run.phases.result()
@@ -389,13 +390,14 @@ def _optimizer(cfg: FinetuneConfig, model, source, replayed: list, device: torch
     scales (layer-wise decay); gradual unfreezing appends groups later. A head sweep trains a bank of heads with
     groups of its own, and the bank becomes the split's suffix."""
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = build_optimizer(source.param_groups(model, trainable_names, cfg.optim), cfg.optim)
+    kernel_on = None if cfg.parallel.backend == "deepspeed" else device  # DeepSpeed steps its own flat buffers
+    optimizer = build_optimizer(source.param_groups(model, trainable_names, cfg.optim), cfg.optim, device=kernel_on)
     for u in replayed:
         _apply_unfreeze(model, u, optimizer, cfg, source)
     split = source.split(model)
     sweep = Sweep.from_config(cfg, split, device)
     if sweep is not None:
-        optimizer = build_optimizer(sweep.param_groups(cfg.optim), cfg.optim)
+        optimizer = build_optimizer(sweep.param_groups(cfg.optim), cfg.optim, device=kernel_on)
         split = sweep.split
     return optimizer, split, sweep
 
@@ -629,6 +631,7 @@ def after_step(run: Run, epoch: int, batch_idx: int, stats: EpochStats, *, bar, 
     if run.stop.requested():  # SIGTERM / SIGUSR1: save this step boundary, then end (resume=auto continues)
         if not saving:
             _save(run, "last.pt", epoch, batch_idx + 1, stats)
+        run.checkpointer.wait()  # on disk before the message says so (a failed write is the error instead)
         _stopped(run.stop.received, epoch, step, run.run_dir)
 
 
@@ -755,6 +758,8 @@ def finish(run: Run) -> RunResult:
         lap("report")  # metrics.json, confusion matrix, report.html
         paths.update(_export(run, final_state))
         lap("exports")
+        run.checkpointer.wait()  # the last checkpoint write (in the background since the last save) is on disk
+        lap("checkpoint_write")
         _log_end(run)
         lap("tensorboard")
         print(format_table(report))

@@ -150,19 +150,17 @@ class LocalBackend:
             return True
         opt = self.optimizer
         assert opt is not None
-        params = [p for g in opt.param_groups for p in g["params"]]
         if self.scaler is not None:
             self.scaler.unscale_(opt)
-        grads = [p.grad for p in params if p.grad is not None]
+        norms = []
         if self.clip_grad_norm > 0:
+            params = [p for g in opt.param_groups for p in g["params"]]
             norms = [torch.nn.utils.clip_grad_norm_(group, self.clip_grad_norm) for group in self.clip_sets or [params]]
-        elif self.scaler is None and grads:
-            norms = [torch.nn.utils.get_total_norm(grads)]
-        else:
-            norms = []
         if self.scaler is None and norms:
-            # Non-finite gradients with a finite loss: flagged on the device (no sync); the loop checks the flag
-            # before any save, so a corrupted step never reaches a checkpoint. (fp16: the scaler skips such steps.)
+            # Non-finite gradients with a finite loss: flagged on the device (no sync) from the clip norm, computed
+            # anyway; the loop checks the flag before any save. Without clipping no extra pass over the gradients is
+            # made: a non-finite gradient makes its weights non-finite at this step (SGD and AdamW alike), and every
+            # save refuses non-finite weights and optimizer state. (fp16: the scaler skips such steps.)
             bad = ~torch.isfinite(torch.stack([n.float() for n in norms])).all()
             self._bad = bad if self._bad is None else (self._bad | bad)
         stepped = True
@@ -178,7 +176,8 @@ class LocalBackend:
         return stepped
 
     def grads_finite(self) -> bool:
-        """False once any step saw a non-finite gradient norm (one host sync)."""
+        """False once a clipped step saw a non-finite gradient norm (one host sync); without clipping always True (the
+        weights carry a bad gradient: see step)."""
         return self._bad is None or not bool(self._bad)
 
     def master_weights(self) -> dict[int, torch.Tensor]:

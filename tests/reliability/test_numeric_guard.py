@@ -172,7 +172,8 @@ def test_on_the_gpu_cadence_a_bad_last_step_of_an_epoch_never_reaches_a_checkpoi
     )
     run = tmp_path / "r"
     assert rc == 2
-    assert mentions(error_line(err), "gradient norm is not finite", "epoch 2, step 12", str(run))
+    # Clipping is off: no gradient norm is computed; the bad gradient made the weights non-finite, refused at the save
+    assert mentions(error_line(err), "a weight is not finite", "epoch 2, step 12", str(run))
     for name in ("last.pt", "best.pt"):
         saved = torch.load(run / name, map_location="cpu", weights_only=True)
         assert (saved["epoch"], saved["step"]) == (1, 6), name

@@ -1,0 +1,117 @@
+"""Checkpoint writes off the training path: a snapshot of the state in host memory, written by a background thread.
+
+The snapshot is taken on the calling thread at a step boundary (training goes on changing the parameters and the
+optimizer state in place, so it is a real copy: `clone()` on the CPU; on CUDA non-blocking copies into pinned buffers,
+reused from save to save, then one synchronize). One write is in flight at a time: the next save, the run's end and
+`settle()` wait for it. A write that fails is raised on the caller's thread, one line, at the next `wait()`."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastft.errors import CheckpointError
+
+_writers: weakref.WeakSet[Writer] = weakref.WeakSet()
+
+
+class Snapshot:
+    """Copies a checkpoint's state (nested dicts, lists and tuples of tensors and plain values) to host memory. On
+    CUDA the pinned buffers of one save are reused by the next (same shapes and dtypes): its write is done by then."""
+
+    def __init__(self) -> None:
+        self._pinned: list[torch.Tensor] = []
+
+    def take(self, obj: Any) -> Any:
+        pinned: list[torch.Tensor] = []  # this save's pinned buffers, in the order of the walk
+        out = self._copy(obj, pinned)
+        if pinned:
+            torch.cuda.synchronize()  # one wait for every non-blocking copy
+        self._pinned = pinned
+        return out
+
+    def _copy(self, obj: Any, pinned: list[torch.Tensor]) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self._tensor(obj.detach(), pinned)
+        if isinstance(obj, dict):
+            return {k: self._copy(v, pinned) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self._copy(v, pinned) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(self._copy(v, pinned) for v in obj)
+        return obj  # ints, floats, strings, None: immutable
+
+    def _tensor(self, t: torch.Tensor, pinned: list[torch.Tensor]) -> torch.Tensor:
+        if t.device.type != "cuda":
+            return t.clone()
+        i = len(pinned)
+        old = self._pinned[i] if i < len(self._pinned) else None
+        if old is not None and old.shape == t.shape and old.dtype == t.dtype and old.stride() == t.stride():
+            buf = old
+        else:
+            buf = torch.empty_like(t, device="cpu", pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        pinned.append(buf)
+        return buf
+
+
+class Writer:
+    """Runs checkpoint writes on a background thread, one at a time. `background=False` writes on the caller's
+    thread (the synchronous baseline the save-gap benchmark compares against)."""
+
+    def __init__(self, *, background: bool = True) -> None:
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: tuple[Path, BaseException] | None = None
+        _writers.add(self)
+
+    def submit(self, path: Path, write: Callable[[], None]) -> None:
+        """Wait for the write in flight (raising its error), then start `write` (which writes `path`)."""
+        self.wait()
+        if not self.background:
+            self._run(path, write)
+            self.wait()
+            return
+        # Not a daemon: an interpreter that exits while a write is in flight finishes it first.
+        self._thread = threading.Thread(target=self._run, args=(path, write), name="fastft-checkpoint-write")
+        self._thread.start()
+
+    def _run(self, path: Path, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except BaseException as e:  # surfaced on the caller's thread by wait()
+            self._error = (path, e)
+
+    def pending(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the write in flight is done; CheckpointError (one line) when it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            path, e = self._error
+            self._error = None
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"writing the checkpoint {path} failed: {reason}; the file there before this save is kept"
+            ) from None
+
+    def join_quietly(self) -> None:
+        """Wait for the write in flight, keeping a failure for the next wait()."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+def settle() -> None:
+    """Let every write in flight finish (a failure stays with its writer): what is on disk is then what a message
+    about the run's checkpoints may name."""
+    for w in list(_writers):
+        w.join_quietly()
