@@ -86,7 +86,8 @@ def test_train_then_eval_then_predict(shapes4, tmp_path) -> None:
     setup, teardown = events["setup"]["seconds"], events["teardown"]["seconds"]
     want = ["imports", "index", "run_folder", "loaders", "model", "feature_cache", "assemble", "open", "total"]
     assert list(setup) == want
-    assert list(teardown) == ["evaluation", "checkpoints", "final_state", "report", "exports", "checkpoint_write", "tensorboard", "total"]
+    want = ["evaluation", "checkpoints", "final_state", "report", "exports", "checkpoint_write", "tensorboard", "total"]
+    assert list(teardown) == want
     for phases in (setup, teardown):
         assert all(v >= 0 for v in phases.values())
         assert phases["total"] == pytest.approx(sum(v for k, v in phases.items() if k != "total"), abs=1e-3)
