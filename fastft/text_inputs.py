@@ -105,7 +105,10 @@ class TextInputs:
         self.skipped: list[str] = []  # text rows are all checked when read: a bad row is an error, never skipped
         train_tokens, val_tokens = _tokens(index, spec, env)
         common = {"seed": cfg.run.seed, "rank": env.rank, "world": env.world_size}
-        self.train = TextLoader(index.train, train_tokens, train=True, batch_size=cfg.data.batch_size, **common)
+        balanced = cfg.data.sampler == "balanced"
+        self.train = TextLoader(
+            index.train, train_tokens, train=True, batch_size=cfg.data.batch_size, balanced=balanced, **common
+        )
         self.val = TextLoader(index.val, val_tokens, train=False, batch_size=self.eval_batch_size, **common)
         opened += [self.train, self.val]
 
