@@ -23,6 +23,7 @@ def build_metrics(num_classes: int, device: torch.device):
     from torchmetrics.classification import (
         BinaryAUROC,
         BinaryAveragePrecision,
+        BinaryPrecisionRecallCurve,
         MulticlassAccuracy,
         MulticlassConfusionMatrix,
         MulticlassF1Score,
@@ -47,6 +48,8 @@ def build_metrics(num_classes: int, device: torch.device):
     if c == 2:
         extra["auroc"] = BinaryAUROC()
         extra["average_precision"] = BinaryAveragePrecision()
+        # thresholds=None: every score kept and gathered from all ranks (cat states), so the curve is exact
+        extra["pr_curve"] = BinaryPrecisionRecallCurve()
     return collection.to(device), {k: m.to(device) for k, m in extra.items()}
 
 
@@ -80,6 +83,7 @@ class StreamingEvaluator:
         if self.num_classes == 2:
             self.extra["auroc"].update(probs[:, 1], labels)
             self.extra["average_precision"].update(probs[:, 1], labels)
+            self.extra["pr_curve"].update(probs[:, 1], labels)
         self.count += labels.shape[0]
 
     def compute(self) -> dict:
@@ -87,6 +91,7 @@ class StreamingEvaluator:
         for k, m in self.extra.items():
             out[k] = m.compute()
         cm = out.pop("confusion_matrix").long().cpu()
+        pr_curve = out.pop("pr_curve", None)
         report: dict = {}
         for k, v in out.items():
             if k.endswith("_per_class"):
@@ -105,6 +110,9 @@ class StreamingEvaluator:
             for i in range(self.num_classes)
         ]
         report["confusion_matrix"] = cm.tolist()
+        if pr_curve is not None:  # binary: the positive class (index 1); drawn in report.html, not in metrics.json
+            precision, recall, _ = pr_curve
+            report["pr_curve"] = {"precision": precision.cpu().tolist(), "recall": recall.cpu().tolist()}
         return report
 
     def reset(self) -> None:
