@@ -85,11 +85,11 @@ class ShardedBatchSampler:
         if not self.train:
             return [(i, self.epoch) for i in shard_range(self.n, self.rank, self.world)]
         g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        mine = slice(self.rank, self.rank + self.world * (self.n // self.world), self.world)  # every world-th entry
         if self.labels is None:
-            plan = [(i, self.epoch) for i in torch.randperm(self.n, generator=g).tolist()]
-        else:
-            plan = [(i, self.epoch, d) for i, d in with_draws(balanced_plan(self.labels, g))]
-        return plan[self.rank :: self.world][: self.n // self.world]
+            return [(i, self.epoch) for i in torch.randperm(self.n, generator=g).tolist()[mine]]
+        # draws are counted over the global plan, so a repeat's number (its augmentation) ignores the world size
+        return [(i, self.epoch, d) for i, d in with_draws(balanced_plan(self.labels, g))[mine]]
 
     def _indices(self) -> list[int]:
         return [item[0] for item in self._items()]

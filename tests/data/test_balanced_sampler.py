@@ -136,6 +136,7 @@ def imbalanced(tmp_path_factory):
     return data
 
 
+@pytest.mark.slow  # a CLI subprocess: ~50 s on a loaded 2-core machine; the in-process cached run below stays
 def test_a_cli_run_trains_with_the_balanced_sampler(imbalanced, tmp_path) -> None:
     import json
 
@@ -152,14 +153,29 @@ def test_a_cli_run_trains_with_the_balanced_sampler(imbalanced, tmp_path) -> Non
     assert 'sampler = "balanced"' in (tmp_path / "b" / "config.toml").read_text()
 
 
-def test_a_feature_cache_run_trains_with_the_balanced_sampler(imbalanced, tmp_path) -> None:
+def test_a_feature_cache_run_trains_with_the_balanced_sampler(imbalanced, tmp_path, monkeypatch) -> None:
+    """The cached training batches are class-balanced: the 4 rare samples of 28 make about half of the 24 draws
+    (a permutation would give at most 4 of 24)."""
     from conftest import tiny_config
 
+    from fastft.features import FeatureLoader
     from fastft.train import finetune
 
+    trained: list[int] = []
+    plain_iter = FeatureLoader.__iter__
+
+    def recording(self):
+        for x, y in plain_iter(self):
+            if self.sampler.train:
+                trained.extend(y.tolist())
+            yield x, y
+
+    monkeypatch.setattr(FeatureLoader, "__iter__", recording)
     cfg = tiny_config(imbalanced, tmp_path, optim__epochs=1, data__sampler="balanced", features__cache="memory")
     result = finetune(cfg)
     assert result.metrics["num_samples"] == 12 and len(result.metrics["classes"]) == 2
+    assert len(trained) == 24  # 3 batches of 8: the epoch keeps its length
+    assert sum(trained) / len(trained) > 0.3, trained  # Binomial(24, 0.5) sd 0.10; a permutation: <= 0.167
 
 
 def test_an_unknown_sampler_is_a_one_line_config_error(imbalanced, tmp_path) -> None:
