@@ -23,7 +23,6 @@ def build_metrics(num_classes: int, device: torch.device):
     from torchmetrics.classification import (
         BinaryAUROC,
         BinaryAveragePrecision,
-        BinaryPrecisionRecallCurve,
         MulticlassAccuracy,
         MulticlassConfusionMatrix,
         MulticlassF1Score,
@@ -48,9 +47,15 @@ def build_metrics(num_classes: int, device: torch.device):
     if c == 2:
         extra["auroc"] = BinaryAUROC()
         extra["average_precision"] = BinaryAveragePrecision()
-        # thresholds=None: every score kept and gathered from all ranks (cat states), so the curve is exact
-        extra["pr_curve"] = BinaryPrecisionRecallCurve()
     return collection.to(device), {k: m.to(device) for k, m in extra.items()}
+
+
+def _pr_curve(device: torch.device):
+    """A binary task's precision-recall curve. thresholds=None: every score is kept and gathered from all ranks at
+    compute time (list states concatenated, as average precision's), so the curve is exact under any world size."""
+    from torchmetrics.classification import BinaryPrecisionRecallCurve
+
+    return BinaryPrecisionRecallCurve().to(device)
 
 
 def report_keys(num_classes: int) -> list[str]:
@@ -69,6 +74,7 @@ class StreamingEvaluator:
     def __init__(self, num_classes: int, device: torch.device, *, label_smoothing: float = 0.0) -> None:
         self.num_classes = num_classes
         self.collection, self.extra = build_metrics(num_classes, device)
+        self.pr_curve = _pr_curve(device) if num_classes == 2 else None
         self.label_smoothing = label_smoothing
         self.count = 0
 
@@ -83,7 +89,7 @@ class StreamingEvaluator:
         if self.num_classes == 2:
             self.extra["auroc"].update(probs[:, 1], labels)
             self.extra["average_precision"].update(probs[:, 1], labels)
-            self.extra["pr_curve"].update(probs[:, 1], labels)
+            self.pr_curve.update(probs[:, 1], labels)
         self.count += labels.shape[0]
 
     def compute(self) -> dict:
@@ -91,7 +97,6 @@ class StreamingEvaluator:
         for k, m in self.extra.items():
             out[k] = m.compute()
         cm = out.pop("confusion_matrix").long().cpu()
-        pr_curve = out.pop("pr_curve", None)
         report: dict = {}
         for k, v in out.items():
             if k.endswith("_per_class"):
@@ -110,13 +115,15 @@ class StreamingEvaluator:
             for i in range(self.num_classes)
         ]
         report["confusion_matrix"] = cm.tolist()
-        if pr_curve is not None:  # binary: the positive class (index 1); drawn in report.html, not in metrics.json
-            precision, recall, _ = pr_curve
+        if self.pr_curve is not None:  # binary: the positive class (index 1); drawn in report.html, not metrics.json
+            precision, recall, _ = self.pr_curve.compute()
             report["pr_curve"] = {"precision": precision.cpu().tolist(), "recall": recall.cpu().tolist()}
         return report
 
     def reset(self) -> None:
         self.collection.reset()
+        if self.pr_curve is not None:
+            self.pr_curve.reset()
         for m in self.extra.values():
             m.reset()
         self.count = 0

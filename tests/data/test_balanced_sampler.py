@@ -219,3 +219,22 @@ def test_the_torch_synthetic_and_text_loaders_take_the_plan(shapes4) -> None:
     drawn = sorted(i for s in (text, other) for b in s.batches() for i in b)
     single = ShardedBatchSampler(48, 8, train=True, seed=3, labels=labels)
     assert drawn == sorted(it[0] for b in single for it in b)
+
+
+def test_the_dali_loader_trains_on_the_plan(shapes4) -> None:
+    """DALI's training batches (CPU pipeline, rank 1 of 2, resumed at batch 1) are the planned samples'."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    from fastft.data.dali_feed import DaliLoader
+
+    files = sorted(str(p) for p in (shapes4 / "train").rglob("*.jpg"))  # 48 files
+    labels = [int(i < 6) for i in range(len(files))]
+    common = {"batch_size": 8, "crop_size": 16, "resize_size": 16, "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    ld = DaliLoader(list(zip(files, labels)), train=True, balanced=True, seed=3, shard_id=1, num_shards=2, **common)
+    plan = ShardedBatchSampler(48, 8, train=True, seed=3, rank=1, world=2, labels=labels)
+    try:
+        ld.set_epoch(1, 1)
+        plan.set_epoch(1, 1)
+        got = [y.tolist() for _, y in ld]
+    finally:
+        ld.close()
+    assert got == [[labels[it[0]] for it in b] for b in plan] and len(got) == 2
