@@ -5,7 +5,7 @@
 The set: 4 shape classes; two keep 100 training images, two keep 10 (10:1); validation is balanced (40 per class), so
 macro-F1 and the rare classes' recall show what the imbalance costs. Each arm trains resnet18 from random weights
 (nothing is downloaded) with the same epochs, batch, learning rate and seeds; only optim.class_weights / optim.loss
-differ."""
+/ data.sampler differ. `--arms` runs some of the arms only."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ ARMS = {
     "unweighted": {},
     "class_weights=balanced": {"class_weights": "balanced"},
     "focal + balanced": {"class_weights": "balanced", "loss": "focal"},
+    "data.sampler=balanced": {"data.sampler": "balanced"},
 }
 RARE_KEEP = 10
 
@@ -48,8 +49,9 @@ def run_arm(data: Path, out: Path, arm: dict, seed: int, epochs: int) -> dict:
     cfg.data.root, cfg.data.image_size, cfg.data.batch_size, cfg.data.workers = str(data), 48, 32, 2
     cfg.precision.dtype, cfg.compile.target = "fp32", "none"
     cfg.optim.epochs, cfg.optim.lr, cfg.optim.warmup_steps = epochs, 0.05, 5
-    for key, value in arm.items():
-        setattr(cfg.optim, key, value)
+    for key, value in arm.items():  # "section.key", or an optim key
+        section, name = key.split(".") if "." in key else ("optim", key)
+        setattr(getattr(cfg, section), name, value)
     cfg.run.out_dir, cfg.run.name, cfg.run.device, cfg.run.seed = str(out), f"s{seed}", "cpu", seed
     cfg.log.progress, cfg.log.tensorboard = False, False
     result = finetune(cfg.validate())
@@ -64,21 +66,24 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="markdown record to write")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     args = ap.parse_args()
     data = make_imbalanced(Path(args.data))
     runs = Path(tempfile.mkdtemp(prefix="fastft-imbalance-runs-"))
     rows, t0 = {}, time.time()
     try:
-        for name, arm in ARMS.items():
+        for name in args.arms:
+            arm = ARMS[name]
             rows[name] = [run_arm(data, runs / name.replace(" ", "_"), arm, s, args.epochs) for s in args.seeds]
     finally:
         shutil.rmtree(runs, ignore_errors=True)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     lines = [
-        "# Class imbalance: macro-F1 with and without class weighting",
+        "# Class imbalance: macro-F1 with and without class weighting or the balanced sampler",
         "",
         f"Command: `python benchmarks/imbalance.py --out {args.out} --epochs {args.epochs} --seeds "
-        f"{' '.join(map(str, args.seeds))}`",
+        f"{' '.join(map(str, args.seeds))}"
+        + (f" --arms {' '.join(repr(a) for a in args.arms)}`" if args.arms != list(ARMS) else "`"),
         "",
         f"Hardware: {cpu}, {torch.get_num_threads()} threads. Python {platform.python_version()}, torch "
         f"{torch.__version__}. Wall time {time.time() - t0:.0f} s.",

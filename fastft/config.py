@@ -58,6 +58,7 @@ class DataConfig:
     pin_memory: bool = True
     persistent_workers: bool = True
     on_bad_file: str = "error"  # error | skip
+    sampler: str = "shuffle"  # shuffle | balanced (each epoch: n draws with replacement, every class equally likely)
 
 
 @dataclass
@@ -206,6 +207,7 @@ class FinetuneConfig:
         _choice("data.loader", self.data.loader, ("auto", "torch", "dali", "synthetic"))
         _choice("data.on_bad_file", self.data.on_bad_file, ("error", "skip"))
         _check_augment(self)
+        _choice("data.sampler", self.data.sampler, ("shuffle", "balanced"))
         _choice("optim.name", self.optim.name, ("sgd", "adamw"))
         if not 0 < self.optim.lr < math.inf:
             raise ConfigError(f"optim.lr: must be finite and > 0, got {self.optim.lr}")

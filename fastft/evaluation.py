@@ -50,6 +50,14 @@ def build_metrics(num_classes: int, device: torch.device):
     return collection.to(device), {k: m.to(device) for k, m in extra.items()}
 
 
+def _pr_curve(device: torch.device):
+    """A binary task's precision-recall curve. thresholds=None: every score is kept and gathered from all ranks at
+    compute time (list states concatenated, as average precision's), so the curve is exact under any world size."""
+    from torchmetrics.classification import BinaryPrecisionRecallCurve
+
+    return BinaryPrecisionRecallCurve().to(device)
+
+
 def report_keys(num_classes: int) -> list[str]:
     """The scalar keys of a `num_classes` report (what checkpoint.best_metric may name), in the order of the metrics
     :func:`build_metrics` builds. Written out rather than read off the metrics: it is checked before the first
@@ -66,6 +74,7 @@ class StreamingEvaluator:
     def __init__(self, num_classes: int, device: torch.device, *, label_smoothing: float = 0.0) -> None:
         self.num_classes = num_classes
         self.collection, self.extra = build_metrics(num_classes, device)
+        self.pr_curve = _pr_curve(device) if num_classes == 2 else None
         self.label_smoothing = label_smoothing
         self.count = 0
 
@@ -80,6 +89,7 @@ class StreamingEvaluator:
         if self.num_classes == 2:
             self.extra["auroc"].update(probs[:, 1], labels)
             self.extra["average_precision"].update(probs[:, 1], labels)
+            self.pr_curve.update(probs[:, 1], labels)
         self.count += labels.shape[0]
 
     def compute(self) -> dict:
@@ -105,10 +115,15 @@ class StreamingEvaluator:
             for i in range(self.num_classes)
         ]
         report["confusion_matrix"] = cm.tolist()
+        if self.pr_curve is not None:  # binary: the positive class (index 1); drawn in report.html, not metrics.json
+            precision, recall, _ = self.pr_curve.compute()
+            report["pr_curve"] = {"precision": precision.cpu().tolist(), "recall": recall.cpu().tolist()}
         return report
 
     def reset(self) -> None:
         self.collection.reset()
+        if self.pr_curve is not None:
+            self.pr_curve.reset()
         for m in self.extra.values():
             m.reset()
         self.count = 0

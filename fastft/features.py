@@ -446,10 +446,12 @@ class FeatureLoader:
         rank: int,
         world: int,
         out_dtype: torch.dtype = torch.float32,
+        balanced: bool = False,
     ) -> None:
         self.table = table
+        labels = table.labels.tolist() if balanced else None  # data.sampler = balanced: draws by these
         self.sampler = ShardedBatchSampler(
-            table.num_samples, batch_size, train=train, seed=seed, rank=rank, world=world
+            table.num_samples, batch_size, train=train, seed=seed, rank=rank, world=world, labels=labels
         )
         self.out_dtype = out_dtype
 
@@ -460,7 +462,20 @@ class FeatureLoader:
         return len(self.sampler)
 
     def __iter__(self):
-        view = self.sampler.epoch % max(self.table.views, 1) if self.sampler.train else 0
+        views = max(self.table.views, 1) if self.sampler.train else 1
         for batch in self.sampler:
-            idx = torch.tensor([i for i, _ in batch], dtype=torch.long)
-            yield self.table.take(view, idx).to(self.out_dtype), self.table.labels[idx]
+            idx = torch.tensor([item[0] for item in batch], dtype=torch.long)
+            # The epoch's view; a balanced sampler's repeat (draw d) reads the d-th next view, as the image loaders
+            # give each repeat its own crop.
+            view = torch.tensor([self.sampler.epoch + (item[2] if len(item) > 2 else 0) for item in batch]) % views
+            yield self._take(view, idx).to(self.out_dtype), self.table.labels[idx]
+
+    def _take(self, view: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        first = int(view[0]) if len(view) else 0
+        if bool((view == first).all()):
+            return self.table.take(first, idx)
+        out = torch.empty((len(idx), *self.table.parts[0].shape[2:]), dtype=self.table.parts[0].dtype)
+        for v in view.unique().tolist():
+            m = view == v
+            out[m] = self.table.take(v, idx[m])
+        return out

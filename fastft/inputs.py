@@ -160,7 +160,13 @@ def _cached_loaders(cfg: FinetuneConfig, prefix, sources, env: penv.DistEnv, pre
         build_s,
     )
     train_loader = FeatureLoader(
-        train_t, cfg.data.batch_size, train=True, seed=cfg.run.seed, rank=env.rank, world=env.world_size
+        train_t,
+        cfg.data.batch_size,
+        train=True,
+        seed=cfg.run.seed,
+        rank=env.rank,
+        world=env.world_size,
+        balanced=cfg.data.sampler == "balanced",
     )
     val_loader = FeatureLoader(val_t, eval_bs, train=False, seed=cfg.run.seed, rank=env.rank, world=env.world_size)
     info = {

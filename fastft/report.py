@@ -98,7 +98,10 @@ def write_report(
         "metrics": out_dir / f"{prefix}metrics.json",
         "confusion_matrix": out_dir / f"{prefix}confusion_matrix.png",
     }
-    atomic_write_text(paths["metrics"], json.dumps(report, indent=2) + "\n")
+    # the PR curve has a point per sample: drawn in report.html, left out of metrics.json
+    atomic_write_text(
+        paths["metrics"], json.dumps({k: v for k, v in report.items() if k != "pr_curve"}, indent=2) + "\n"
+    )
     fig = confusion_figure(report)
     tmp = paths["confusion_matrix"].with_name(f".{paths['confusion_matrix'].name}.tmp.png")
     fig.savefig(tmp, dpi=100)

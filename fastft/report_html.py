@@ -1,5 +1,6 @@
 """report.html: one self-contained page (no network) with the metric table, the per-class table, the confusion matrix
-(counts and row-normalised) and the run's per-epoch curves, every figure an embedded PNG."""
+(counts and row-normalised), a binary task's precision-recall curve and the run's per-epoch curves, every figure an
+embedded PNG."""
 
 from __future__ import annotations
 
@@ -110,6 +111,31 @@ def _curve_images(curves: dict[str, list[dict]], best_metric: str | None) -> lis
     return images
 
 
+def pr_image(report: dict) -> str | None:
+    """The precision-recall curve of a binary report's positive class (the second class), or None without one."""
+    curve = report.get("pr_curve")
+    if not curve:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ap = report.get("average_precision")
+    fig, ax = plt.subplots(figsize=(5, 4))
+    # the curve's points run from high thresholds to low; precision is constant between recall levels
+    ax.step(curve["recall"], curve["precision"], where="post")
+    title = "precision-recall" + (f" (AP {ap:.4f})" if ap is not None else "")  # no class name: it may hold mathtext
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02), title=title)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _positive(report: dict) -> str:
+    classes = report.get("classes") or []
+    return str(classes[1]) if len(classes) > 1 else "1"
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     def cell(v, tag: str) -> str:
         text = "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -129,6 +155,7 @@ def render_html(
     named = [{**r, "class": r.get("class", str(i))} for i, r in enumerate(report.get("per_class", []))]
     per_class = [[r["class"], r["precision"], r["recall"], r["f1"], r["support"]] for r in by_support(named)]
     curves = _curve_images(read_curves(events), best_metric)
+    pr = pr_image(report)
     parts = [
         f'<!DOCTYPE html><html><head><meta charset="utf-8">{MARKER}<title>fastft report</title>',
         f"<style>{_STYLE}</style></head><body><h1>fastft report</h1>",
@@ -137,6 +164,7 @@ def render_html(
         '<h2>Per class (by support)</h2><div id="per-class">',
         _table(["class", "precision", "recall", "f1", "support"], per_class) + "</div>",
         "<h2>Confusion matrix</h2>" + "".join(_confusion_images(report, counts_png)),
+        f"<h2>Precision-recall</h2><p>positive class: {html.escape(_positive(report))}</p>{pr}" if pr else "",
         "<h2>Curves</h2>"
         + ("".join(curves) if curves else "<p>no per-epoch curves: this report is not from a training run</p>"),
         "</body></html>\n",

@@ -88,6 +88,7 @@ RULES: dict[str, Rule] = {
     "data.augment": Rule(NOTED, "the rest of the run trains on the new transform"),
     "data.pin_memory": Rule(MAY),
     "data.persistent_workers": Rule(MAY),
+    "data.sampler": Rule(MUST, _ORDER),
     "data.on_bad_file": Rule(NOTED, "a file skipped (or not) changes the samples the rest of the run sees"),
     "augment.policy": Rule(NOTED, _AUG),
     "augment.random_erase": Rule(NOTED, _AUG),

@@ -112,7 +112,10 @@ class TextInputs:
         self.skipped: list[str] = []  # text rows are all checked when read: a bad row is an error, never skipped
         self.tokens = _tokens(index, spec, env)
         common = {"seed": cfg.run.seed, "rank": env.rank, "world": env.world_size}
-        self.train = TextLoader(index.train, self.tokens[0], train=True, batch_size=cfg.data.batch_size, **common)
+        balanced = cfg.data.sampler == "balanced"
+        self.train = TextLoader(
+            index.train, self.tokens[0], train=True, batch_size=cfg.data.batch_size, balanced=balanced, **common
+        )
         self.val = TextLoader(index.val, self.tokens[1], train=False, batch_size=self.eval_batch_size, **common)
         self.token_loaders = (self.train, self.val)
         opened += [self.train, self.val]

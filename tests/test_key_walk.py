@@ -65,6 +65,7 @@ VALUES: dict[str, tuple[object, dict[str, object]]] = {
     "data.pin_memory": (False, {}),
     "data.persistent_workers": (False, {"data.workers": 1}),
     "data.on_bad_file": ("skip", {}),
+    "data.sampler": ("balanced", {}),
     "augment.policy": ("autoaugment", {}),
     "augment.random_erase": (0.5, {}),
     "augment.color_jitter": (0.4, {}),

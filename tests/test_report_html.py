@@ -227,3 +227,47 @@ def test_many_classes_get_a_plain_normalised_matrix() -> None:
     page.feed(render_html(report, counts_png=buf.getvalue()))
     assert _png_sizes(page) == [(7, 3), (800, 800)]
     assert [r[0] for r in page.tables["per-class"][1:]] == sorted(f"c{i}" for i in range(n))  # all tied: by name
+
+
+@pytest.mark.slow  # a real 1-epoch run and a rebuild of its model: ~40 s on a loaded 2-core machine
+def test_a_binary_run_reports_the_exact_precision_recall_curve(shapes2, tmp_path) -> None:
+    """The page embeds the PR curve; average precision and the curve equal scikit-learn's on the validation scores
+    recomputed from the saved model (the report's AP, to 1e-6; the curve's points, to 1e-6)."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    from fastft.api import load_trained
+    from fastft.config import DataConfig
+    from fastft.data.loaders import build_loader
+    from fastft.data.transforms import TransformSpec
+    from fastft.parallel.env import DistEnv
+    from fastft.train import finetune
+
+    result = finetune(tiny_config(shapes2, tmp_path, optim__epochs=1))
+    model, meta = load_trained(result.run_dir / "last.pt", torch.device("cpu"))
+    classes = meta["classes"]
+    samples = [(str(f), classes.index(f.parent.name)) for f in sorted((shapes2 / "val").rglob("*.jpg"))]
+    spec = TransformSpec.from_dict(meta["transform"])
+    dl = build_loader(samples, spec, DataConfig(workers=0, batch_size=8), train=False, seed=0, env=DistEnv())
+    with torch.inference_mode():
+        batches = [(model(x).float().softmax(dim=1)[:, 1], y) for x, y in dl]
+    scores, labels = (torch.cat(t).numpy() for t in zip(*batches))
+    assert len(scores) == 16 and 0 < labels.sum() < 16
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["average_precision"] == pytest.approx(average_precision_score(labels, scores), abs=1e-6)
+    assert "pr_curve" not in metrics  # one point per score: drawn, not written
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    curve = result.metrics["pr_curve"]
+    np.testing.assert_allclose(curve["precision"], precision, atol=1e-6)
+    np.testing.assert_allclose(curve["recall"], recall, atol=1e-6)
+    page, text = _parse(result.run_dir / "report.html")
+    # 2 confusion matrices, the PR curve (figsize (5, 4) at 80 dpi), 5 per-epoch curves
+    sizes = _png_sizes(page)
+    assert len(sizes) == 8 and sizes[2] == (400, 320)
+    assert "Precision-recall" in text and f"positive class: {classes[1]}" in text
+
+
+def test_a_multiclass_report_has_no_precision_recall_curve(tmp_path) -> None:
+    page, text = _parse(write_report(_report(), tmp_path)["html"])
+    assert "Precision-recall" not in text and len(_png_sizes(page)) == 2

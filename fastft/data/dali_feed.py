@@ -57,7 +57,8 @@ class _TrainFeed:
         self.crop_seed = crop_seed  # None: no augmentation; else each sample's crop and flip (`train_crop`)
         self.sampler = sampler
         self.length = len(sampler)
-        self._epoch_batches: tuple[int, list[list[int]]] | None = None  # (epoch, its batches' indices), cached
+        # (epoch, its batches' (index, draw) pairs), cached; draw > 0 only for the balanced sampler's repeats
+        self._epoch_batches: tuple[int, list[list[tuple[int, int]]]] | None = None
         self.fed: deque[tuple[int, int, list[str]]] = deque()
         self.pos = self._normal(epoch, start_batch)  # (epoch, batch) the next call feeds
         self._pool = None  # one reader thread, started on the first call
@@ -66,10 +67,10 @@ class _TrainFeed:
     def _normal(self, epoch: int, batch: int) -> tuple[int, int]:
         return (epoch, batch) if batch < self.length else (epoch + 1, 0)
 
-    def _batches(self, epoch: int) -> list[list[int]]:
+    def _batches(self, epoch: int) -> list[list[tuple[int, int]]]:
         if self._epoch_batches is None or self._epoch_batches[0] != epoch:
             self.sampler.set_epoch(epoch)
-            self._epoch_batches = (epoch, [[i for i, _ in batch] for batch in self.sampler])
+            self._epoch_batches = (epoch, [[(it[0], it[2] if len(it) > 2 else 0) for it in b] for b in self.sampler])
         return self._epoch_batches[1]
 
     def next_out(self) -> tuple[int, int]:
@@ -93,21 +94,22 @@ class _TrainFeed:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool, self._ahead = None, None
 
-    def _load(self, epoch: int, indices: list[int]) -> tuple:
+    def _load(self, epoch: int, items: list[tuple[int, int]]) -> tuple:
         """One batch as the pipeline takes it: the files' bytes, the labels (B, 1) like the file reader's, and with
         augmentation each sample's crop anchor (top, left), crop shape (height, width) and flip. Reads only
         `samples` and `crop_seed`, which never change, so it may run in the read-ahead thread."""
         import numpy as np
 
+        indices = [i for i, _ in items]
         paths = [self.samples[i][0] for i in indices]
         data = _read_files(paths)
         labels = np.array([[self.samples[i][1]] for i in indices], dtype=np.int32)
         if self.crop_seed is None:
             return data, labels
         anchors, shapes, flips = [], [], []
-        for i, path, encoded in zip(indices, paths, data, strict=True):
+        for (i, draw), path, encoded in zip(items, paths, data, strict=True):
             width, height = _upright_size(encoded, path)
-            top, left, h, w, flip = train_crop(width, height, sample_seed(self.crop_seed, epoch, i))
+            top, left, h, w, flip = train_crop(width, height, sample_seed(self.crop_seed, epoch, i, draw))
             anchors.append(np.array([top, left], dtype=np.float32))
             shapes.append(np.array([h, w], dtype=np.float32))
             flips.append(np.array(int(flip), dtype=np.int32))
@@ -115,12 +117,12 @@ class _TrainFeed:
 
     def __call__(self):
         pos = self.pos
-        indices = self._batches(pos[0])[pos[1]]
+        items = self._batches(pos[0])[pos[1]]
         if self._ahead is not None and self._ahead[0] == pos:
             batch = self._ahead[1].result()  # raises the DataError of a file it could not read
         else:  # the first batch, or a re-planned position
-            batch = self._load(pos[0], indices)
-        self.fed.append((*pos, [self.samples[i][0] for i in indices]))
+            batch = self._load(pos[0], items)
+        self.fed.append((*pos, [self.samples[i][0] for i, _ in items]))
         self.pos = self._normal(pos[0], pos[1] + 1)
         self._read_ahead(self.pos)
         return batch
@@ -187,6 +189,7 @@ class DaliLoader:
         device_id: CUDA device index, required for "cuda"; ignored for "cpu".
         hw_decoder_load: share of JPEGs sent to the hardware decoder (A100/H100 class GPUs).
         augment: False trains on shuffled full batches with the eval transform.
+        balanced: training draws class-balanced batches (`ShardedBatchSampler` with the labels; data.sampler).
         interpolation: the weights preset's resize filter, "bilinear" or "bicubic" (torchvision's
             InterpolationMode values), for training crops and evaluation alike.
 
@@ -216,6 +219,7 @@ class DaliLoader:
         hw_decoder_load: float = 0.65,
         augment: bool = True,
         interpolation: str = "bilinear",
+        balanced: bool = False,
     ) -> None:
         import_dali()  # fail early with the install hint
         self.graph = GraphSpec(
@@ -237,6 +241,7 @@ class DaliLoader:
             hw_decoder_load=hw_decoder_load,
         )
         self.samples = [(str(p), int(y)) for p, y in samples]
+        self.balanced = balanced
         self.skipped: list[str] = []  # the bad-file policy is applied before a loader is made (build_loader)
         self.epoch, self.start_batch = 0, 0
         self._sampler, self._len, self._num_samples = self._plan()
@@ -257,7 +262,10 @@ class DaliLoader:
             length = math.ceil(math.ceil(n / g.num_shards) / g.batch_size)
             return None, length, len(shard_range(n, g.shard_id, g.num_shards))
         # Full batches only, and the same count on every rank: each rank gets N // num_shards samples.
-        sampler = ShardedBatchSampler(n, g.batch_size, train=True, seed=g.seed, rank=g.shard_id, world=g.num_shards)
+        labels = [y for _, y in self.samples] if self.balanced else None
+        sampler = ShardedBatchSampler(
+            n, g.batch_size, train=True, seed=g.seed, rank=g.shard_id, world=g.num_shards, labels=labels
+        )
         if len(sampler) == 0:
             raise DataError(
                 f"{n} training samples over {g.num_shards} shard(s) give less than one batch of {g.batch_size} "

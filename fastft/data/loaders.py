@@ -86,7 +86,9 @@ def build_loader(
     if kind != "synthetic":
         samples, skipped = screen(samples, on_bad_file=cfg.on_bad_file, threads=max(2, cfg.workers), env=env)
     if kind == "synthetic":
-        loader = _synthetic_loader(samples, spec, train=train, seed=seed, env=env, batch_size=bs)
+        loader = _synthetic_loader(
+            samples, spec, train=train, seed=seed, env=env, batch_size=bs, balanced=cfg.sampler == "balanced"
+        )
     elif kind == "dali":
         loader = _dali_loader(samples, spec, cfg, train=train, seed=seed, env=env, batch_size=bs)
     else:
@@ -127,6 +129,7 @@ def _dali_loader(
         device="cuda" if cuda else "cpu",
         device_id=env.device.index if cuda else None,
         interpolation=spec.interpolation,
+        balanced=cfg.sampler == "balanced",
     )
 
 
@@ -156,11 +159,19 @@ def _torch_loader(
         pin_memory=cfg.pin_memory and env.device.type == "cuda",
         persistent_workers=cfg.persistent_workers,
         pixel_aug=pixel_aug if train else None,
+        balanced=cfg.sampler == "balanced",
     )
 
 
 def _synthetic_loader(
-    samples: list[Sample], spec: TransformSpec, *, train: bool, seed: int, env: DistEnv, batch_size: int
+    samples: list[Sample],
+    spec: TransformSpec,
+    *,
+    train: bool,
+    seed: int,
+    env: DistEnv,
+    batch_size: int,
+    balanced: bool = False,
 ):
     return SyntheticLoader(
         samples,
@@ -171,6 +182,7 @@ def _synthetic_loader(
         rank=env.rank,
         world=env.world_size,
         device=env.device,
+        balanced=balanced,
     )
 
 
@@ -190,12 +202,16 @@ class SyntheticLoader:
         rank: int,
         world: int,
         device=None,
+        balanced: bool = False,
     ) -> None:
         import torch
 
         from fastft.data.sampler import ShardedBatchSampler
 
-        self.sampler = ShardedBatchSampler(len(samples), batch_size, train=train, seed=seed, rank=rank, world=world)
+        labels = [y for _, y in samples] if balanced else None
+        self.sampler = ShardedBatchSampler(
+            len(samples), batch_size, train=train, seed=seed, rank=rank, world=world, labels=labels
+        )
         self.labels = torch.tensor([y for _, y in samples], dtype=torch.long, device=device)
         g = torch.Generator().manual_seed(seed)
         self.images = torch.randn(batch_size, 3, spec.crop_size, spec.crop_size, generator=g).to(device)
@@ -218,5 +234,5 @@ class SyntheticLoader:
         import torch
 
         for batch in self.sampler:
-            idx = torch.tensor([i for i, _ in batch], dtype=torch.long).to(self.labels.device, non_blocking=True)
+            idx = torch.tensor([item[0] for item in batch], dtype=torch.long).to(self.labels.device, non_blocking=True)
             yield self.images[: len(idx)], self.labels[idx]

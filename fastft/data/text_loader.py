@@ -32,15 +32,17 @@ class LengthBucketSampler:
         rank: int = 0,
         world: int = 1,
         chunk_batches: int = CHUNK_BATCHES,
+        labels: list[int] | None = None,
     ) -> None:
         n = len(lengths)
         self.lengths, self.batch_size, self.train = lengths, batch_size, train
         self.seed, self.rank, self.world, self.chunk_batches = seed, rank, world, chunk_batches
         self.epoch = self.start_batch = 0
         # Which rows this rank sees is the image sampler's decision: training, the global batches of one process
-        # with batch_size * world (its seeded permutation); evaluation, this rank's shard in one batch.
+        # with batch_size * world (its seeded permutation, or with `labels` its class-balanced draws); evaluation,
+        # this rank's shard in one batch.
         if train:
-            self.order = ShardedBatchSampler(n, batch_size * world, train=True, seed=seed)
+            self.order = ShardedBatchSampler(n, batch_size * world, train=True, seed=seed, labels=labels)
         else:
             self.order = ShardedBatchSampler(n, max(n, 1), train=False, rank=rank, world=world)
 
@@ -59,10 +61,10 @@ class LengthBucketSampler:
     def batches(self) -> list[list[int]]:
         by_length = lambda i: self.lengths[i]  # sorted() is stable: ties keep the permutation order
         if not self.train:
-            shard = sorted((i for b in self._shard() for i, _ in b), key=by_length)
+            shard = sorted((item[0] for b in self._shard() for item in b), key=by_length)
             return [shard[j : j + self.batch_size] for j in range(0, len(shard), self.batch_size)]
         size = self.batch_size * self.world
-        flat = [i for b in self._shard() for i, _ in b]
+        flat = [item[0] for b in self._shard() for item in b]
         chunk = size * self.chunk_batches
         global_batches = []
         for c in range(0, len(flat), chunk):
@@ -99,11 +101,18 @@ class TextLoader:
         seed: int = 0,
         rank: int = 0,
         world: int = 1,
+        balanced: bool = False,
     ) -> None:
         self.split, self.tokens = split, tokens
         lengths = tokens.lengths
         self.sampler = LengthBucketSampler(
-            [lengths[r] for r in split.rows], batch_size, train=train, seed=seed, rank=rank, world=world
+            [lengths[r] for r in split.rows],
+            batch_size,
+            train=train,
+            seed=seed,
+            rank=rank,
+            world=world,
+            labels=list(split.labels) if balanced else None,
         )
         self.labels = torch.tensor(split.labels, dtype=torch.long)
 

@@ -71,8 +71,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, epoch = key
+    def __getitem__(self, key: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        index, epoch, *draw = key  # draw: the balanced sampler's repeat count (sampler.sample_seed)
         path, label = self.samples[index]
         image = open_rgb(path)
         if not self.train:
@@ -82,7 +82,7 @@ class ImageDataset(torch.utils.data.Dataset):
         # generator: torch.manual_seed would also reseed every CUDA generator (which fork_rng(devices=[]) does not
         # restore), so with workers=0 the model's dropout would follow the last sample loaded.
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index, *draw))
             return self.transform(image), label
 
 
@@ -123,6 +123,11 @@ def batch_loader(
     )
 
 
+def _labels(samples: list[Sample], balanced: bool) -> list[int] | None:
+    """The labels the balanced sampler draws by (data.sampler = balanced), or None (shuffle)."""
+    return [y for _, y in samples] if balanced else None
+
+
 class TorchLoader:
     """DataLoader over an ImageDataset with a ShardedBatchSampler; yields (images float32 B3HW, labels int64 B)."""
 
@@ -141,9 +146,12 @@ class TorchLoader:
         pin_memory: bool = False,
         persistent_workers: bool = True,
         pixel_aug=None,
+        balanced: bool = False,
     ) -> None:
         self.dataset = ImageDataset(samples, spec, train=train, augment=augment, seed=seed, pixel_aug=pixel_aug)
-        self.sampler = ShardedBatchSampler(len(samples), batch_size, train=train, seed=seed, rank=rank, world=world)
+        self.sampler = ShardedBatchSampler(
+            len(samples), batch_size, train=train, seed=seed, rank=rank, world=world, labels=_labels(samples, balanced)
+        )
         self.loader = batch_loader(
             self.dataset,
             self.sampler,
