@@ -14,11 +14,24 @@ from fastft.config import LogConfig
 log = logging.getLogger("fastft")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (not the stream of the first call: a caller that
+    swaps stderr, as an embedding application or a test capture does, would leave it writing to a closed file)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_console(rank: int = 0) -> None:
     """Console logging for the CLI: rank 0 prints info, other ranks only warnings (tagged with their rank)."""
     if log.handlers:
         return
-    h = logging.StreamHandler(sys.stderr)
+    h = _StderrHandler()
     h.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
     log.addHandler(h)
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)

@@ -217,8 +217,9 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
         phases = Phases()
-        if timing.PROCESS_T0 is not None:  # the command line: its imports and config reading come first
-            phases.add("imports", time.perf_counter() - timing.PROCESS_T0)
+        started, timing.PROCESS_T0 = timing.PROCESS_T0, None  # this run's only: a later in-process run has none
+        if started is not None:  # the command line: its imports and config reading come first
+            phases.add("imports", time.perf_counter() - started)
             phases.restart()
         run = setup(cfg, env, opened, phases)
         for epoch in range(run.start_epoch, run.epochs):
