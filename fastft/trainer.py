@@ -761,7 +761,7 @@ def finish(run: Run) -> RunResult:
         lap("exports")
         run.checkpointer.wait()  # the last checkpoint write (in the background since the last save) is on disk
         lap("checkpoint_write")
-        _log_end(run)
+        _log_tensorboard(run)
         lap("tensorboard")
         print(format_table(report))
         if sweep_text:
@@ -769,7 +769,8 @@ def finish(run: Run) -> RunResult:
         print(f"run folder: {run_dir}")
     run.timings["teardown"] = run.teardown.result()
     log.info("fastft: teardown %s", run.teardown.describe())
-    run.logger.event("teardown", seconds=run.timings["teardown"])
+    if env.is_main:
+        _log_end(run)  # the last event: the run's end, with the teardown's seconds
     run.logger.close()
     penv.barrier(env)
     return RunResult(
@@ -799,10 +800,11 @@ def _export(run: Run, final_state: dict[str, torch.Tensor]) -> dict[str, Path]:
     return {"model_export": model_path, "head_export": head_path}
 
 
-def _log_end(run: Run) -> None:
+def _log_tensorboard(run: Run) -> None:
+    """The confusion matrix figure and the run's hyperparameters with its final metrics."""
     from fastft.report import confusion_figure
 
-    cfg, logger, report, skipped = run.cfg, run.logger, run.report, run.backend.skipped_steps
+    cfg, logger, report = run.cfg, run.logger, run.report
     logger.figure("val/confusion_matrix", confusion_figure(report), run.epochs)
     logger.hparams(
         {
@@ -815,9 +817,20 @@ def _log_end(run: Run) -> None:
         },
         {k: report.get(k) for k in ("top1", "f1_macro", "loss")},
     )
+
+
+def _log_end(run: Run) -> None:
+    skipped = run.backend.skipped_steps
     if skipped:
         log.warning("fastft: the fp16 loss scaler skipped %d of %d steps (overflow)", skipped, run.step)
-    logger.event("end", step=run.step, best=run.best, throughput=run.throughput, skipped_steps=skipped)
+    run.logger.event(
+        "end",
+        step=run.step,
+        best=run.best,
+        throughput=run.throughput,
+        skipped_steps=skipped,
+        teardown=run.timings["teardown"],
+    )
 
 
 def _log_timing(logger: RunLogger, epoch: int, t: dict) -> None:
