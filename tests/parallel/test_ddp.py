@@ -49,9 +49,16 @@ def _head(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "head.safetensors")
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ddp_matches_single_process_on_same_global_batch(shapes4, tmp_path, world) -> None:
-    """world x batch 4 under DDP == one process with batch 4*world: the same samples, the same mean gradient."""
+TIMM_CACHED = ["--model.source=timm", "--model.name=resnet10t", "--data.augment=false"]
+
+
+@pytest.mark.parametrize(("world", "extra"), [(2, []), (3, TIMM_CACHED)], ids=["2", "3-timm-cached"])
+def test_ddp_matches_single_process_on_same_global_batch(shapes4, tmp_path, world, extra) -> None:
+    """world x batch 4 under DDP == one process with batch 4*world: the same samples, the same mean gradient. With 3
+    ranks: a timm model whose ranks train from the feature cache (each rank computes its shard of the table), against
+    one process without a cache."""
+    if extra:
+        pytest.importorskip("timm", reason="timm is not installed (pip install 'fastft[timm]')")
     common = [
         f"--data.root={shapes4}",
         *FAST,
@@ -59,9 +66,11 @@ def test_ddp_matches_single_process_on_same_global_batch(shapes4, tmp_path, worl
         "--model.freeze=backbone",
         "--model.head_hidden=16",
         f"--run.out_dir={tmp_path}",
+        *extra,
     ]
+    cache = ["--features.cache=memory", "--features.dtype=fp32"] if extra else []
     _ok(run_cli("train", *common, f"--data.batch_size={4 * world}", "--run.name=single", "--parallel.backend=none"))
-    _ok(run_torchrun(world, "train", *common, "--data.batch_size=4", "--run.name=ddp"))
+    _ok(run_torchrun(world, "train", *common, *cache, "--data.batch_size=4", "--run.name=ddp"))
     single, ddp = _head(tmp_path / "single"), _head(tmp_path / "ddp")
     events = [json.loads(x) for x in (tmp_path / "ddp" / "events.jsonl").read_text().splitlines()]
     assert events[0]["world_size"] == world
