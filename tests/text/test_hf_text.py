@@ -178,3 +178,26 @@ def test_a_hub_name_is_read_from_the_hub_cache_offline(tiny_bert, tmp_path, monk
     assert backbone.name == "fastft-test/tiny-bert"
     assert backbone.preprocess().tokenizer == str((repo / "snapshots" / "0123abc").resolve())
     assert backbone.hf.classifier.out_features == 2 and len(backbone.stages()) == 4
+
+
+def test_layer_decay_counts_the_encoder_layers(backbone) -> None:
+    """optim.layer_decay over a text encoder: the head at lr, then pooler, layer.1, layer.0, embeddings each one
+    factor further (the stages' order from the head)."""
+    from fastft.config import OptimConfig
+    from fastft.optim import param_groups
+
+    names = [n for n, _ in backbone.model.named_parameters()]
+    groups = param_groups(
+        backbone.model, names, OptimConfig(layer_decay=0.5), head=backbone.head, stages=backbone.stages()
+    )
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(backbone.model.named_parameters())
+    want = {
+        "hf.classifier.weight": 1.0,
+        "hf.bert.pooler.dense.weight": 0.5,
+        "hf.bert.encoder.layer.1.attention.self.query.weight": 0.25,
+        "hf.bert.encoder.layer.0.output.dense.bias": 0.125,
+        "hf.bert.embeddings.word_embeddings.weight": 0.0625,
+    }
+    assert {k: scale[id(named[k])] for k in want} == want
+    assert sorted({g["lr_scale"] for g in groups}) == [0.0625, 0.125, 0.25, 0.5, 1.0]
