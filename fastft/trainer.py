@@ -67,6 +67,7 @@ class RunResult:
     timings: dict = field(default_factory=dict)  # per epoch: seconds per segment (log.step_timing), wall, images
     skipped_steps: int = 0  # fp16 steps skipped by the loss scaler (overflow)
     feature_cache: dict = field(default_factory=dict)  # {wall_s, images, train, val}: the cache build (or reuse)
+    phases: dict = field(default_factory=dict)  # {"setup": {phase: s, "total"}, "teardown": {...}}
 
 
 @dataclass
@@ -111,7 +112,8 @@ class Run:
     early_stop: dict | None = None  # {"epoch", "reason"}: the run stopped before its last epoch (checkpoint.patience)
     report: dict = field(default_factory=dict)
     throughput: dict[str, float] = field(default_factory=dict)
-    timings: dict[str, dict] = field(default_factory=dict)  # per epoch; "setup" and "teardown": seconds per phase
+    timings: dict[str, dict] = field(default_factory=dict)  # per epoch
+    phase_s: dict[str, dict] = field(default_factory=dict)  # "setup" and "teardown": seconds per phase
     phases: Phases | None = None  # the set-up's phases
     teardown: Phases | None = None  # the last epoch's evaluation and saves, then finish()'s outputs
 
@@ -319,9 +321,9 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list, phases: Phases |
     opened.append(run.checkpointer)  # closed last, also when the run fails: its write in flight finishes
     lap("open")  # checkpointer, resumed state, run folder and logger
     run.phases = phases or Phases()
-    run.timings["setup"] = run.phases.result()
+    run.phase_s["setup"] = run.phases.result()
     log.info("fastft: set-up %s", run.phases.describe())
-    run.logger.event("setup", seconds=run.timings["setup"])
+    run.logger.event("setup", seconds=run.phase_s["setup"])
     run.teardown = Phases()
     return run
 
@@ -767,7 +769,7 @@ def finish(run: Run) -> RunResult:
         if sweep_text:
             print(f"head sweep ({run.sweep.heads} heads, kept by {cfg.checkpoint.best_metric}):\n{sweep_text}")
         print(f"run folder: {run_dir}")
-    run.timings["teardown"] = run.teardown.result()
+    run.phase_s["teardown"] = run.teardown.result()
     log.info("fastft: teardown %s", run.teardown.describe())
     if env.is_main:
         _log_end(run)  # the last event: the run's end, with the teardown's seconds
@@ -783,6 +785,7 @@ def finish(run: Run) -> RunResult:
         run.timings,
         skipped_steps=run.backend.skipped_steps,
         feature_cache=run.inputs.cache_info,
+        phases=run.phase_s,
     )
 
 
@@ -829,7 +832,7 @@ def _log_end(run: Run) -> None:
         best=run.best,
         throughput=run.throughput,
         skipped_steps=skipped,
-        teardown=run.timings["teardown"],
+        teardown=run.phase_s["teardown"],
     )
 
 

@@ -84,6 +84,9 @@ def test_outputs_of_a_run(shapes4, tmp_path) -> None:
     )
     events = [json.loads(line) for line in (d / "events.jsonl").read_text().splitlines()]
     assert events[0]["event"] == "start" and events[-1]["event"] == "end"
+    # in-process: the set-up starts at finetune() (no command-line imports), the teardown ends at the end event
+    assert next(iter(result.phases["setup"])) == "index" and result.phases["teardown"] == events[-1]["teardown"]
+    assert sorted(result.timings) == [f"epoch{i}" for i in range(len(result.timings))]  # epochs only
     head = load_file(d / "head.safetensors")
     assert set(head) == {"weight", "bias"} and head["weight"].shape == (4, 512)
 
