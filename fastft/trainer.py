@@ -317,18 +317,33 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list, phases: Phases |
     seed_rank_streams(cfg.run.seed, env.rank, env.world_size)
     run.meta = _meta(cfg, env, index, spec, source.head, num_classes)
     lap("assemble")  # backend, wrap, compile
-    _open(run, state, counts)
+    _open(run, state)
     opened.append(run.checkpointer)  # closed last, also when the run fails: its write in flight finishes
     lap("open")  # checkpointer, resumed state, run folder and logger
     run.phases = phases or Phases()
     run.phase_s["setup"] = run.phases.result()
     log.info("fastft: set-up %s", run.phases.describe())
-    run.logger.event("setup", seconds=run.phase_s["setup"])
+    _log_start(run, counts)
     run.teardown = Phases()
     return run
 
 
-def _open(run: Run, state: dict | None, counts: tuple[int, int]) -> None:
+def _log_start(run: Run, counts: tuple[int, int]) -> None:
+    """The run's first event: its shape, and where the set-up's seconds went."""
+    env = run.env
+    run.logger.event(
+        "start",
+        world_size=env.world_size,
+        trainable=counts[0],
+        total=counts[1],
+        steps_per_epoch=run.steps_per_epoch,
+        total_steps=run.total_steps,
+        resumed_from=str(run.resume_from) if run.resume_from else None,
+        setup=run.phase_s["setup"],
+    )
+
+
+def _open(run: Run, state: dict | None) -> None:
     """The checkpointer, the resumed state, then (only now: a refused run leaves the run folder as it was, or
     absent) the run folder and its logger."""
     cfg, env, run_dir = run.cfg, run.env, run.run_dir
@@ -359,15 +374,6 @@ def _open(run: Run, state: dict | None, counts: tuple[int, int]) -> None:
         resuming = run.resume_from is not None
         open_run_dir(cfg, run_dir, model=run.model, resuming=resuming, skipped=run.inputs.skipped)
     run.logger = RunLogger(run_dir, cfg.log, enabled=env.is_main)
-    run.logger.event(
-        "start",
-        world_size=env.world_size,
-        trainable=counts[0],
-        total=counts[1],
-        steps_per_epoch=run.steps_per_epoch,
-        total_steps=run.total_steps,
-        resumed_from=str(run.resume_from) if run.resume_from else None,
-    )
 
 
 def _loss(cfg: FinetuneConfig, index, device: torch.device) -> Loss:

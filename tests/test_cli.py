@@ -83,7 +83,7 @@ def test_train_then_eval_then_predict(shapes4, tmp_path) -> None:
     assert 'root = "' + str(shapes4) + '"' in written and "epochs = 1" in written
     # where the time went before the first step and after the last one, phase by phase
     events = {e["event"]: e for e in map(json.loads, (run_dir / "events.jsonl").read_text().splitlines())}
-    setup, teardown = events["setup"]["seconds"], events["end"]["teardown"]
+    setup, teardown = events["start"]["setup"], events["end"]["teardown"]
     want = ["imports", "index", "run_folder", "loaders", "model", "feature_cache", "assemble", "open", "total"]
     assert list(setup) == want
     want = ["evaluation", "checkpoints", "final_state", "report", "exports", "checkpoint_write", "tensorboard", "total"]
@@ -92,7 +92,7 @@ def test_train_then_eval_then_predict(shapes4, tmp_path) -> None:
         assert all(v >= 0 for v in phases.values())
         assert phases["total"] == pytest.approx(sum(v for k, v in phases.items() if k != "total"), abs=1e-3)
     assert setup["imports"] > 0.5  # torch and torchvision are imported in it
-    assert events["setup"]["time"] <= events["eval"]["time"] <= events["end"]["time"]
+    assert events["start"]["time"] <= events["eval"]["time"] <= events["end"]["time"]
 
     p = run_cli(
         "eval",
