@@ -223,6 +223,9 @@ def _requeue_case(root: Path, out: Path, *, full: Path, nproc: int, batch: int, 
     try:
         _wait_for_event_step(first, out / "job", 2, out / "first.log")
         if stop == "SIGKILL":
+            # checkpoints are written in the background: the step event can come before its last.pt is on disk
+            (folder,) = (out / "job").iterdir()
+            wait_for_step(first, folder / "last.pt", 2, out / "first.log")
             pids = descendants(first.pid)
             kill_job(first)
             wait_gone(pids)
