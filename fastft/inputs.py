@@ -138,27 +138,12 @@ def _cached_loaders(cfg: FinetuneConfig, prefix, sources, env: penv.DistEnv, pre
         raise ConfigError("features.cache: nothing is frozen before the trainable part, so there is nothing to cache")
     if cfg.data.augment and cfg.features.views == 0:
         log.info("fastft: feature cache with features.views=0 trains on the eval transform (no augmentation)")
-    cache_dir = Path(cfg.features.dir) if cfg.features.dir else _default_cache() / "features"
-    common = {
-        "mode": cfg.features.cache,
-        "dtype": cfg.features.dtype,
-        "cache_dir": cache_dir,
-        "env": env,
-        "precision": precision,
-        "channels_last": cfg.model.channels_last,
-    }
+    common = cache_options(cfg, env, precision, channels_last=cfg.model.channels_last)
     t0 = time.perf_counter()
     train_t = build_features(prefix, sources[0], train=True, **common)
     val_t = build_features(prefix, sources[1], train=False, **common)
     build_s = time.perf_counter() - t0
-    log.info(
-        "fastft: feature cache (%s, %s): train %s, val %s in %.1fs",
-        cfg.features.cache,
-        cfg.features.dtype,
-        train_t.source,
-        val_t.source,
-        build_s,
-    )
+    log_cache_built(cfg, train_t.source, val_t.source, build_s)
     train_loader = FeatureLoader(
         train_t,
         cfg.data.batch_size,
@@ -180,3 +165,26 @@ def _cached_loaders(cfg: FinetuneConfig, prefix, sources, env: penv.DistEnv, pre
 
 def _default_cache() -> Path:
     return Path(os.environ.get("FASTFT_CACHE", Path.home() / ".cache" / "fastft"))
+
+
+def cache_options(cfg: FinetuneConfig, env: penv.DistEnv, precision, *, channels_last: bool) -> dict:
+    """The keyword arguments `build_features` takes from the run's config (image and text caches alike)."""
+    return {
+        "mode": cfg.features.cache,
+        "dtype": cfg.features.dtype,
+        "cache_dir": Path(cfg.features.dir) if cfg.features.dir else _default_cache() / "features",
+        "env": env,
+        "precision": precision,
+        "channels_last": channels_last,
+    }
+
+
+def log_cache_built(cfg: FinetuneConfig, train_source: str, val_source: str, seconds: float) -> None:
+    log.info(
+        "fastft: feature cache (%s, %s): train %s, val %s in %.1fs",
+        cfg.features.cache,
+        cfg.features.dtype,
+        train_source,
+        val_source,
+        seconds,
+    )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import torch
 
@@ -184,19 +183,11 @@ class TextInputs:
 def _cached_loaders(inputs: TextInputs, prefix: torch.nn.Module, precision):
     """(train loader, val loader, build info) over the pooled features of the train and val rows."""
     from fastft.features import build_features
-    from fastft.inputs import _default_cache
+    from fastft.inputs import cache_options, log_cache_built
     from fastft.text_features import TextFeatureLoader, TextSource
 
     cfg, env, index = inputs.cfg, inputs.env, inputs.index
-    cache_dir = Path(cfg.features.dir) if cfg.features.dir else _default_cache() / "features"
-    common = {
-        "mode": cfg.features.cache,
-        "dtype": cfg.features.dtype,
-        "cache_dir": cache_dir,
-        "env": env,
-        "precision": precision,
-        "channels_last": False,
-    }
+    common = cache_options(cfg, env, precision, channels_last=False)
     t0 = time.perf_counter()
     tables = []
     for split, tokens, train in ((index.train, inputs.tokens[0], True), (index.val, inputs.tokens[1], False)):
@@ -205,14 +196,7 @@ def _cached_loaders(inputs: TextInputs, prefix: torch.nn.Module, precision):
         )
         tables.append(build_features(prefix, source, train=train, **common))
     build_s = time.perf_counter() - t0
-    log.info(
-        "fastft: feature cache (%s, %s): train %s, val %s in %.1fs",
-        cfg.features.cache,
-        cfg.features.dtype,
-        tables[0].source,
-        tables[1].source,
-        build_s,
-    )
+    log_cache_built(cfg, tables[0].source, tables[1].source, build_s)
     loaders = [TextFeatureLoader(t, like) for t, like in zip(tables, inputs.token_loaders)]
     info = {"wall_s": build_s, "rows": sum(t.num_samples for t in tables), "train": tables[0].source}
     info["val"] = tables[1].source
