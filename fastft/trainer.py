@@ -320,16 +320,16 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list, phases: Phases |
     _open(run, state)
     opened.append(run.checkpointer)  # closed last, also when the run fails: its write in flight finishes
     lap("open")  # checkpointer, resumed state, run folder and logger
-    run.phases = phases or Phases()
-    run.phase_s["setup"] = run.phases.result()
-    log.info("fastft: set-up %s", run.phases.describe())
-    _log_start(run, counts)
-    run.teardown = Phases()
+    _log_start(run, counts, phases or Phases())
     return run
 
 
-def _log_start(run: Run, counts: tuple[int, int]) -> None:
-    """The run's first event: its shape, and where the set-up's seconds went."""
+def _log_start(run: Run, counts: tuple[int, int], phases: Phases) -> None:
+    """The run's first event: its shape, and where the set-up's seconds went (`phases`); teardown timing starts."""
+    run.phases = phases
+    run.phase_s["setup"] = phases.result()
+    log.info("fastft: set-up %s", phases.describe())
+    run.teardown = Phases()
     env = run.env
     run.logger.event(
         "start",
