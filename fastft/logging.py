@@ -66,8 +66,13 @@ class RunLogger:
                     self.tb.add_scalar(f"{prefix}{k}", v, step)
 
     def figure(self, tag: str, fig, step: int) -> None:
+        """Log a matplotlib figure (TensorBoard on) and close it either way: pyplot keeps every open figure."""
         if self.tb is not None:
             self.tb.add_figure(tag, fig, step, close=True)
+            return
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         if self.tb is not None:

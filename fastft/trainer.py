@@ -814,6 +814,8 @@ def _log_tensorboard(run: Run) -> None:
     from fastft.report import confusion_figure
 
     cfg, logger, report = run.cfg, run.logger, run.report
+    if logger.tb is None:  # TensorBoard off (or not the main rank): no figure to draw
+        return
     logger.figure("val/confusion_matrix", confusion_figure(report), run.epochs)
     logger.hparams(
         {

@@ -46,10 +46,19 @@ def test_linear_probe_leaves_backbone_and_bn_buffers_bit_identical(shapes4, back
 
 
 def test_until_layer3_trains_exactly_layer4_and_head(shapes4, backbone_file, tmp_path) -> None:
+    import matplotlib.pyplot as plt
+
     cfg = tiny_config(
-        shapes4, tmp_path, model__weights=str(backbone_file), model__freeze="until:layer3", optim__epochs=1
+        shapes4,
+        tmp_path,
+        model__weights=str(backbone_file),
+        model__freeze="until:layer3",
+        optim__epochs=1,
+        log__tensorboard=False,
     )
+    open_figures = plt.get_fignums()
     result = finetune(cfg)
+    assert plt.get_fignums() == open_figures  # no figure left open (pyplot keeps them) with TensorBoard off
     before = torch.load(backbone_file, weights_only=True)
     after = load_file(result.paths["model_export"])
     changed = _changed({k: v for k, v in before.items() if not k.startswith("fc.")}, after)
@@ -60,7 +69,11 @@ def test_until_layer3_trains_exactly_layer4_and_head(shapes4, backbone_file, tmp
 
 
 def test_outputs_of_a_run(shapes4, tmp_path) -> None:
+    import matplotlib.pyplot as plt
+
+    open_figures = plt.get_fignums()
     result = finetune(tiny_config(shapes4, tmp_path, optim__epochs=1))
+    assert plt.get_fignums() == open_figures
     d = result.run_dir
     for name in (
         "config.toml",
