@@ -143,36 +143,47 @@ def test_trainer_run_with_activation_checkpointing_matches_the_plain_run(shapes4
         torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
-def test_two_ranks_with_activation_checkpointing_match_the_plain_run(shapes4, tmp_path, backend) -> None:
-    """2 ranks on CPU (gloo), resnet18 with layer4 and head training, 2 steps: the same saved weights with and without
-    activation checkpointing."""
+def _two_rank_run(shapes4, out, *, backend: str, on: bool) -> dict[str, torch.Tensor]:
+    """2 ranks on CPU (gloo), resnet18 with layer4 and head training, 2 steps; the saved model state."""
     from conftest import run_torchrun
 
-    states = []
-    for on in (False, True):
-        p = run_torchrun(
-            2,
-            "train",
-            f"--data.root={shapes4}",
-            "--model.weights=none",
-            "--model.freeze=until:layer3",
-            f"--model.activation_checkpointing={str(on).lower()}",
-            f"--parallel.backend={backend}",
-            "--data.image_size=32",
-            "--data.batch_size=4",
-            "--data.workers=0",
-            "--precision.dtype=fp32",
-            "--compile.target=none",
-            "--optim.max_steps=2",
-            "--optim.epochs=1",
-            "--log.progress=false",
-            "--run.device=cpu",
-            f"--run.out_dir={tmp_path}",
-            f"--run.name={on}",
-        )
-        assert p.returncode == 0, p.stderr[-3000:]
-        states.append(torch.load(tmp_path / str(on) / "last.pt", weights_only=True)["model"])
-    for k in states[0]:
-        torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-5, atol=1e-6, msg=k)
+    name = f"{backend}-{on}"
+    p = run_torchrun(
+        2,
+        "train",
+        f"--data.root={shapes4}",
+        "--model.weights=none",
+        "--model.freeze=until:layer3",
+        f"--model.activation_checkpointing={str(on).lower()}",
+        f"--parallel.backend={backend}",
+        "--data.image_size=32",
+        "--data.batch_size=4",
+        "--data.workers=0",
+        "--precision.dtype=fp32",
+        "--compile.target=none",
+        "--optim.max_steps=2",
+        "--optim.epochs=1",
+        "--log.progress=false",
+        "--run.device=cpu",
+        f"--run.out_dir={out}",
+        f"--run.name={name}",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return torch.load(out / name / "last.pt", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def plain_two_ranks(shapes4, module_tmp) -> dict[str, torch.Tensor]:
+    return _two_rank_run(shapes4, module_tmp("act-ckpt-plain"), backend="ddp", on=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_two_ranks_with_activation_checkpointing_match_the_plain_run(plain_two_ranks, shapes4, tmp_path, backend):
+    """The same saved weights and BatchNorm statistics with activation checkpointing as the plain DDP run. DeepSpeed
+    in fp32 equals DDP to 1e-5 (only the order of the gradient reduction differs; see test_backend_matrix.py); under
+    DDP the same reduction runs, so the bound there is fp32 rounding."""
+    state = _two_rank_run(shapes4, tmp_path, backend=backend, on=True)
+    atol = 1e-6 if backend == "ddp" else 1e-5
+    for k in plain_two_ranks:
+        torch.testing.assert_close(state[k], plain_two_ranks[k], rtol=1e-5, atol=atol, msg=k)

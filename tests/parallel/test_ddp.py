@@ -82,7 +82,7 @@ def test_ddp_matches_single_process_on_same_global_batch(shapes4, tmp_path, worl
 
 @pytest.fixture(scope="module")
 def eval_setup(shapes4, module_tmp):
-    """A trained checkpoint and folders of 97 and 101 images (uneven over 2 and 3 ranks with batch 8)."""
+    """A trained checkpoint and a folder of 97 images (uneven over 2 and 3 ranks, a short last batch at batch 8)."""
     base = module_tmp("evalsets")
     p = run_cli(
         "train",
@@ -100,7 +100,7 @@ def eval_setup(shapes4, module_tmp):
         base / "pool", num_classes=4, train_per_class=26, val_per_class=0, image_size=32, seed=5, layout="flat"
     )
     sets = {}
-    for n in (97, 101):
+    for n in (97,):
         dst = base / f"set{n}"
         files = sorted(f for f in big.rglob("*.jpg"))[:n]
         for f in files:
@@ -110,7 +110,7 @@ def eval_setup(shapes4, module_tmp):
     return base / "m" / "last.pt", sets
 
 
-@pytest.mark.parametrize("n", [97, 101])
+@pytest.mark.parametrize("n", [97])
 def test_distributed_eval_equals_single_process_exactly(eval_setup, tmp_path, n) -> None:
     ckpt, sets = eval_setup
     args = [
@@ -296,7 +296,7 @@ def test_ddp_gradual_unfreeze_with_cache(shapes4, tmp_path) -> None:
     assert any(g["name"].startswith("layer4:") for g in groups)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [3])  # odd: 48 images, 4 steps of 3 x 4; 24 val images, 8 per rank
 def test_run_report_describes_the_saved_model_with_trainable_batchnorm(shapes4, tmp_path, world) -> None:
     """Trainable BatchNorm under DDP: each rank's last forward updates its own running statistics. The run's final
     report must still be the evaluation of exactly the model in its checkpoint (ranks hold identical weights and
