@@ -11,16 +11,14 @@ pretraining.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import transformers
 
+from benchmarks.machine import hardware_line
 from fastft.data.synthetic_text import write_text_dataset
 from fastft.demo import TEXT_CLASSES, TEXT_TRAIN_ROWS, TEXT_VAL_ROWS, minilm_folder, text_demo_config
 from fastft.train import finetune
@@ -38,13 +36,6 @@ def random_copy(model: Path, out: Path, *, seed: int = 0) -> Path:
         if (model / name).is_file():
             shutil.copy(model / name, out / name)
     return out
-
-
-def cpu_name() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -84,8 +75,7 @@ def write_record(out: Path, rows: list, wall: float, args: argparse.Namespace) -
         f"Command: `python benchmarks/text_demo_figures.py --out {args.out}"
         + (f" --epochs {args.epochs}`" if args.epochs else "`"),
         "",
-        f"Hardware: {cpu_name()}, {torch.get_num_threads()} threads. Python {platform.python_version()}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}. Wall time {wall:.0f} s (all three runs).",
+        f"{hardware_line('transformers')} Wall time {wall:.0f} s (all three runs).",
         "",
         f"Data: `fastft/data/synthetic_text.py`, {TEXT_CLASSES} classes (topic x sentiment), {TEXT_TRAIN_ROWS} train /"
         f" {TEXT_VAL_ROWS} val rows (classes in turn, 3 % flipped labels), seed 0. Each arm: the demo's config"

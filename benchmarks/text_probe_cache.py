@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import transformers
 
 from fastft.data.synthetic_text import write_text_dataset
 from fastft.demo import TEXT_CLASSES, minilm_folder, text_demo_config
@@ -94,7 +92,7 @@ def main() -> None:
 
 
 def write_record(out: Path, args, cfg, times: dict, fwd: list[float], f1: dict) -> None:
-    from benchmarks.text_demo_figures import cpu_name
+    from benchmarks.machine import hardware_line
 
     med = {k: statistics.median(v) for k, v in times.items()}
     fwd_s = statistics.median(fwd)
@@ -104,8 +102,7 @@ def write_record(out: Path, args, cfg, times: dict, fwd: list[float], f1: dict) 
         f"Command: `python -m benchmarks.text_probe_cache --out {args.out} --epochs {args.epochs} --pairs {args.pairs}"
         f" --train-rows {args.train_rows} --val-rows {args.val_rows}`",
         "",
-        f"Hardware: {cpu_name()}, {torch.get_num_threads()} threads. Python {platform.python_version()}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}.",
+        hardware_line("transformers"),
         "",
         f"Data: the synthetic text task ({TEXT_CLASSES} classes, {args.train_rows} train / {args.val_rows} val rows),"
         f" max_length {cfg.data.max_length}, batch {cfg.data.batch_size}, fp32, CPU, {args.epochs} epochs,"
