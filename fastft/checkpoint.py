@@ -374,7 +374,8 @@ class Checkpointer:
         if not self.backend.grads_finite():
             refuse_nonfinite(float("nan"), shown, step, self.run_dir, what="gradient norm")
         weights = self.model_state()
-        if not all_finite(weights):
+        changing = trainable_keys(self.model)  # the frozen tensors never change: not checked at every save
+        if not all_finite({k: v for k, v in weights.items() if k in changing}):
             refuse_nonfinite(float("nan"), shown, step, self.run_dir, what="a weight")
         opt_state = self.backend.save_optimizer_state(self.run_dir, name.removesuffix(".pt"))  # collective if sharded
         if opt_state is not None and not all_finite(_tensors(opt_state["state"])):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -230,6 +231,13 @@ def sync_buffers(module: nn.Module) -> None:
 
 
 def all_finite(state: dict[str, torch.Tensor]) -> bool:
-    """True when every floating tensor of a state dict is finite (one host sync for the whole dict)."""
-    flags = [torch.isfinite(t).all() for t in state.values() if t.is_floating_point()]
-    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+    """True when every floating tensor of a state dict is finite (one host sync for the whole dict).
+
+    Each tensor's largest magnitude (a fused max-norm per device and dtype, as clip_grad_norm_ groups them) is
+    infinite or NaN exactly when one of its elements is; no tensor-sized mask is made, unlike isfinite(t).all()."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in state.values():
+        if t.is_floating_point() and t.numel():
+            groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    flags = [torch.isfinite(torch.stack(torch._foreach_norm(ts, math.inf))).all().cpu() for ts in groups.values()]
+    return not flags or bool(torch.stack(flags).all())

@@ -179,3 +179,26 @@ def test_on_the_gpu_cadence_a_bad_last_step_of_an_epoch_never_reaches_a_checkpoi
         assert (saved["epoch"], saved["step"]) == (1, 6), name
         assert finite_state(saved["model"]), name
     assert calls["n"] == 12  # the guard did not stop the run early: the bad step was the last one
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_finds_one_bad_element_among_mixed_tensors(bad, dtype) -> None:
+    """The save-time check: one bad element anywhere (any floating dtype, beside tensors of other dtypes, an empty
+    one and integer buffers) makes the state non-finite; the largest finite values of each dtype do not."""
+    from fastft.parallel.backend import all_finite
+
+    state = {
+        "a": torch.randn(7, 5),
+        "b": torch.randn(300, dtype=torch.bfloat16),
+        "c": torch.randn(3, 3, dtype=torch.float16),
+        "empty": torch.empty(0),
+        "steps": torch.tensor(3),
+        "big32": torch.full((4,), torch.finfo(torch.float32).max),
+        "big16": torch.full((4,), torch.finfo(torch.float16).max, dtype=torch.float16),
+    }
+    assert all_finite(state)
+    poisoned = torch.randn(11, 13).to(dtype)
+    poisoned[5, 7] = bad
+    assert not all_finite({**state, "poisoned": poisoned})
+    assert all_finite({**state, "fine": poisoned.nan_to_num(0.0, 0.0, 0.0)})
