@@ -7,8 +7,9 @@ tensors: it is moved to the device tensor by tensor (never channels_last) and ne
 
 The frozen-feature cache (features.cache = memory | disk) stores a linear probe's pooled encoder output
 (fastft/text_features.py) and trains from it with the token loader's own batches; a cut inside the encoder is refused.
+A head sweep (head.sweep_*, fastft/sweep.py) trains its bank of classifiers on the same pooled output.
 Not on the text path (each a one-line ConfigError before the run folder is touched): augmented feature views
-(features.views), the DALI and synthetic image loaders (data.loader), the head sweep (head.sweep_*).
+(features.views), the DALI and synthetic image loaders (data.loader).
 model.channels_last is ignored: it concerns image activations only."""
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ def check_text_config(cfg: FinetuneConfig) -> None:
         )
     if cfg.features.cache != "off" and cfg.features.views:
         raise ConfigError("features.views: text rows have no augmented views (use 0)")
-    if cfg.head.sweep_lr or cfg.head.sweep_weight_decay:
-        raise ConfigError("head.sweep_lr: the head sweep is not built for model.source=hf yet")
 
 
 def text_index(cfg: FinetuneConfig) -> TextIndex:
