@@ -19,28 +19,22 @@ def _token_cache(tmp_path, monkeypatch) -> None:
 
 
 def test_a_cached_text_sweep_trains_each_head_as_a_plain_run(text_data, tmp_path) -> None:
-    """Two heads in train mode with BERT's classifier dropout (0.1): each head's weights and metrics equal a plain
-    run's at its LR (same seed: the bank draws the one dropout mask per step a lone head draws), and the kept head,
-    the best by f1_macro, is the exported classifier with that run's report."""
+    """Two heads in train mode with BERT's classifier dropout (0.1): the kept head, the best by f1_macro, has the
+    weights and the report of a plain run at its LR (same seed: the bank draws the one dropout mask per step a lone
+    head draws), and it is the exported classifier. (tests/test_sweep.py checks every head of a dropout bank.)"""
     common = dict(model__freeze="backbone", optim__epochs=2, features__cache="memory", features__dtype="fp32")
     sweep = finetune(text_config(text_data, tmp_path, run__name="sweep", head__sweep_lr=LRS, **common))
     rows = sweep.metrics["sweep"]
     assert [r["lr"] for r in rows] == LRS
-    bank = torch.load(sweep.paths["last"], weights_only=True)["sweep_bank"]
-    alone = [
-        finetune(text_config(text_data, tmp_path, run__name=f"lr{i}", optim__lr=lr, **common))
-        for i, lr in enumerate(LRS)
-    ]
-    for i, run in enumerate(alone):
-        head = load_file(run.paths["head_export"])
-        for k, v in head.items():  # the bank's keys: heads.i.1.* (Sequential(dropout, classifier))
-            torch.testing.assert_close(bank[f"heads.{i}.1.{k}"], v, atol=1e-5, rtol=1e-4)
-        assert rows[i]["top1"] == pytest.approx(run.metrics["top1"], abs=1e-6)
-        assert rows[i]["loss"] == pytest.approx(run.metrics["loss"], abs=1e-4)
     assert rows[0]["f1_macro"] != rows[1]["f1_macro"]  # the choice below is a real one
     best = max(range(len(LRS)), key=lambda i: rows[i]["f1_macro"])
     assert sweep.metrics["sweep_best"] == best
-    kept, ref = sweep.metrics, alone[best].metrics
+    bank = torch.load(sweep.paths["last"], weights_only=True)["sweep_bank"]
+    alone = finetune(text_config(text_data, tmp_path, run__name="alone", optim__lr=LRS[best], **common))
+    head = load_file(alone.paths["head_export"])
+    for k, v in head.items():  # the bank's keys: heads.i.1.* (Sequential(dropout, classifier))
+        torch.testing.assert_close(bank[f"heads.{best}.1.{k}"], v, atol=1e-5, rtol=1e-4)
+    kept, ref = sweep.metrics, alone.metrics
     assert kept["confusion_matrix"] == ref["confusion_matrix"]
     for k in ("top1", "f1_macro", "precision_macro", "recall_macro"):
         assert kept[k] == pytest.approx(ref[k], abs=1e-6), k
