@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a trained model as ONNX, safetensors or TorchScript (+ preprocess.json)")
     x.add_argument("--checkpoint", required=True, help="best.pt, last.pt or a model.safetensors export")
-    x.add_argument("--format", default="onnx", help="onnx (default) | safetensors | torchscript | hf (text models)")
+    x.add_argument("--format", default="onnx", help="onnx (default) | safetensors | torchscript | hf (text: hf, onnx)")
     x.add_argument("--out", required=True, help="folder to write into")
     x.add_argument("--overwrite", action="store_true", help="replace files of the same names in --out")
 

@@ -6,8 +6,11 @@
 - safetensors: the full model's weights with fastft's metadata, as a run's `model.safetensors`.
 - torchscript: `torch.jit.trace` on a fixed-size example (torch marks TorchScript deprecated; kept for runtimes that
   still load it).
-- hf (text models only, and their only format): `save_pretrained` of the trained classifier and its tokenizer; the
-  folder loads with `AutoModelForSequenceClassification` / `AutoTokenizer` `from_pretrained`.
+- hf (text models only): `save_pretrained` of the trained classifier and its tokenizer; the folder loads with
+  `AutoModelForSequenceClassification` / `AutoTokenizer` `from_pretrained`.
+- onnx of a text model: inputs `input_ids` and `attention_mask` (int64, batch x sequence, both dimensions dynamic, as
+  the model's tokenizer pads a batch), output `logits`; the tokenizer (`tokenizer.json`, `save_pretrained`) and
+  `preprocess.json` (inputs, max_length, classes) beside it.
 
 Every file is written under a temporary name and renamed into place; an existing file is replaced only with
 `overwrite`, so a folder written before is never lost by accident.
@@ -31,7 +34,9 @@ from fastft.errors import ConfigError
 FORMATS = ("onnx", "safetensors", "torchscript", "hf")
 FILE_NAMES = {"onnx": "model.onnx", "safetensors": "model.safetensors", "torchscript": "model.torchscript.pt"}
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.json")  # what save_pretrained writes that must be new
+TEXT_ONNX_FILES = ("model.onnx", "tokenizer.json", "preprocess.json")
 INPUT, OUTPUT = "images", "logits"
+TEXT_INPUTS = ("input_ids", "attention_mask")
 
 
 def preprocess_spec(meta: dict) -> dict:
@@ -63,7 +68,8 @@ def export_model(
     `preprocess.json`. Returns the paths written.
 
     Raises:
-        ConfigError: an unknown format, a file that exists without `overwrite`, a text model, or a missing extra.
+        ConfigError: an unknown format, a file that exists without `overwrite`, a format a text model does not take,
+            or a missing extra.
         CheckpointError: the checkpoint cannot be read or does not match its model.
     """
     from fastft.api import load_trained, read_trained
@@ -96,18 +102,54 @@ def export_model(
 
 
 def _export_text(checkpoint: str | Path, state: dict, out: Path, *, fmt: str, overwrite: bool) -> list[Path]:
-    """A text model as a Hugging Face folder (`save_pretrained` of the trained classifier and its tokenizer)."""
+    """A text model as a Hugging Face folder (`save_pretrained` of the trained classifier and its tokenizer), or as
+    ONNX on token tensors with its tokenizer beside it."""
     from fastft.text_eval import build_text_model
 
-    if fmt != "hf":
-        raise ConfigError(f"--format {fmt}: a text model exports as --format hf (a save_pretrained folder)")
+    if fmt not in ("hf", "onnx"):
+        raise ConfigError(f"--format {fmt}: a text model exports as --format hf (a save_pretrained folder) or onnx")
     if not overwrite:
-        for name in HF_FILES:
+        for name in HF_FILES if fmt == "hf" else TEXT_ONNX_FILES:
             if (out / name).exists():
                 raise ConfigError(f"{out / name} exists; pass --overwrite to replace it")
+    if fmt == "onnx":
+        _require_onnx()
     backbone = build_text_model(state["meta"], state, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    return _write_into(out, "config.json", lambda path: backbone.export(path.parent))
+    if fmt == "hf":
+        return _write_into(out, "config.json", lambda path: backbone.export(path.parent))
+    return _text_onnx(backbone, state["meta"], out)
+
+
+def _text_onnx(backbone, meta: dict, out: Path) -> list[Path]:
+    """model.onnx (token tensors in, logits out), the tokenizer's files, preprocess.json."""
+    from fastft.backbones.hf_text import TokenLogits
+
+    model = TokenLogits(backbone.model).float().eval()
+    # Two rows of different lengths, padded as the tokenizer pads a batch: the example is 2 x (>= 2) tokens, so the
+    # exporter keeps both dimensions symbolic instead of specialising on 1.
+    example = backbone.tokenizer(["fastft export example row", "a"], padding=True, return_tensors="pt")
+    args = tuple(example[k] for k in TEXT_INPUTS)
+    positions = getattr(backbone.hf.config, "max_position_embeddings", None)
+    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=1, max=positions)
+    dynamic = tuple({0: batch, 1: seq} for _ in TEXT_INPUTS)
+    written = _write_into(out, "model.onnx", lambda path: _to_onnx(model, args, path, TEXT_INPUTS, dynamic))
+    written += _write_into(out, "tokenizer.json", lambda path: backbone.tokenizer.save_pretrained(path.parent))
+    spec = {
+        "model": meta["model_name"],
+        "source": "hf",
+        "inputs": [{"name": k, "dtype": "int64", "shape": ["batch", "sequence"]} for k in TEXT_INPUTS],
+        "output": {
+            "name": OUTPUT,
+            "shape": ["batch", meta["num_classes"]],
+            "meaning": "logits (softmax for probabilities)",
+        },
+        "tokenizer": "tokenizer.json in this folder (AutoTokenizer.from_pretrained of the folder); pad the batch",
+        "max_length": meta["transform"]["max_length"],
+        "classes": meta["classes"],
+    }
+    text = json.dumps(spec, indent=2) + "\n"
+    return written + _write_into(out, "preprocess.json", lambda path: path.write_text(text, encoding="utf-8"))
 
 
 def _require_onnx() -> None:
@@ -134,18 +176,21 @@ def _write_into(out: Path, name: str, write) -> list[Path]:
 
 
 def _onnx(model: torch.nn.Module, meta: dict, example: torch.Tensor, path: Path) -> None:
-    batch = torch.export.Dim("batch", min=1)
+    _to_onnx(model, (example,), path, (INPUT,), ({0: torch.export.Dim("batch", min=1)},))
+
+
+def _to_onnx(model: torch.nn.Module, args: tuple, path: Path, names: tuple[str, ...], dynamic: tuple) -> None:
     # The exporter prints its progress; a failure still raises (and says why) after the output is swallowed.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
-            (example,),
+            args,
             str(path),
             dynamo=True,
-            input_names=[INPUT],
+            input_names=list(names),
             output_names=[OUTPUT],
-            dynamic_shapes=({0: batch},),
+            dynamic_shapes=dynamic,
             external_data=False,
         )
 

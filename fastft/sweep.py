@@ -3,7 +3,8 @@
 One batched module computes every head's logits from one feature tensor (a single einsum for linear heads), so the
 backbone (or the feature cache) is read once per step for all H heads. The loss is the sum of the heads' losses, so
 each head receives exactly its own gradient, and each head has its own optimizer groups: head h trains as it would
-alone with the same seed (without head dropout, whose random draws would be shared)."""
+alone with the same seed. A head that is dropout then a linear layer (a text classifier's; an image head with
+model.head_dropout) draws one dropout mask per step, shared by every head: the mask a lone run draws at that step."""
 
 from __future__ import annotations
 
@@ -34,14 +35,28 @@ class HeadBank(nn.Module):
     def __init__(self, head: nn.Module, count: int) -> None:
         super().__init__()
         self.heads = nn.ModuleList(copy.deepcopy(head) for _ in range(count))
-        self.linear = isinstance(head, nn.Linear) and head.bias is not None
+        self.dropout = _is_dropout_linear(head)  # heads[i] = Sequential(Dropout, Linear): one mask for all heads
+        self.linear = (isinstance(head, nn.Linear) and head.bias is not None) or self.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.linear:
-            w = torch.stack([h.weight for h in self.heads])  # (H, C, D)
-            b = torch.stack([h.bias for h in self.heads])  # (H, C)
+            if self.dropout:
+                x = self.heads[0][0](x)  # one draw, as a lone head's dropout makes at this step
+            layers = [h[1] for h in self.heads] if self.dropout else self.heads
+            w = torch.stack([h.weight for h in layers])  # (H, C, D)
+            b = torch.stack([h.bias for h in layers])  # (H, C)
             return torch.einsum("bd,hcd->hbc", x.flatten(1), w) + b[:, None, :]
         return torch.stack([h(x) for h in self.heads])
+
+
+def _is_dropout_linear(head: nn.Module) -> bool:
+    return (
+        isinstance(head, nn.Sequential)
+        and len(head) == 2
+        and isinstance(head[0], nn.Dropout)
+        and isinstance(head[1], nn.Linear)
+        and head[1].bias is not None
+    )
 
 
 def bank_param_groups(bank: HeadBank, grid: list[tuple[float, float]], cfg: OptimConfig) -> list[dict[str, Any]]:

@@ -7,8 +7,10 @@ tensors: it is moved to the device tensor by tensor (never channels_last) and ne
 
 The frozen-feature cache (features.cache = memory | disk) stores a linear probe's pooled encoder output
 (fastft/text_features.py) and trains from it with the token loader's own batches; a cut inside the encoder is refused.
+A head sweep (head.sweep_*, fastft/sweep.py) trains its bank of classifiers on the same pooled output. What the
+compiled trainable part (and prefix) takes has its batch and token dimensions marked dynamic (_dynamic).
 Not on the text path (each a one-line ConfigError before the run folder is touched): augmented feature views
-(features.views), the DALI and synthetic image loaders (data.loader), the head sweep (head.sweep_*).
+(features.views), the DALI and synthetic image loaders (data.loader).
 model.channels_last is ignored: it concerns image activations only."""
 
 from __future__ import annotations
@@ -45,8 +47,6 @@ def check_text_config(cfg: FinetuneConfig) -> None:
         )
     if cfg.features.cache != "off" and cfg.features.views:
         raise ConfigError("features.views: text rows have no augmented views (use 0)")
-    if cfg.head.sweep_lr or cfg.head.sweep_weight_decay:
-        raise ConfigError("head.sweep_lr: the head sweep is not built for model.source=hf yet")
 
 
 def text_index(cfg: FinetuneConfig) -> TextIndex:
@@ -70,6 +70,17 @@ def _cast(x, dtype: torch.dtype | None):
     if isinstance(x, Mapping):
         return {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
     return x.to(dtype) if x.is_floating_point() else x
+
+
+def _dynamic(x):
+    """`x` with its batch dimension (and a token dimension: input ids, masks, hidden states) marked dynamic for
+    torch.compile: text batches vary in rows and length, so one graph serves them all instead of one per shape
+    (apply_compile's dynamic=False would otherwise recompile at each new length). A no-op when nothing is compiled."""
+    from torch._dynamo import maybe_mark_dynamic
+
+    for t in x.values() if isinstance(x, Mapping) else (x,):
+        maybe_mark_dynamic(t, [0, 1] if isinstance(x, Mapping) else 0)
+    return x
 
 
 def _tokens(index: TextIndex, spec: TextSpec, env: penv.DistEnv) -> tuple[Tokens, Tokens]:
@@ -160,12 +171,12 @@ class TextInputs:
         """What the trainable part takes: the prefix's output (pooled tensor, or hidden states + mask), or the token
         tensors themselves when nothing is frozen before it; floating tensors in `dtype` when set."""
         if self.prefix is None:  # cached features, or nothing frozen before the trainable part
-            return _cast(batch if isinstance(batch, torch.Tensor) else dict(batch), dtype)
+            return _dynamic(_cast(batch if isinstance(batch, torch.Tensor) else dict(batch), dtype))
         # The frozen prefix builds no autograd graph; clone turns its inference tensors into normal ones.
         with torch.inference_mode(), precision.autocast():
-            out = self.prefix(batch)
+            out = self.prefix(_dynamic(batch))
         out = {k: v.clone() for k, v in out.items()} if isinstance(out, Mapping) else out.clone()
-        return _cast(out, dtype)
+        return _dynamic(_cast(out, dtype))
 
     def eval_forward(self, suffix: torch.nn.Module, dtype: torch.dtype | None) -> Callable:
         """The evaluation forward: prefix (eval mode) then `suffix`, on a batch of token tensors."""
@@ -174,8 +185,8 @@ class TextInputs:
             prefix.eval()
 
         def forward(batch: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
-            x = batch if isinstance(batch, torch.Tensor) else model_inputs(batch)  # a tensor: cached features
-            return suffix(_cast(prefix(x) if prefix is not None else x, dtype))
+            x = _dynamic(batch if isinstance(batch, torch.Tensor) else model_inputs(batch))  # a tensor: cached features
+            return suffix(_dynamic(_cast(prefix(x) if prefix is not None else x, dtype)))
 
         return forward
 

@@ -84,3 +84,26 @@ def test_sweep_grid_with_weight_decay_and_refusals(shapes4, tmp_path) -> None:
     ]
     with pytest.raises(ConfigError, match="linear probe"):
         finetune(tiny_config(shapes4, tmp_path, run__name="bad", head__sweep_lr=[0.1], model__freeze="until:layer3"))
+
+
+def test_a_bank_of_dropout_heads_draws_a_lone_heads_mask() -> None:
+    """Heads that are dropout then linear (an image head with model.head_dropout, a text classifier), in train mode:
+    each head's logits equal that head alone on the same features with the same seed (one mask for the bank, the one
+    the lone head draws), through the bank's single einsum."""
+    from torch import nn
+
+    from fastft.sweep import HeadBank
+
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Dropout(0.5), nn.Linear(6, 3))
+    bank = HeadBank(head, 3).train()
+    with torch.no_grad():
+        for i, h in enumerate(bank.heads):  # three different heads
+            h[1].weight.mul_(i + 1)
+    x = torch.randn(5, 6)
+    torch.manual_seed(7)
+    out = bank(x)
+    assert out.shape == (3, 5, 3)
+    for i, h in enumerate(bank.heads):
+        torch.manual_seed(7)
+        torch.testing.assert_close(out[i], h.train()(x))

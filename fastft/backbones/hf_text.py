@@ -44,6 +44,17 @@ class TextClassifier(nn.Module):
         return self.hf(**inputs, return_dict=True).logits
 
 
+class TokenLogits(nn.Module):
+    """A TextClassifier taking its token tensors as positional arguments, as ONNX export takes a model's inputs."""
+
+    def __init__(self, model: TextClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model({"input_ids": input_ids, "attention_mask": attention_mask})
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 

@@ -314,3 +314,49 @@ def test_dali_and_torch_loaders_agree_on_a_timm_bicubic_preset(tmp_path) -> None
     one_level = 1 / 255 / min(spec.std)
     per_sample = [float((out["dali"][i] - out["torch"][i]).abs().mean()) / one_level for i in range(len(samples))]
     assert max(per_sample) < 0.5, per_sample
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_deepspeed_zero2_on_two_ranks_trains_a_timm_model_as_one_process(shapes4, tmp_path) -> None:
+    """test_convnext with its last stage and head training (LayerNorm, no BatchNorm): 2 ranks x batch 4 under
+    DeepSpeed ZeRO-2 (gloo, CPU) end with the weights of one process with batch 8 on the same global batches (atol
+    1e-5, the all-reduce order), the frozen stages untouched, and the optimizer state partitioned one file per rank."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'fastft[deepspeed]')")
+    from conftest import run_torchrun, tiny_config
+    from safetensors.torch import load_file
+
+    from fastft.train import finetune
+
+    common = {"model__source": "timm", "model__name": "test_convnext", "model__freeze": "until:stages.2"}
+    settings = {"optim__epochs": 1, "optim__lr": 0.05, "optim__momentum": 0.9, "log__tensorboard": False}
+    one = finetune(tiny_config(shapes4, tmp_path, run__name="one", data__batch_size=8, **common, **settings))
+    args = [f"--{k.replace('__', '.')}={str(v).lower()}" for k, v in {**common, **settings}.items()]
+    p = run_torchrun(
+        2,
+        "train",
+        f"--data.root={shapes4}",
+        "--model.weights=none",
+        "--data.image_size=32",
+        "--data.workers=0",
+        "--data.batch_size=4",
+        "--precision.dtype=fp32",
+        "--compile.target=none",
+        "--log.progress=false",
+        "--run.device=cpu",
+        "--parallel.backend=deepspeed",
+        "--parallel.zero_stage=2",
+        f"--run.out_dir={tmp_path}",
+        "--run.name=two",
+        *args,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    two = tmp_path / "two"
+    start = json.loads((two / "events.jsonl").read_text().splitlines()[0])
+    assert (start["world_size"], start["total_steps"]) == (2, 6)  # 48 images / global batch 8
+    ref, got = load_file(one.paths["model_export"]), load_file(two / "model.safetensors")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=0, msg=k)
+    shards = list((two / "deepspeed" / "last-step6").glob("zero_pp_rank_*_optim_states.pt"))
+    assert len(shards) == 2

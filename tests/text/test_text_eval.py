@@ -97,6 +97,40 @@ def test_predict_and_the_hf_export_agree_with_transformers_reading_the_folder(tr
     assert sorted(model.config.id2label.values()) == ["animal", "colour", "shop"]
 
 
+def test_onnx_export_runs_in_onnxruntime_like_the_trained_model(trained, tmp_path) -> None:
+    """model.onnx takes input_ids + attention_mask with dynamic batch and sequence axes: onnxruntime's logits on
+    batches of 1, 4 and 2 rows (each padded to its longest row, by the tokenizer exported beside the model) equal the
+    checkpoint's model in PyTorch (1e-4, as for image exports)."""
+    ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed (pip install 'fastft[export]')")
+    from transformers import AutoTokenizer
+
+    ckpt = trained["run"] / "best.pt"
+    written = export_model(ckpt, tmp_path, fmt="onnx")
+    assert {"model.onnx", "tokenizer.json", "preprocess.json"} <= {p.name for p in written}
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    inputs = session.get_inputs()
+    assert [i.name for i in inputs] == ["input_ids", "attention_mask"]
+    assert all(isinstance(d, str) for i in inputs for d in i.shape)  # both axes named, dynamic
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    spec = json.loads((tmp_path / "preprocess.json").read_text())
+    assert (spec["classes"], spec["max_length"]) == (["animal", "colour", "shop"], 16)
+
+    tok = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    model, _ = fastft_api.load_trained(ckpt, torch.device("cpu"))
+    texts = ["dog", "the cat and a dog", "red", "price of food", "very green bird and a fish", "blue"]
+    lengths = set()
+    for rows in (texts[:1], texts[1:5], texts[4:6]):
+        enc = tok(rows, padding=True, truncation=True, max_length=16, return_tensors="pt")
+        feed = {k: enc[k] for k in ("input_ids", "attention_mask")}
+        lengths.add(tuple(feed["input_ids"].shape))
+        got = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in feed.items()})[0])
+        with torch.no_grad():
+            want = model(feed)
+        assert got.shape == (len(rows), 3)
+        assert (got - want).abs().max().item() < 1e-4, rows
+    assert lengths == {(1, 3), (4, 8), (2, 8)}  # other batch sizes and lengths than the export's example (2 x 6)
+
+
 def test_text_inference_bad_input_is_one_line(trained, tmp_path) -> None:
     run = trained["run"]
     bad = tmp_path / "bad.csv"
@@ -105,8 +139,8 @@ def test_text_inference_bad_input_is_one_line(trained, tmp_path) -> None:
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert f"{bad}:3: label 'weather'" in r.stderr
 
-    with pytest.raises(ConfigError, match="--format onnx: a text model exports as --format hf"):
-        export_model(run / "last.pt", tmp_path / "x", fmt="onnx")
+    with pytest.raises(ConfigError, match="--format torchscript: a text model exports as --format hf"):
+        export_model(run / "last.pt", tmp_path / "x", fmt="torchscript")
     folder = tmp_path / "hf"
     folder.mkdir()
     (folder / "config.json").write_text("{}")

@@ -129,7 +129,7 @@ def test_the_run_reads_data_max_length(text_data, tmp_path) -> None:
     [
         ("features__cache", "memory", "features.cache: a text model caches the pooled output of a frozen encoder only"),
         ("data__loader", "synthetic", "data.loader: synthetic loads images"),
-        ("head__sweep_lr", [0.1, 0.01], "head.sweep_lr: the head sweep is not built for model.source=hf"),
+        ("head__sweep_lr", [0.1, 0.01], "head.sweep_lr: a head sweep needs a linear probe"),
     ],
 )
 def test_what_the_text_path_does_not_do_is_one_line(text_data, tmp_path, key, value, message) -> None:
