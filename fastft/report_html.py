@@ -136,6 +136,13 @@ def _positive(report: dict) -> str:
     return str(classes[1]) if len(classes) > 1 else "1"
 
 
+def _task_note(report: dict) -> str:
+    """A multilabel report's threshold, and what support counts there (it has no confusion matrix)."""
+    if report.get("task") != "multilabel":
+        return ""
+    return f" (multilabel, threshold {report['threshold']:g}; support = positives per label)"
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     def cell(v, tag: str) -> str:
         text = "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -159,11 +166,13 @@ def render_html(
     parts = [
         f'<!DOCTYPE html><html><head><meta charset="utf-8">{MARKER}<title>fastft report</title>',
         f"<style>{_STYLE}</style></head><body><h1>fastft report</h1>",
-        f"<p>evaluation on {int(report['num_samples'])} images</p>",
+        f"<p>evaluation on {int(report['num_samples'])} images{_task_note(report)}</p>",
         '<h2>Metrics</h2><div id="metrics">' + _table(["metric", "value"], scalars) + "</div>",
         '<h2>Per class (by support)</h2><div id="per-class">',
         _table(["class", "precision", "recall", "f1", "support"], per_class) + "</div>",
-        "<h2>Confusion matrix</h2>" + "".join(_confusion_images(report, counts_png)),
+        "<h2>Confusion matrix</h2>" + "".join(_confusion_images(report, counts_png))
+        if "confusion_matrix" in report
+        else "",
         f"<h2>Precision-recall</h2><p>positive class: {html.escape(_positive(report))}</p>{pr}" if pr else "",
         "<h2>Curves</h2>"
         + ("".join(curves) if curves else "<p>no per-epoch curves: this report is not from a training run</p>"),
