@@ -288,7 +288,6 @@ def _check_task(cfg: FinetuneConfig) -> None:
         ("optim.class_weights", o.class_weights != "none", "no per-class weights for BCEWithLogits here; use none"),
         ("optim.label_smoothing", o.label_smoothing > 0, "the loss is BCEWithLogits; set it to 0"),
         ("head.sweep_lr", bool(cfg.head.sweep_lr), "the head sweep ranks heads by multiclass metrics"),
-        ("features.cache", cfg.features.cache != "off", "the feature cache stores one class index per image"),
     ]
     refused += [(k, True, "it mixes one-hot class targets") for k in cfg.augment.mix_options()]
     for key, on, why in refused:

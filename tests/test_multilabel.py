@@ -137,7 +137,6 @@ def test_an_unknown_val_label_stops_the_cli_with_one_line(tmp_path) -> None:
         ("data.sampler", "balanced"),
         ("data.loader", "dali"),
         ("data.loader", "synthetic"),
-        ("features.cache", "memory"),
         ("head.sweep_lr", [0.1, 0.01]),
         ("augment.mixup_alpha", 0.2),
         ("model.source", "hf"),
@@ -227,7 +226,8 @@ def test_the_metrics_are_exact_over_ranks(tmp_path, monkeypatch, world) -> None:
 
 @pytest.fixture(scope="module")
 def trained(module_tmp) -> dict[str, Path]:
-    """3 epochs of a linear head on a frozen (random) resnet18 at 32 px: 64 train and 37 val images."""
+    """3 epochs of a linear head on a frozen (random) resnet18 at 32 px, without augmentation: 64 train and 37 val
+    images."""
     root = module_tmp("multilabel")
     train, val = make_set(root / "train", 64, seed=0), make_set(root / "val", 37, seed=1)
     p = run_cli(
@@ -242,6 +242,7 @@ def trained(module_tmp) -> dict[str, Path]:
         "--data.workers=0",
         "--precision.dtype=fp32",
         "--compile.target=none",
+        "--data.augment=false",  # the eval transform: what the feature cache trains on (compared below)
         "--optim.epochs=3",
         "--optim.lr=0.3",
         "--log.progress=false",
@@ -300,16 +301,37 @@ def test_eval_and_predict_on_the_checkpoint_agree_with_the_run(trained, tmp_path
         evaluate(run / "last.pt", val.parent, device="cpu", workers=0)
 
 
+def _same_run(trained: dict[str, Path], out: Path, name: str) -> FinetuneConfig:
+    """The config of the `trained` fixture's CLI run."""
+    cfg = _cfg(trained["train"], trained["val"], image_size=32, batch_size=8, workers=0, augment=False)
+    cfg.model.name, cfg.model.weights, cfg.precision.dtype, cfg.compile.target = "resnet18", "none", "fp32", "none"
+    cfg.optim.epochs, cfg.optim.lr, cfg.log.progress, cfg.log.tensorboard = 3, 0.3, False, False
+    cfg.run.device, cfg.run.out_dir, cfg.run.name = "cpu", str(out), name
+    return cfg
+
+
+def test_the_feature_cache_trains_the_same_run_on_multi_hot_targets(trained, tmp_path, caplog) -> None:
+    from fastft.train import finetune
+
+    cfg = _same_run(trained, tmp_path, "cached")
+    cfg.features.cache, cfg.features.dtype = "memory", "fp32"
+    with caplog.at_level("INFO", logger="fastft"):
+        result = finetune(cfg.validate())
+    assert "feature cache (memory, fp32): train built, val built" in caplog.text
+    cached = json.loads((tmp_path / "cached" / "metrics.json").read_text())
+    live = json.loads((trained["run"] / "metrics.json").read_text())
+    keys = ("loss", "map", "f1_macro", "subset_accuracy", "hamming_loss")
+    assert {k: cached[k] for k in keys} == pytest.approx({k: live[k] for k in keys}, abs=1e-4)
+    assert result.steps == 3 * 8
+
+
 def test_a_resume_keeps_the_task_and_refuses_another(trained, tmp_path) -> None:
     from fastft.checkpoint import load_checkpoint
     from fastft.train import finetune
 
     run = trained["run"]
     assert load_checkpoint(run / "last.pt")["meta"]["task"] == "multilabel"
-    cfg = _cfg(trained["train"], trained["val"], image_size=32, batch_size=8, workers=0)
-    cfg.model.name, cfg.model.weights, cfg.precision.dtype, cfg.compile.target = "resnet18", "none", "fp32", "none"
-    cfg.optim.epochs, cfg.optim.lr, cfg.log.progress, cfg.log.tensorboard = 3, 0.3, False, False
-    cfg.run.device, cfg.run.out_dir, cfg.run.name = "cpu", str(run.parent), "ml"
+    cfg = _same_run(trained, run.parent, "ml")
     cfg.checkpoint.resume = str(run / "last.pt")
     cfg.data.task, cfg.data.train_list, cfg.data.val_list = "multiclass", str(tmp_path / "single.csv"), ""
     (tmp_path / "single.csv").write_text("".join(f"{trained['val'].parent / f'{i}.png'},a\n" for i in range(2)))
