@@ -153,6 +153,19 @@ def test_what_multilabel_does_not_take_is_refused_in_one_line(key, value) -> Non
         cfg.validate()  # the same value is fine for a single-label run
 
 
+def test_auto_picks_the_torchvision_loader_on_a_gpu(caplog, monkeypatch) -> None:
+    from fastft.config import DataConfig
+    from fastft.data import loaders
+    from fastft.parallel.env import DistEnv
+
+    monkeypatch.setattr(loaders, "_dali_problem", lambda: None)  # as on a GPU where DALI runs: auto would pick it
+    gpu = DistEnv(device=torch.device("cuda", 0))
+    assert loaders.resolve_loader(DataConfig(loader="auto"), gpu) == "dali"
+    with caplog.at_level("INFO", logger="fastft"):
+        assert loaders.resolve_loader(DataConfig(loader="auto", task="multilabel"), gpu) == "torch"
+    assert "the torchvision loader (the DALI feed carries one class per image)" in caplog.text
+
+
 def test_a_multilabel_run_needs_a_list_and_a_threshold_inside_0_1() -> None:
     cfg = FinetuneConfig()
     cfg.data.task, cfg.data.root = "multilabel", "/data"
