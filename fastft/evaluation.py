@@ -114,14 +114,20 @@ class MultilabelEvaluator:
     """The multilabel counterpart of StreamingEvaluator: logits (B, C) and multi-hot targets (B, C)."""
 
     def __init__(self, num_labels: int, device: torch.device, *, threshold: float = 0.5) -> None:
+        from torchmetrics.classification import MultilabelPrecisionRecallCurve
+
         self.num_classes, self.threshold = num_labels, threshold
         self.collection, self.extra = build_multilabel_metrics(num_labels, device, threshold=threshold)
+        # every score kept, gathered from all ranks at compute time (as mAP's): exact under any world size
+        self.pr_curve = MultilabelPrecisionRecallCurve(num_labels, thresholds=None).to(device)
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         if logits.shape[0] == 0:
             return
         logits = logits.float()
-        self.collection.update(logits.sigmoid(), targets.long())
+        probs, targets = logits.sigmoid(), targets.long()
+        self.collection.update(probs, targets)
+        self.pr_curve.update(probs, targets)
         loss = F.binary_cross_entropy_with_logits(logits, targets.float())  # the training loss's mean
         self.extra["loss"].update(loss, weight=targets.shape[0])
 
@@ -143,10 +149,15 @@ class MultilabelEvaluator:
             }
             for i in range(self.num_classes)
         ]
+        precision, recall, _ = self.pr_curve.compute()  # one curve per label; drawn in report.html
+        report["pr_curve"] = {
+            "labels": [{"precision": p.cpu().tolist(), "recall": r.cpu().tolist()} for p, r in zip(precision, recall)]
+        }
         return report
 
     def reset(self) -> None:
         self.collection.reset()
+        self.pr_curve.reset()
         self.extra["loss"].reset()
 
 

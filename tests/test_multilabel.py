@@ -21,6 +21,7 @@ from sklearn.metrics import (
     average_precision_score,
     f1_score,
     hamming_loss,
+    precision_recall_curve,
     precision_score,
     recall_score,
 )
@@ -211,6 +212,10 @@ def _assert_equals_sklearn(report: dict, threshold: float) -> None:
     assert [r["support"] for r in report["per_class"]] == y.sum(0).tolist()
     per_f1 = f1_score(y, pred, average=None, zero_division=0)
     assert [r["f1"] for r in report["per_class"]] == pytest.approx(per_f1.tolist(), abs=1e-6)
+    for i, curve in enumerate(report["pr_curve"]["labels"]):  # report.html's curves: every score, every rank's
+        precision, recall, _ = precision_recall_curve(y[:, i], probs[:, i])
+        np.testing.assert_allclose(curve["precision"], precision, atol=1e-6)
+        np.testing.assert_allclose(curve["recall"], recall, atol=1e-6)
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.3])
@@ -285,8 +290,11 @@ def test_a_cli_run_learns_and_reports_the_multilabel_metrics(trained) -> None:
     assert [r["support"] for r in metrics["per_class"]] == supports
     for key in ("map", "subset_accuracy", "hamming_loss", "f1_micro"):
         assert f"  {key:<20} {metrics[key]:.4f}" in trained["stdout"]
+    assert "pr_curve" not in metrics  # drawn in report.html only
     page = (run / "report.html").read_text()
     assert "Confusion matrix" not in page and "support = positives per label" in page
+    pr = page.split("<h2>Precision-recall</h2>", 1)[1]
+    assert pr.startswith("<p>one curve per label: 0 = blue, 1 = green, 2 = red</p><img")
     for row in metrics["per_class"]:
         assert f"<tr><td>{row['class']}</td><td>{row['precision']:.4f}</td>" in page
         assert f"<td>{row['f1']:.4f}</td><td>{row['support']}</td></tr>" in page
