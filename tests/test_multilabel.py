@@ -346,6 +346,15 @@ def test_the_feature_cache_trains_the_same_run_on_multi_hot_targets(trained, tmp
     assert result.steps == 3 * 8
 
 
+def test_the_exported_preprocess_spec_says_sigmoid_per_label(trained) -> None:
+    from fastft.checkpoint import load_checkpoint
+    from fastft.export import preprocess_spec
+
+    spec = preprocess_spec(load_checkpoint(trained["run"] / "last.pt")["meta"])
+    assert (spec["task"], spec["threshold"], spec["classes"]) == ("multilabel", 0.5, list(LABELS))
+    assert "a sigmoid per label" in spec["output"]["meaning"] and "softmax" not in spec["output"]["meaning"]
+
+
 def test_a_resume_keeps_the_task_and_refuses_another(trained, tmp_path) -> None:
     from fastft.checkpoint import load_checkpoint
     from fastft.train import finetune
