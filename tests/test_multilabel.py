@@ -248,7 +248,13 @@ def trained(module_tmp) -> dict[str, Path]:
     images."""
     root = module_tmp("multilabel")
     train, val = make_set(root / "train", 64, seed=0), make_set(root / "val", 37, seed=1)
-    p = run_cli(
+    p = run_cli(*_train_args(train, val), "--data.batch_size=8", f"--run.out_dir={root / 'runs'}", "--run.name=ml")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {"run": root / "runs" / "ml", "train": train, "val": val, "stdout": p.stdout}
+
+
+def _train_args(train: Path, val: Path) -> list[str]:
+    return [
         "train",
         "--data.task=multilabel",
         f"--data.train_list={train}",
@@ -256,7 +262,6 @@ def trained(module_tmp) -> dict[str, Path]:
         "--model.name=resnet18",
         "--model.weights=none",
         "--data.image_size=32",
-        "--data.batch_size=8",
         "--data.workers=0",
         "--precision.dtype=fp32",
         "--compile.target=none",
@@ -266,11 +271,7 @@ def trained(module_tmp) -> dict[str, Path]:
         "--log.progress=false",
         "--log.tensorboard=false",
         "--run.device=cpu",
-        f"--run.out_dir={root / 'runs'}",
-        "--run.name=ml",
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    return {"run": root / "runs" / "ml", "train": train, "val": val, "stdout": p.stdout}
+    ]
 
 
 def test_a_cli_run_learns_and_reports_the_multilabel_metrics(trained) -> None:
@@ -344,6 +345,20 @@ def test_the_feature_cache_trains_the_same_run_on_multi_hot_targets(trained, tmp
     keys = ("loss", "map", "f1_macro", "subset_accuracy", "hamming_loss")
     assert {k: cached[k] for k in keys} == pytest.approx({k: live[k] for k in keys}, abs=1e-4)
     assert result.steps == 3 * 8
+
+
+@pytest.mark.slow  # a 2-rank torchrun of the whole run
+def test_two_ddp_ranks_train_and_evaluate_as_one_process(trained, tmp_path) -> None:
+    """2 ranks x batch 4 (the train loss a per-sample mean, the metrics synced): the one-process run's metrics."""
+    from conftest import run_torchrun
+
+    args = [*_train_args(trained["train"], trained["val"]), "--data.batch_size=4", f"--run.out_dir={tmp_path}"]
+    p = run_torchrun(2, *args, "--run.name=ddp", timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    one = json.loads((trained["run"] / "metrics.json").read_text())
+    keys = ("loss", "map", "f1_macro", "f1_micro", "subset_accuracy", "hamming_loss", "num_samples")
+    assert {k: ddp[k] for k in keys} == pytest.approx({k: one[k] for k in keys}, abs=1e-5)
 
 
 def test_the_exported_preprocess_spec_says_sigmoid_per_label(trained) -> None:
