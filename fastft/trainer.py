@@ -35,6 +35,7 @@ from fastft.checkpoint import Checkpointer, refuse_nonfinite
 from fastft.compile import apply_compile, resolve_target
 from fastft.config import FinetuneConfig, UnfreezeStep, check_device, parse_unfreeze
 from fastft.data.index import index_from_config
+from fastft.data.multilabel import index_multilabel
 from fastft.ema import Ema, build_ema, picks_ema
 from fastft.errors import ConfigError, FastftError
 from fastft.evaluation import run_evaluation
@@ -431,6 +432,8 @@ def _data(cfg: FinetuneConfig) -> tuple[Callable, type]:
         from fastft.text_inputs import TextInputs, text_index
 
         return text_index, TextInputs
+    if cfg.data.task == "multilabel":  # label sets from a path,labels list (data/multilabel.py)
+        return lambda c: index_multilabel(c.data, seed=c.run.seed), Inputs
     return lambda c: index_from_config(c.data, seed=c.run.seed), Inputs
 
 

@@ -306,10 +306,12 @@ def test_eval_and_predict_on_the_checkpoint_agree_with_the_run(trained, tmp_path
 
     run, val = trained["run"], trained["val"]
     final = json.loads((run / "metrics.json").read_text())
-    report = evaluate(run / "last.pt", val, out_dir=tmp_path / "report", device="cpu", workers=0, precision="fp32")
-    report = report.metrics
+    opts = {"device": "cpu", "workers": 0, "precision": "fp32"}
+    report = evaluate(run / "last.pt", val, out_dir=tmp_path / "report", **opts).metrics
     keys = ("map", "f1_macro", "f1_micro", "subset_accuracy", "hamming_loss", "loss")
     assert {k: report[k] for k in keys} == pytest.approx({k: final[k] for k in keys}, abs=1e-6)
+    again = evaluate(run / "last.pt", val, out_dir=tmp_path / "report", overwrite=True, **opts).metrics
+    assert again["map"] == report["map"]  # its own earlier report (no confusion matrix) is recognised and replaced
     out = predict(run / "last.pt", val.parent, tmp_path / "preds.csv", device="cpu", workers=0)
     rows = list(csv.reader(open(out)))
     assert rows[0] == ["path", "labels", *LABELS]

@@ -124,10 +124,6 @@ def _label_sort_key(name: str) -> tuple[int, int | str]:
 
 def index_from_config(cfg: DataConfig, *, seed: int = 0) -> DatasetIndex:
     """Build the class index and train/val samples from `data.root` or `data.train_list`/`data.val_list`."""
-    if cfg.task == "multilabel":
-        from fastft.data.multilabel import index_multilabel
-
-        return index_multilabel(cfg, seed=seed)
     if cfg.train_list:
         return _index_from_lists(cfg, seed)
     if not cfg.root:
