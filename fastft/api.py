@@ -129,14 +129,22 @@ def evaluate(
                 raise ConfigError("--loader: dali decodes images; a text model's rows are tokenised (use torch)")
             report = evaluate_text(model, meta, Path(data), batch_size=batch_size, env=env, precision=prec)
         else:
-            samples = index_for_eval(Path(data), meta["classes"])
+            task = meta.get("task", "multiclass")
+            samples = _eval_samples(Path(data), meta, loader)
             spec = TransformSpec.from_dict(meta["transform"])
             dcfg = DataConfig(
                 root=str(data), batch_size=batch_size, workers=workers, loader=loader, persistent_workers=False
             )
             dl = build_loader(samples, spec, dcfg, train=False, seed=0, env=env)
             report = run_evaluation(
-                model, dl, num_classes=meta["num_classes"], device=env.device, precision=prec, classes=meta["classes"]
+                model,
+                dl,
+                num_classes=meta["num_classes"],
+                device=env.device,
+                precision=prec,
+                classes=meta["classes"],
+                task=task,
+                threshold=meta.get("threshold", 0.5),
             )
         paths: dict[str, Path] = {}
         if out_dir is not None and env.is_main:
@@ -149,6 +157,20 @@ def evaluate(
         if dl is not None:
             dl.close()  # workers end with the call, also when it raises
         penv.shutdown(env)
+
+
+def _eval_samples(data: Path, meta: dict, loader: str) -> list:
+    """The samples `evaluate` reads: a folder of class folders, or for a multilabel model a CSV/JSONL of path,labels
+    (labels among the trained ones)."""
+    if meta.get("task") != "multilabel":
+        return index_for_eval(data, meta["classes"])
+    if loader == "dali":
+        raise ConfigError("--loader: dali carries one class per image; a multilabel model is evaluated with torch")
+    if data.is_dir():
+        raise DataError(f"--data: {data} is a folder; a multilabel model is evaluated on a CSV/JSONL of path,labels")
+    from fastft.data.multilabel import samples_for
+
+    return samples_for(data, meta["classes"])
 
 
 def predict(
@@ -196,20 +218,42 @@ def predict(
     skipped = set(dl.skipped)
     files = [f for f in files if f not in skipped]  # the rows follow the files the loader reads
     classes = meta["classes"]
+    multilabel = meta.get("task") == "multilabel"
     i = 0
     try:
         with outputs.atomic_target(out) as tmp, open(tmp, "w", newline="") as f, torch.inference_mode():
             w = csv.writer(f)
-            w.writerow(outputs.PREDICTIONS_HEADER.split(","))
+            w.writerow(
+                [*outputs.MULTILABEL_PREDICTIONS_HEADER.split(","), *classes]
+                if multilabel
+                else outputs.PREDICTIONS_HEADER.split(",")
+            )
             for images, _ in dl:
-                probs = model(images.to(dev)).float().softmax(dim=1)
-                p, y = probs.max(dim=1)
-                for pi, yi in zip(p.tolist(), y.tolist()):
-                    w.writerow([files[i], classes[yi], f"{pi:.6f}"])
+                logits = model(images.to(dev)).float()
+                rows = _multilabel_rows(logits, classes, meta) if multilabel else _rows(logits, classes)
+                for row in rows:
+                    w.writerow([files[i], *row])
                     i += 1
     finally:
         dl.close()  # workers end with the call, also when it raises
     return out
+
+
+def _rows(logits: torch.Tensor, classes: list[str]) -> list[list[str]]:
+    """label,probability of each image: the most probable class and its softmax probability."""
+    p, y = logits.softmax(dim=1).max(dim=1)
+    return [[classes[yi], f"{pi:.6f}"] for pi, yi in zip(p.tolist(), y.tolist())]
+
+
+def _multilabel_rows(logits: torch.Tensor, classes: list[str], meta: dict) -> list[list[str]]:
+    """labels,<one probability per label> of each image: the labels whose sigmoid probability is above the model's
+    eval.threshold (joined by ';', as in the training lists), then every label's probability."""
+    probs = logits.sigmoid()
+    picked = probs > meta.get("threshold", 0.5)  # torchmetrics' rule in the run's evaluation
+    return [
+        [";".join(c for c, on in zip(classes, hot) if on), *(f"{q:.6f}" for q in row)]
+        for row, hot in zip(probs.tolist(), picked.tolist())
+    ]
 
 
 def check_options(

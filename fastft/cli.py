@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="reuse an existing run folder")
     t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on a folder of class folders")
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a folder of class folders (multilabel: a list)")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", required=True)
     e.add_argument("--out", help="folder for metrics.json, confusion_matrix.png and report.html")

@@ -59,6 +59,7 @@ class DataConfig:
     persistent_workers: bool = True
     on_bad_file: str = "error"  # error | skip
     sampler: str = "shuffle"  # shuffle | balanced (each epoch: n draws with replacement, every class equally likely)
+    task: str = "multiclass"  # multiclass (one label per image) | multilabel (a set per image: train_list path,labels)
 
 
 @dataclass
@@ -138,6 +139,11 @@ class FeaturesConfig:
 
 
 @dataclass
+class EvalConfig:
+    threshold: float = 0.5  # multilabel: a label is predicted when its sigmoid probability is above this
+
+
+@dataclass
 class CheckpointConfig:
     every_epochs: int = 1  # save last.pt every N epochs (0 = only at the end)
     every_steps: int = 0  # also save last.pt every N optimizer steps (0 = off)
@@ -178,6 +184,7 @@ class FinetuneConfig:
     compile: CompileConfig = field(default_factory=CompileConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -208,6 +215,7 @@ class FinetuneConfig:
         _choice("data.on_bad_file", self.data.on_bad_file, ("error", "skip"))
         _check_augment(self)
         _choice("data.sampler", self.data.sampler, ("shuffle", "balanced"))
+        _check_task(self)
         _choice("optim.name", self.optim.name, ("sgd", "adamw"))
         if not 0 < self.optim.lr < math.inf:
             raise ConfigError(f"optim.lr: must be finite and > 0, got {self.optim.lr}")
@@ -260,6 +268,31 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_task(cfg: FinetuneConfig) -> None:
+    """`data.task` and `eval.threshold`; the options a multilabel run cannot take (one line naming the option)."""
+    _choice("data.task", cfg.data.task, ("multiclass", "multilabel"))
+    _range("eval.threshold", cfg.eval.threshold, 0.0, 1.0, lo_open=True, hi_open=True)
+    if cfg.data.task != "multilabel":
+        return
+    if not cfg.data.train_list:
+        raise ConfigError("data.train_list: data.task = multilabel reads label sets from a CSV/JSONL of path,labels")
+    o = cfg.optim
+    refused = [
+        ("model.source = hf", cfg.model.source == "hf", "text models take one label per row"),
+        ("data.loader = dali", cfg.data.loader == "dali", "the DALI feed carries one class index per image; use torch"),
+        ("data.loader = synthetic", cfg.data.loader == "synthetic", "synthetic batches carry class indices"),
+        ("data.sampler = balanced", cfg.data.sampler == "balanced", "it draws by one class per image"),
+        ("optim.loss = focal", o.loss == "focal", "the loss is BCEWithLogits"),
+        ("optim.class_weights", o.class_weights != "none", "no per-class weights for BCEWithLogits here; use none"),
+        ("optim.label_smoothing", o.label_smoothing > 0, "the loss is BCEWithLogits; set it to 0"),
+        ("head.sweep_lr", bool(cfg.head.sweep_lr), "the head sweep ranks heads by multiclass metrics"),
+    ]
+    refused += [(k, True, "it mixes one-hot class targets") for k in cfg.augment.mix_options()]
+    for key, on, why in refused:
+        if on:
+            raise ConfigError(f"{key}: not with data.task = multilabel ({why})")
 
 
 def _check_augment(cfg: FinetuneConfig) -> None:

@@ -58,14 +58,114 @@ def _pr_curve(device: torch.device):
     return BinaryPrecisionRecallCurve().to(device)
 
 
-def report_keys(num_classes: int) -> list[str]:
+def report_keys(num_classes: int, *, task: str = "multiclass") -> list[str]:
     """The scalar keys of a `num_classes` report (what checkpoint.best_metric may name), in the order of the metrics
     :func:`build_metrics` builds. Written out rather than read off the metrics: it is checked before the first
     step, and importing torchmetrics there costs every rank seconds of start-up."""
+    if task == "multilabel":
+        return list(MULTILABEL_KEYS)
     names = ["top1"] + (["top5"] if num_classes >= 5 else [])
     names += [f"{m}_{avg}" for avg in ("macro", "micro", "weighted") for m in ("precision", "recall", "f1")]
     # the collection lists its metrics sorted by name; loss and the binary metrics follow
     return sorted(names) + ["loss"] + (["auroc", "average_precision"] if num_classes == 2 else [])
+
+
+MULTILABEL_KEYS = (
+    *(f"{m}_{avg}" for avg in ("macro", "micro") for m in ("precision", "recall", "f1")),
+    "map",
+    "subset_accuracy",
+    "hamming_loss",
+    "loss",
+)
+
+
+def build_multilabel_metrics(num_labels: int, device: torch.device, *, threshold: float):
+    """`data.task = "multilabel"`: torchmetrics' Multilabel* metrics at `threshold` (a label is predicted when its
+    probability is above it): per-class and macro/micro precision, recall, F1; mAP (macro average precision, every
+    score kept and gathered from all ranks, so exact under any world size); subset accuracy (exact match); Hamming
+    loss; and the per-class stat scores (support = positives per class)."""
+    from torchmetrics import MeanMetric, MetricCollection
+    from torchmetrics.classification import (
+        MultilabelAveragePrecision,
+        MultilabelExactMatch,
+        MultilabelF1Score,
+        MultilabelHammingDistance,
+        MultilabelPrecision,
+        MultilabelRecall,
+        MultilabelStatScores,
+    )
+
+    c, t = num_labels, threshold
+    metrics: dict[str, nn.Module] = {}
+    for avg in ("macro", "micro", "none"):
+        suffix = "per_class" if avg == "none" else avg
+        metrics[f"precision_{suffix}"] = MultilabelPrecision(c, threshold=t, average=avg)
+        metrics[f"recall_{suffix}"] = MultilabelRecall(c, threshold=t, average=avg)
+        metrics[f"f1_{suffix}"] = MultilabelF1Score(c, threshold=t, average=avg)
+    metrics["map"] = MultilabelAveragePrecision(c, average="macro", thresholds=None)
+    metrics["subset_accuracy"] = MultilabelExactMatch(c, threshold=t)
+    metrics["hamming_loss"] = MultilabelHammingDistance(c, threshold=t, average="micro")
+    metrics["stat_scores"] = MultilabelStatScores(c, threshold=t, average="none")  # (C, [tp, fp, tn, fn, support])
+    collection = MetricCollection(metrics, compute_groups=False)  # as build_metrics: no state sharing
+    return collection.to(device), {"loss": MeanMetric().to(device)}
+
+
+class MultilabelEvaluator:
+    """The multilabel counterpart of StreamingEvaluator: logits (B, C) and multi-hot targets (B, C)."""
+
+    def __init__(self, num_labels: int, device: torch.device, *, threshold: float = 0.5) -> None:
+        from torchmetrics.classification import MultilabelPrecisionRecallCurve
+
+        self.num_classes, self.threshold = num_labels, threshold
+        self.collection, self.extra = build_multilabel_metrics(num_labels, device, threshold=threshold)
+        # every score kept, gathered from all ranks at compute time (as mAP's): exact under any world size
+        self.pr_curve = MultilabelPrecisionRecallCurve(num_labels, thresholds=None).to(device)
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        if logits.shape[0] == 0:
+            return
+        logits = logits.float()
+        probs, targets = logits.sigmoid(), targets.long()
+        self.collection.update(probs, targets)
+        self.pr_curve.update(probs, targets)
+        loss = F.binary_cross_entropy_with_logits(logits, targets.float())  # the training loss's mean
+        self.extra["loss"].update(loss, weight=targets.shape[0])
+
+    def compute(self) -> dict:
+        out = self.collection.compute()
+        stats = out.pop("stat_scores").long().cpu()
+        report: dict = {"task": "multilabel", "threshold": self.threshold}
+        for k in MULTILABEL_KEYS[:-1]:
+            val = float(out[k])
+            report[k] = val if not math.isnan(val) else None
+        report["loss"] = float(self.extra["loss"].compute())
+        report["num_samples"] = int(stats[0, :4].sum()) if len(stats) else 0  # tp + fp + tn + fn of one label
+        report["per_class"] = [
+            {
+                "precision": float(out["precision_per_class"][i]),
+                "recall": float(out["recall_per_class"][i]),
+                "f1": float(out["f1_per_class"][i]),
+                "support": int(stats[i, 4]),  # positives of label i
+            }
+            for i in range(self.num_classes)
+        ]
+        precision, recall, _ = self.pr_curve.compute()  # one curve per label; drawn in report.html
+        report["pr_curve"] = {
+            "labels": [{"precision": p.cpu().tolist(), "recall": r.cpu().tolist()} for p, r in zip(precision, recall)]
+        }
+        return report
+
+    def reset(self) -> None:
+        self.collection.reset()
+        self.pr_curve.reset()
+        self.extra["loss"].reset()
+
+
+def make_evaluator(num_classes: int, device: torch.device, *, task: str = "multiclass", threshold: float = 0.5):
+    """The evaluator of a `data.task`: StreamingEvaluator (multiclass) or MultilabelEvaluator."""
+    if task == "multilabel":
+        return MultilabelEvaluator(num_classes, device, threshold=threshold)
+    return StreamingEvaluator(num_classes, device)
 
 
 class StreamingEvaluator:
@@ -154,17 +254,21 @@ def run_evaluation(
     pad_to: int = 0,
     classes: list[str] | None = None,
     heads: int = 0,
+    task: str = "multiclass",
+    threshold: float = 0.5,
 ) -> dict | list[dict]:
     """Evaluate `forward` over `loader`; `pad_to` > 0 pads short batches to that size (static shapes for compile).
 
-    With `heads` = H > 0, `forward` returns (H, B, classes) and one report per head is returned."""
-    evs = [StreamingEvaluator(num_classes, device) for _ in range(max(heads, 1))]
+    With `heads` = H > 0, `forward` returns (H, B, classes) and one report per head is returned. `task` =
+    "multilabel": multi-hot targets (B, C), metrics at `threshold` (MultilabelEvaluator)."""
+    evs = [make_evaluator(num_classes, device, task=task, threshold=threshold) for _ in range(max(heads, 1))]
     for images, labels in loader:
         n = labels.shape[0] if isinstance(images, Mapping) else images.shape[0]
         if n == 0:
             continue
         images = _batch_on(device, images, n, pad_to=pad_to, channels_last=channels_last)
-        labels = labels.to(device, non_blocking=True).long()
+        labels = labels.to(device, non_blocking=True)
+        labels = labels.long() if labels.ndim == 1 else labels  # multilabel: (B, C) multi-hot
         with torch.inference_mode(), precision.autocast():
             logits = forward(images)
         logits = logits.float().clone()

@@ -58,6 +58,19 @@ def preprocess_spec(meta: dict) -> dict:
         },
         "transform": t,
         "classes": meta["classes"],
+    } | _multilabel_output(meta)
+
+
+def _multilabel_output(meta: dict) -> dict:
+    """A multilabel model (data.task): a sigmoid per label, and the threshold its run evaluated at."""
+    if meta.get("task") != "multilabel":
+        return {}
+    meaning = f"logits (a sigmoid per label for probabilities; the run predicted a label above {meta['threshold']:g})"
+    shape = ["batch", meta["num_classes"]]
+    return {
+        "task": "multilabel",
+        "threshold": meta["threshold"],
+        "output": {"name": OUTPUT, "shape": shape, "meaning": meaning},
     }
 
 

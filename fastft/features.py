@@ -43,7 +43,8 @@ _NP_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
 @dataclass
 class FeatureTable:
-    """Table parts `parts[i]`: (V, n_i, *shape) with V = max(views, 1), rows starts[i]..; labels: (N,). The cache
+    """Table parts `parts[i]`: (V, n_i, *shape) with V = max(views, 1), rows starts[i]..; labels: (N,), or (N, C)
+    multi-hot for a multilabel task (data/multilabel.py: a sample's label is its multi-hot tuple). The cache
     builds one part, the whole memory-mapped table."""
 
     parts: list[torch.Tensor]

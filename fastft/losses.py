@@ -83,3 +83,20 @@ class Loss:
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.per_sample(logits, labels).mean()
+
+
+class MultilabelLoss:
+    """`data.task = "multilabel"`: torch's BCEWithLogits on multi-hot targets (B, C), a mean over samples and classes.
+
+    `per_sample` is each sample's mean over its classes, so the batch mean (and the mean of the ranks' means) is
+    `BCEWithLogitsLoss()`'s mean over the global batch, as for the single-label loss above."""
+
+    def to(self, device: torch.device) -> MultilabelLoss:
+        return self
+
+    def per_sample(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+        return bce.mean(dim=-1)
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.per_sample(logits, targets).mean()

@@ -23,6 +23,7 @@ from fastft.errors import ConfigError
 
 PREDICTIONS_HEADER = "path,label,probability"
 TEXT_PREDICTIONS_HEADER = "line,text,label,probability"  # a text model's predictions
+MULTILABEL_PREDICTIONS_HEADER = "path,labels"  # then one probability column per label, named by the label
 REPORT_FILES = ("metrics.json", "confusion_matrix.png", "report.html")
 # Everything a run writes into its folder; `--overwrite` removes exactly these, never other files.
 RUN_OUTPUTS = (
@@ -101,7 +102,10 @@ def check_writable(target: Path, *, what: str) -> None:
 def is_predictions_csv(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            return f.readline().rstrip("\r\n") in (PREDICTIONS_HEADER, TEXT_PREDICTIONS_HEADER)
+            head = f.readline().rstrip("\r\n")
+            return head in (PREDICTIONS_HEADER, TEXT_PREDICTIONS_HEADER) or head.startswith(
+                MULTILABEL_PREDICTIONS_HEADER + ","
+            )
     except (OSError, UnicodeDecodeError):
         return False
 
@@ -129,7 +133,8 @@ def _is_fastft_report_file(path: Path) -> bool:
     try:
         if path.name == "metrics.json":
             data = json.loads(path.read_text(encoding="utf-8"))
-            return isinstance(data, dict) and "confusion_matrix" in data and "num_samples" in data
+            multilabel = isinstance(data, dict) and data.get("task") == "multilabel"  # no confusion matrix
+            return isinstance(data, dict) and ("confusion_matrix" in data or multilabel) and "num_samples" in data
         if path.name == "report.html":
             from fastft.report_html import MARKER
 

@@ -17,14 +17,13 @@ from fastft.errors import ConfigError
 log = logging.getLogger("fastft")
 
 
-def check_best_metric(key: str, num_classes: int) -> None:
+def check_best_metric(key: str, num_classes: int, *, task: str = "multiclass") -> None:
     from fastft.evaluation import report_keys
 
-    keys = report_keys(num_classes)
+    keys = report_keys(num_classes, task=task)
     if key.removeprefix("ema/") not in keys:  # ema/<key>: the EMA model's (config validation checks it is on)
-        raise ConfigError(
-            f"checkpoint.best_metric: {key!r} is not a report key of a {num_classes}-class task ({', '.join(keys)})"
-        )
+        kind = f"{num_classes}-label multilabel" if task == "multilabel" else f"{num_classes}-class"
+        raise ConfigError(f"checkpoint.best_metric: {key!r} is not a report key of a {kind} task ({', '.join(keys)})")
 
 
 def check_unfreeze_plan(plan: list[UnfreezeStep], model: nn.Module, *, epochs: int, start_epoch: int = 0) -> None:
@@ -80,7 +79,7 @@ def check_before_training(
     main: bool = True,
 ) -> None:
     """Refuse what would fail later (every rank); log one warning line per surprising combination (`main` only)."""
-    check_best_metric(cfg.checkpoint.best_metric, num_classes)
+    check_best_metric(cfg.checkpoint.best_metric, num_classes, task=cfg.data.task)
     check_unfreeze_plan(plan, model, epochs=epochs)
     if cfg.features.cache == "disk" and cfg.features.dir:  # an output target too: checked before the cache is built
         from fastft.outputs import check_writable

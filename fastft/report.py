@@ -21,11 +21,16 @@ _SUMMARY = (
     "f1_weighted",
     "auroc",
     "average_precision",
+    "map",  # multilabel (data.task): macro average precision, subset accuracy, Hamming loss
+    "subset_accuracy",
+    "hamming_loss",
 )
 
 
 def format_table(report: dict) -> str:
     lines = [f"evaluation on {report['num_samples']} images"]
+    if report.get("task") == "multilabel":
+        lines[0] += f" (multilabel, threshold {report['threshold']:g}; support = positives per label)"
     for k in _SUMMARY:
         if report.get(k) is not None:
             ema = report.get(f"ema/{k}")  # the EMA of the weights (optim.ema_decay), on the same images
@@ -87,27 +92,27 @@ def confusion_figure(report: dict):
 def write_report(
     report: dict, out_dir: Path, *, prefix: str = "", events: Path | None = None, best_metric: str | None = None
 ) -> dict[str, Path]:
-    """Write metrics.json, confusion_matrix.png and report.html (with a run's curves from `events`) into out_dir;
-    returns their paths."""
+    """Write metrics.json, confusion_matrix.png (not for a multilabel report) and report.html (with a run's curves
+    from `events`) into out_dir; returns their paths."""
     import matplotlib.pyplot as plt
 
     from fastft.report_html import write_html
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "metrics": out_dir / f"{prefix}metrics.json",
-        "confusion_matrix": out_dir / f"{prefix}confusion_matrix.png",
-    }
+    paths = {"metrics": out_dir / f"{prefix}metrics.json"}
     # the PR curve has a point per sample: drawn in report.html, left out of metrics.json
     atomic_write_text(
         paths["metrics"], json.dumps({k: v for k, v in report.items() if k != "pr_curve"}, indent=2) + "\n"
     )
-    fig = confusion_figure(report)
-    tmp = paths["confusion_matrix"].with_name(f".{paths['confusion_matrix'].name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, paths["confusion_matrix"])
-    png = paths["confusion_matrix"].read_bytes()
+    png = None
+    if "confusion_matrix" in report:  # a multilabel report has none (labels are not exclusive)
+        paths["confusion_matrix"] = out_dir / f"{prefix}confusion_matrix.png"
+        fig = confusion_figure(report)
+        tmp = paths["confusion_matrix"].with_name(f".{paths['confusion_matrix'].name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, paths["confusion_matrix"])
+        png = paths["confusion_matrix"].read_bytes()
     paths["html"] = write_html(
         report, out_dir / f"{prefix}report.html", events=events, best_metric=best_metric, counts_png=png
     )

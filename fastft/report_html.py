@@ -1,6 +1,6 @@
 """report.html: one self-contained page (no network) with the metric table, the per-class table, the confusion matrix
-(counts and row-normalised), a binary task's precision-recall curve and the run's per-epoch curves, every figure an
-embedded PNG."""
+(counts and row-normalised), a binary task's precision-recall curve (a multilabel task's: one per label, and no
+confusion matrix) and the run's per-epoch curves, every figure an embedded PNG."""
 
 from __future__ import annotations
 
@@ -112,7 +112,8 @@ def _curve_images(curves: dict[str, list[dict]], best_metric: str | None) -> lis
 
 
 def pr_image(report: dict) -> str | None:
-    """The precision-recall curve of a binary report's positive class (the second class), or None without one."""
+    """The precision-recall curve of a binary report's positive class (the second class), or a multilabel report's
+    curve per label, or None without one."""
     curve = report.get("pr_curve")
     if not curve:
         return None
@@ -121,11 +122,16 @@ def pr_image(report: dict) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ap = report.get("average_precision")
+    ap = report.get("average_precision", report.get("map"))
     fig, ax = plt.subplots(figsize=(5, 4))
     # the curve's points run from high thresholds to low; precision is constant between recall levels
-    ax.step(curve["recall"], curve["precision"], where="post")
-    title = "precision-recall" + (f" (AP {ap:.4f})" if ap is not None else "")  # no class name: it may hold mathtext
+    labels = curve.get("labels") or [curve]  # multilabel: one curve per label
+    for i, c in enumerate(labels):
+        ax.step(c["recall"], c["precision"], where="post", label=f"label {i}" if len(labels) > 1 else None)
+    if 1 < len(labels) <= 10:
+        ax.legend(fontsize=7)  # numbered (names may hold mathtext): the index is the label's place in `classes`
+    name = "mAP" if "labels" in curve else "AP"
+    title = "precision-recall" + (f" ({name} {ap:.4f})" if ap is not None else "")  # no class name: mathtext
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02), title=title)
     fig.tight_layout()
     return _png(fig)
@@ -134,6 +140,21 @@ def pr_image(report: dict) -> str | None:
 def _positive(report: dict) -> str:
     classes = report.get("classes") or []
     return str(classes[1]) if len(classes) > 1 else "1"
+
+
+def _pr_note(report: dict) -> str:
+    """Whose curve it is: a binary task's positive class, or a multilabel task's labels by index."""
+    if report.get("task") == "multilabel":
+        classes = report.get("classes") or []
+        return "one curve per label: " + ", ".join(f"{i} = {c}" for i, c in enumerate(classes))
+    return f"positive class: {_positive(report)}"
+
+
+def _task_note(report: dict) -> str:
+    """A multilabel report's threshold, and what support counts there (it has no confusion matrix)."""
+    if report.get("task") != "multilabel":
+        return ""
+    return f" (multilabel, threshold {report['threshold']:g}; support = positives per label)"
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -159,12 +180,14 @@ def render_html(
     parts = [
         f'<!DOCTYPE html><html><head><meta charset="utf-8">{MARKER}<title>fastft report</title>',
         f"<style>{_STYLE}</style></head><body><h1>fastft report</h1>",
-        f"<p>evaluation on {int(report['num_samples'])} images</p>",
+        f"<p>evaluation on {int(report['num_samples'])} images{_task_note(report)}</p>",
         '<h2>Metrics</h2><div id="metrics">' + _table(["metric", "value"], scalars) + "</div>",
         '<h2>Per class (by support)</h2><div id="per-class">',
         _table(["class", "precision", "recall", "f1", "support"], per_class) + "</div>",
-        "<h2>Confusion matrix</h2>" + "".join(_confusion_images(report, counts_png)),
-        f"<h2>Precision-recall</h2><p>positive class: {html.escape(_positive(report))}</p>{pr}" if pr else "",
+        "<h2>Confusion matrix</h2>" + "".join(_confusion_images(report, counts_png))
+        if "confusion_matrix" in report
+        else "",
+        f"<h2>Precision-recall</h2><p>{html.escape(_pr_note(report))}</p>{pr}" if pr else "",
         "<h2>Curves</h2>"
         + ("".join(curves) if curves else "<p>no per-epoch curves: this report is not from a training run</p>"),
         "</body></html>\n",

@@ -89,6 +89,7 @@ RULES: dict[str, Rule] = {
     "data.pin_memory": Rule(MAY),
     "data.persistent_workers": Rule(MAY),
     "data.sampler": Rule(MUST, _ORDER),
+    "data.task": Rule(MUST, "the head's loss and targets (one class or a set of labels per image)"),
     "data.on_bad_file": Rule(NOTED, "a file skipped (or not) changes the samples the rest of the run sees"),
     "augment.policy": Rule(NOTED, _AUG),
     "augment.random_erase": Rule(NOTED, _AUG),
@@ -135,6 +136,9 @@ RULES: dict[str, Rule] = {
     "features.views": Rule(MUST, "the augmented views the cached run trains on"),
     "features.dtype": Rule(NOTED, "cached features are stored at the new precision: equal up to rounding"),
     "features.dir": Rule(MAY),
+    "eval.threshold": Rule(
+        NOTED, "metrics at a threshold (precision, recall, F1, ...) change; the best so far was judged at the old one"
+    ),
     "checkpoint.every_epochs": Rule(MAY),
     "checkpoint.every_steps": Rule(MAY),
     "checkpoint.best_metric": Rule(
@@ -179,6 +183,16 @@ def changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
             if key in old_section and old_section[key] != new:
                 out.append((f"{section}.{key}", old_section[key], new))
     return out
+
+
+def check_task(state: dict, task: str, *, path: Path) -> None:
+    """A run may not change `data.task` on resume (checkpoints from before it were multiclass)."""
+    saved = state["meta"].get("task", "multiclass")
+    if saved != task:
+        raise ConfigError(
+            f"{path}: saved with data.task={saved!r}, this run has {task!r}; resume with the same value (or start a "
+            f"new run): {RULES['data.task'].why}"
+        )
 
 
 def reconcile(state: dict, cfg: FinetuneConfig, *, world_size: int, path: Path, main: bool = True) -> list[str]:

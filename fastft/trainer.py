@@ -35,12 +35,13 @@ from fastft.checkpoint import Checkpointer, refuse_nonfinite
 from fastft.compile import apply_compile, resolve_target
 from fastft.config import FinetuneConfig, UnfreezeStep, check_device, parse_unfreeze
 from fastft.data.index import index_from_config
+from fastft.data.multilabel import index_multilabel
 from fastft.ema import Ema, build_ema, picks_ema
 from fastft.errors import ConfigError, FastftError
 from fastft.evaluation import run_evaluation
 from fastft.inputs import Inputs
 from fastft.logging import RunLogger
-from fastft.losses import Loss, class_weights
+from fastft.losses import Loss, MultilabelLoss, class_weights
 from fastft.optim import Schedule, build_optimizer, param_groups
 from fastft.parallel import env as penv
 from fastft.parallel.backend import Backend, build_backend, sync_buffers
@@ -106,7 +107,7 @@ class Run:
     start_epoch: int = 0
     start_batch: int = 0
     resumed_stats: dict | None = None  # a partial epoch's loss sums (resume inside an epoch)
-    loss: Loss | None = None  # the training loss (optim.loss, optim.class_weights)
+    loss: Loss | MultilabelLoss | None = None  # the training loss (optim.loss, optim.class_weights, data.task)
     mix: BatchMix | None = None  # MixUp / CutMix of each batch on the device (augment.*)
     best: dict = field(default_factory=dict)
     early_stop: dict | None = None  # {"epoch", "reason"}: the run stopped before its last epoch (checkpoint.patience)
@@ -377,9 +378,11 @@ def _open(run: Run, state: dict | None) -> None:
     run.logger = RunLogger(run_dir, cfg.log, enabled=env.is_main)
 
 
-def _loss(cfg: FinetuneConfig, index, device: torch.device) -> Loss:
+def _loss(cfg: FinetuneConfig, index, device: torch.device) -> Loss | MultilabelLoss:
     """The training loss; `balanced` class weights come from the training labels (every rank's: the whole list)."""
     o = cfg.optim
+    if cfg.data.task == "multilabel":  # BCEWithLogits; config validation refuses the single-label options
+        return MultilabelLoss()
     labels = getattr(index.train, "labels", None) or [y for _, y in index.train]
     weights = class_weights(o.class_weights, labels, index.classes)
     return Loss(kind=o.loss, gamma=o.focal_gamma, label_smoothing=o.label_smoothing, weights=weights).to(device)
@@ -430,6 +433,8 @@ def _data(cfg: FinetuneConfig) -> tuple[Callable, type]:
         from fastft.text_inputs import TextInputs, text_index
 
         return text_index, TextInputs
+    if cfg.data.task == "multilabel":  # label sets from a path,labels list (data/multilabel.py)
+        return lambda c: index_multilabel(c.data, seed=c.run.seed), Inputs
     return lambda c: index_from_config(c.data, seed=c.run.seed), Inputs
 
 
@@ -439,6 +444,7 @@ def _read_resume(cfg: FinetuneConfig, env: penv.DistEnv, index, resume_from: Pat
     if resume_from is None:
         return None
     state = ckpt_io.load_checkpoint(resume_from)
+    resume_rules.check_task(state, cfg.data.task, path=resume_from)  # before the classes: a task change names itself
     if state["meta"]["classes"] != index.classes:
         raise ConfigError(f"{resume_from}: trained on classes {state['meta']['classes'][:5]}..., data has others")
     resume_rules.reconcile(state, cfg, world_size=env.world_size, path=resume_from, main=env.is_main)
@@ -483,6 +489,8 @@ def _meta(cfg: FinetuneConfig, env: penv.DistEnv, index, spec, head: str, num_cl
         "model_name": cfg.model.name,
         "num_classes": num_classes,
         "classes": index.classes,
+        "task": cfg.data.task,  # multilabel: sigmoid per class, eval.threshold (fastft predict / eval read these)
+        "threshold": cfg.eval.threshold,
         "transform": spec.to_dict(),
         "head": head,
         "head_hidden": cfg.model.head_hidden,
@@ -697,13 +705,13 @@ def _track_best(run: Run, epoch: int, train_loss: float, img_s: float) -> bool:
     run.logger.event("eval", epoch=epoch + 1, step=run.step, train_loss=train_loss, img_per_s=img_s, **scalars)
     run.logger.scalars(epoch + 1, scalars, prefix="val/")
     log.info(
-        "fastft: epoch %d/%d  train loss %.4f  %s %.4f  top1 %.4f  %.1f img/s",
+        "fastft: epoch %d/%d  train loss %.4f  %s %.4f  %s %.4f  %.1f img/s",
         epoch + 1,
         run.epochs,
         train_loss,
         key,
         value,
-        report["top1"],
+        *(("top1", report["top1"]) if "top1" in report else ("subset_accuracy", report["subset_accuracy"])),
         img_s,
     )
     return better
@@ -740,6 +748,8 @@ def _evaluate_suffix(run: Run, suffix: Callable, *, heads: int) -> dict | list[d
         pad_to=run.inputs.eval_batch_size if run.target != "none" else 0,
         classes=run.index.classes,
         heads=heads,
+        task=run.cfg.data.task,
+        threshold=run.cfg.eval.threshold,
     )
 
 
@@ -817,7 +827,8 @@ def _log_tensorboard(run: Run) -> None:
     cfg, logger, report = run.cfg, run.logger, run.report
     if logger.tb is None:  # TensorBoard off (or not the main rank): no figure to draw
         return
-    logger.figure("val/confusion_matrix", confusion_figure(report), run.epochs)
+    if "confusion_matrix" in report:  # not in a multilabel report
+        logger.figure("val/confusion_matrix", confusion_figure(report), run.epochs)
     logger.hparams(
         {
             "model": cfg.model.name,
@@ -827,7 +838,7 @@ def _log_tensorboard(run: Run) -> None:
             "batch_size": cfg.data.batch_size * run.env.world_size,
             "precision": run.precision.name,
         },
-        {k: report.get(k) for k in ("top1", "f1_macro", "loss")},
+        {k: report[k] for k in ("top1", "subset_accuracy", "f1_macro", "loss") if report.get(k) is not None},
     )
 
 

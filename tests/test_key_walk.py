@@ -66,6 +66,8 @@ VALUES: dict[str, tuple[object, dict[str, object]]] = {
     "data.persistent_workers": (False, {"data.workers": 1}),
     "data.on_bad_file": ("skip", {}),
     "data.sampler": ("balanced", {}),
+    "data.task": ("multilabel", {}),  # with data.root: one line (label sets come from data.train_list)
+    "eval.threshold": (0.3, {}),
     "augment.policy": ("autoaugment", {}),
     "augment.random_erase": (0.5, {}),
     "augment.color_jitter": (0.4, {}),

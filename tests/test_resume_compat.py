@@ -72,7 +72,7 @@ def _changed(value):
     if isinstance(value, int):
         return value + 3
     if isinstance(value, float):
-        return value / 2 + 0.25
+        return value / 2 + 0.3  # no float default is its fixed point 0.6 (0.25 would leave eval.threshold 0.5 as is)
     if isinstance(value, str):
         return value + "-other"
     if isinstance(value, list):

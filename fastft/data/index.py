@@ -28,7 +28,7 @@ from fastft.errors import DataError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-Sample = tuple[str, int]
+Sample = tuple[str, int]  # (path, class index); a multilabel sample's label is its multi-hot tuple (data/multilabel.py)
 
 
 @dataclass

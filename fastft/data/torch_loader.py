@@ -71,9 +71,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, ...]) -> tuple[torch.Tensor, int | torch.Tensor]:
         index, epoch, *draw = key  # draw: the balanced sampler's repeat count (sampler.sample_seed)
         path, label = self.samples[index]
+        if isinstance(label, tuple):  # multilabel: the multi-hot row, batched as (B, C) float32
+            label = torch.tensor(label, dtype=torch.float32)
         image = open_rgb(path)
         if not self.train:
             return self.transform(image), label
@@ -129,7 +131,8 @@ def _labels(samples: list[Sample], balanced: bool) -> list[int] | None:
 
 
 class TorchLoader:
-    """DataLoader over an ImageDataset with a ShardedBatchSampler; yields (images float32 B3HW, labels int64 B)."""
+    """DataLoader over an ImageDataset with a ShardedBatchSampler; yields (images float32 B3HW, labels int64 B, or
+    float32 (B, C) multi-hot for a multilabel task)."""
 
     def __init__(
         self,
@@ -194,7 +197,7 @@ class TorchLoader:
         self._started = None
         self._live = it  # close() reaches it if the consumer stops part-way (e.g. on an error)
         for images, labels in it:
-            yield images, labels.long()
+            yield images, labels.long() if labels.ndim == 1 else labels  # multilabel: (B, C) float32 multi-hot
         self._live = None
 
 
