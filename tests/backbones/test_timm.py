@@ -360,3 +360,85 @@ def test_deepspeed_zero2_on_two_ranks_trains_a_timm_model_as_one_process(shapes4
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=0, msg=k)
     shards = list((two / "deepspeed" / "last-step6").glob("zero_pp_rank_*_optim_states.pt"))
     assert len(shards) == 2
+
+
+def test_a_cached_timm_head_sweep_keeps_a_head_equal_to_a_plain_run(shapes4, tmp_path) -> None:
+    """head.sweep_lr on a timm linear probe (resnet10t, its classifier from get_classifier, features from the cache):
+    two heads side by side; the kept one, the best by f1_macro, has the weights and the report of a plain run at its
+    LR with the same seed, and it is the exported head."""
+    from conftest import tiny_config
+    from safetensors.torch import load_file
+
+    from fastft.train import finetune
+
+    lrs = [0.02, 0.3]
+    common = dict(model__source="timm", model__name="resnet10t", model__freeze="backbone", optim__epochs=2)
+    common |= dict(features__cache="memory", features__dtype="fp32", log__tensorboard=False)
+    sweep = finetune(tiny_config(shapes4, tmp_path, run__name="sweep", head__sweep_lr=lrs, **common))
+    rows = sweep.metrics["sweep"]
+    assert [r["lr"] for r in rows] == lrs and rows[0]["loss"] != rows[1]["loss"]
+    best = sweep.metrics["sweep_best"]
+    assert best == max(range(len(lrs)), key=lambda i: rows[i]["f1_macro"])
+    bank = torch.load(sweep.paths["last"], weights_only=True)["sweep_bank"]
+    alone = finetune(tiny_config(shapes4, tmp_path, run__name="alone", optim__lr=lrs[best], **common))
+    head = load_file(alone.paths["head_export"])
+    for k, v in head.items():
+        torch.testing.assert_close(bank[f"heads.{best}.{k}"], v, atol=1e-5, rtol=1e-4)
+    assert sweep.metrics["confusion_matrix"] == alone.metrics["confusion_matrix"]
+    assert sweep.metrics["loss"] == pytest.approx(alone.metrics["loss"], abs=1e-5)
+    assert torch.equal(load_file(sweep.paths["head_export"])["weight"], bank[f"heads.{best}.weight"])
+
+
+def test_gradual_unfreezing_of_a_timm_stage(shapes4, tmp_path, monkeypatch) -> None:
+    """A timm probe (resnet10t) unfreezing layer4 at epoch 2, in train mode as the loop runs it: after epoch 1 only
+    the classifier has moved; after epoch 2 every layer4 weight and BatchNorm statistic has too, and layer3 and the
+    stem never change."""
+    from conftest import tiny_config
+
+    import fastft.trainer as trainer
+    from fastft.train import finetune
+
+    snapshots = []
+    real_end = trainer.end_of_epoch
+
+    def spy_end(run, epoch, *args, **kwargs):
+        snapshots.append({k: v.detach().clone() for k, v in run.model.state_dict().items()})
+        return real_end(run, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "end_of_epoch", spy_end)
+    initial = {}
+    real_build = trainer.build_backbone
+
+    def build(*args, **kwargs):  # the run's own initial weights
+        backbone = real_build(*args, **kwargs)
+        initial.update({k: v.detach().clone() for k, v in backbone.model.state_dict().items()})
+        return backbone
+
+    monkeypatch.setattr(trainer, "build_backbone", build)
+    cfg = tiny_config(
+        shapes4,
+        tmp_path,
+        model__source="timm",
+        model__name="resnet10t",
+        model__freeze="backbone",
+        optim__epochs=2,
+        optim__unfreeze=["2:layer4:0.5"],
+        log__tensorboard=False,
+    )
+    result = finetune(cfg)
+    assert len(snapshots) == 2
+    events = [json.loads(x) for x in (result.run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["module"] for e in events if e["event"] == "unfreeze"] == ["layer4"]
+
+    def moved(state) -> set[str]:
+        return {k for k, v in initial.items() if k in state and not torch.equal(state[k], v)}
+
+    counted = {k for k in initial if k.endswith("num_batches_tracked")}
+    assert moved(snapshots[0]) - counted == {"fc.weight", "fc.bias"}
+    after = moved(snapshots[1]) - counted
+    assert {k.split(".")[0] for k in after} == {"layer4", "fc"}  # the stem and layers 1-3 stay as built
+    # every layer4 convolution trained, and its BatchNorm statistics moved: the stage ran in train mode (a BN weight
+    # may stay put: timm zero-initialises each block's last BN scale, so the first updates of its branch are zero)
+    trained = {k for k in initial if k.startswith("layer4.") and k.endswith(("conv1.weight", "conv2.weight"))}
+    stats = {k for k in initial if k.startswith("layer4.") and k.endswith(("running_mean", "running_var"))}
+    assert trained and stats and trained | stats <= after
