@@ -442,3 +442,42 @@ def test_gradual_unfreezing_of_a_timm_stage(shapes4, tmp_path, monkeypatch) -> N
     trained = {k for k in initial if k.startswith("layer4.") and k.endswith(("conv1.weight", "conv2.weight"))}
     stats = {k for k in initial if k.startswith("layer4.") and k.endswith(("running_mean", "running_var"))}
     assert trained and stats and trained | stats <= after
+
+
+def test_a_timm_run_interrupted_mid_epoch_resumes_to_the_uninterrupted_weights(shapes4, tmp_path, monkeypatch) -> None:
+    """resnet10t with layer4 (trainable BatchNorm) and the head training, augmentation on: stopped at step 5 with
+    last.pt saved at step 4 (mid-epoch), resumed with checkpoint.resume=auto, it ends with the uninterrupted run's
+    weights (fp32 rounding: atol 1e-6) and report."""
+    from conftest import tiny_config
+    from safetensors.torch import load_file
+
+    from fastft.parallel.backend import LocalBackend
+    from fastft.train import finetune
+
+    class Interrupt(Exception):
+        pass
+
+    common = dict(model__source="timm", model__name="resnet10t", model__freeze="until:layer3", optim__epochs=2)
+    common |= dict(data__augment=True, checkpoint__every_steps=2, optim__warmup_steps=2, log__tensorboard=False)
+    full = finetune(tiny_config(shapes4, tmp_path, run__name="full", **common))
+    real_step, calls = LocalBackend.step, {"n": 0}
+
+    def flaky_step(self, boundary=True):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Interrupt
+        return real_step(self, boundary)
+
+    monkeypatch.setattr(LocalBackend, "step", flaky_step)
+    with pytest.raises(Interrupt):
+        finetune(tiny_config(shapes4, tmp_path, run__name="cut", **common))
+    monkeypatch.setattr(LocalBackend, "step", real_step)
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert (saved["step"], saved["epoch"], saved["batch"]) == (4, 0, 4)
+    resumed = finetune(tiny_config(shapes4, tmp_path, run__name="cut", checkpoint__resume="auto", **common))
+    assert resumed.steps == full.steps == 12
+    wf, wr = load_file(full.paths["model_export"]), load_file(resumed.paths["model_export"])
+    assert not torch.equal(wr["layer4.0.bn1.running_mean"], saved["model"]["layer4.0.bn1.running_mean"])
+    for k in wf:
+        torch.testing.assert_close(wr[k], wf[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert resumed.metrics["confusion_matrix"] == full.metrics["confusion_matrix"]
