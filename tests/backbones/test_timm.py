@@ -5,6 +5,7 @@ Tiny random-init models at 32 px (pretrained=False; nothing is downloaded)."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -283,6 +284,14 @@ def test_cli_train_then_eval_rebuilds_the_timm_model(shapes4, tmp_path) -> None:
     assert evaluated["num_samples"] == 24
     assert evaluated["confusion_matrix"] == trained["confusion_matrix"]
     assert abs(evaluated["loss"] - trained["loss"]) < 1e-5
+    out = tmp_path / "preds.csv"
+    p = run_cli("predict", "--checkpoint", str(run / "last.pt"), "--input", str(shapes4 / "val"), "--out", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 24 and all(0 < float(r["probability"]) <= 1 for r in rows)
+    # the rebuilt timm model predicts what the run's evaluation counted: the confusion matrix's column totals
+    predicted = [sum(col) for col in zip(*trained["confusion_matrix"])]
+    assert [sum(r["label"] == c for r in rows) for c in trained["classes"]] == predicted
 
 
 @pytest.mark.dali
