@@ -117,13 +117,13 @@ def test_trial_leaves_the_module_as_it_was() -> None:
 
 
 def test_auto_run_trains_like_an_uncompiled_one(shapes4, tmp_path, monkeypatch, caplog) -> None:
-    """End to end: the trial runs inside a partial fine-tune (layer4 + fc, BatchNorm in train mode), caches its
-    figures, and the run's result is that of compile.target = none (backend eager: same arithmetic)."""
+    """End to end: the trial runs inside a linear probe on the frozen prefix's output, caches its figures under the
+    run's key, and the run's result is that of compile.target = none (backend eager: same arithmetic)."""
     from fastft.train import finetune
 
     monkeypatch.setenv("FASTFT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(fcompile, "TRIAL_MIN_STEPS", 1)
-    kw = {"model__freeze": "until:layer3", "optim__epochs": 1, "compile__backend": "eager"}
+    kw = {"model__freeze": "backbone", "optim__epochs": 1, "compile__backend": "eager"}
     with caplog.at_level(logging.INFO, logger="fastft"):
         auto = finetune(tiny_config(shapes4, tmp_path / "a", compile__target="auto", **kw))
     plain = finetune(tiny_config(shapes4, tmp_path / "n", compile__target="none", **kw))

@@ -68,7 +68,8 @@ class Headline:
 @dataclass
 class TimmComparison:
     """Full and partial fine-tune img/s, fastft against a timm-style loop (fastft.benchmark.timm_compare), on the
-    suite's batch, workers and image size, `pairs` alternated runs per mode, `epochs` per run (the last is timed)."""
+    suite's workers and image size (and batch, unless `batch_size`), `pairs` alternated runs per mode, `epochs` per run
+    (the last is timed)."""
 
     model: str = "resnet50"  # torchvision name (fastft's side)
     timm_model: str = "resnet50"  # the same architecture in timm
@@ -78,6 +79,7 @@ class TimmComparison:
     train_images: int = 96
     val_images: int = 16
     precision: str = "auto"
+    batch_size: int = 0  # 0: the suite's
 
 
 @dataclass
@@ -144,7 +146,8 @@ def cpu_suite() -> Suite:
         Settings(batch_size=32, image_size=128, workers=2, train_images=96, val_images=32, device="cpu"),
         [Block("resnet18", r18, baseline_epochs=4), Block("resnet50", r50)],
         Headline("resnet50", epochs=10, train_images=224, val_images=32),
-        timm=TimmComparison(),
+        # Batch 8 and 2 steps per epoch: 12 resnet50 runs (3 pairs x 2 modes) in a few minutes on 2 cores.
+        timm=TimmComparison(train_images=16, val_images=4, batch_size=8),
         notes=[
             (
                 "128 px crops (not 224) so that the suite, the 10-epoch fp32 seed loop included, fits in "

@@ -11,6 +11,7 @@ lr 0.001 momentum 0.9), no torch.compile. A side's figure is its last epoch's im
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -28,6 +29,8 @@ _TIMM_FROZEN = {"until:layer3": ["conv1", "bn1", "layer1", "layer2", "layer3"]}
 
 def run_comparison(t: TimmComparison, s: Settings, *, device: torch.device, run_id: str, work: Path) -> dict:
     """`t.pairs` alternated (fastft, timm) pairs per mode; the ratio of each pair and their median."""
+    if t.batch_size:
+        s = dataclasses.replace(s, batch_size=t.batch_size)
     root = cases.bench_folder(t.train_images, t.val_images)
     prec = measure.precision_name(t.precision, device)
     modes = {}
