@@ -60,8 +60,9 @@ def choose_target(
     part runs a few eager and a few compiled forward+backward steps on `example()` (its input; None: no trial) and the
     measured seconds are cached in `cache_file` (JSON), so a later run with the same key pays no trial. `head` is
     chosen when the compiled step is faster and the run's `total_steps` win back the compile time; the log says why,
-    with both figures. Runs under `min_steps` with no cached figures, and runs without an example, keep the static rule
-    (resolve_target; `min_steps`: TRIAL_MIN_STEPS). The module's weights, buffers and gradients are as before the trial."""
+    with both figures. Runs under `min_steps` (default TRIAL_MIN_STEPS) with no cached figures, and runs without an
+    example, keep the static rule (resolve_target). The module's weights, buffers and gradients are as before the
+    trial."""
     if cfg.target != "auto":
         return cfg.target
     min_steps = TRIAL_MIN_STEPS if min_steps is None else min_steps
@@ -250,8 +251,11 @@ def _example(
             if prefix is None:
                 made.append(images)
             else:
+                was_training = prefix.training
+                prefix.eval()  # frozen: its BatchNorm statistics must not see these images
                 with torch.inference_mode(), precision.autocast():
                     feats = prefix(images)
+                prefix.train(was_training)
                 made.append(feats.clone())  # a normal tensor: autograd may save it
         return made[0]
 
