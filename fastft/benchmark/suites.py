@@ -146,8 +146,9 @@ def cpu_suite() -> Suite:
         Settings(batch_size=32, image_size=128, workers=2, train_images=96, val_images=32, device="cpu"),
         [Block("resnet18", r18, baseline_epochs=4), Block("resnet50", r50)],
         Headline("resnet50", epochs=10, train_images=224, val_images=32),
-        # Batch 8 and 2 steps per epoch: 12 resnet50 runs (3 pairs x 2 modes) in a few minutes on 2 cores.
-        timm=TimmComparison(train_images=16, val_images=4, batch_size=8),
+        # Batch 8, 8 steps per epoch (a per-epoch cost such as loader start-up must not dominate): 12 resnet50 runs
+        # (3 pairs x 2 modes) in about 5 minutes on 2 idle cores.
+        timm=TimmComparison(train_images=64, val_images=4, batch_size=8),
         notes=[
             (
                 "128 px crops (not 224) so that the suite, the 10-epoch fp32 seed loop included, fits in "
