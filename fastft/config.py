@@ -115,7 +115,7 @@ class PrecisionConfig:
 
 @dataclass
 class CompileConfig:
-    target: str = "auto"  # auto | none | head | all  (auto: head on CUDA, none on CPU)
+    target: str = "auto"  # auto | none | head | all  (auto: head or none, measured: fastft/compile.py)
     mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune
     backend: str = "inductor"
 

@@ -32,7 +32,7 @@ from fastft.backbones.freeze import freeze
 from fastft.backbones.hf_text import split_text
 from fastft.backbones.split import split_model
 from fastft.checkpoint import Checkpointer, refuse_nonfinite
-from fastft.compile import apply_compile, resolve_target
+from fastft.compile import apply_compile, run_target
 from fastft.config import FinetuneConfig, UnfreezeStep, check_device, parse_unfreeze
 from fastft.data.index import index_from_config
 from fastft.data.multilabel import index_multilabel
@@ -302,7 +302,7 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list, phases: Phases |
         scheduler=Schedule(optimizer, cfg.optim, total_steps),
         precision=precision,
         backend=_backend(cfg, env, precision, sweep),
-        target=resolve_target(cfg.compile, env.device),
+        target=run_target(cfg, env, split, precision, spec=spec, total_steps=total_steps, sweep=sweep is not None),
         plan=plan,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,

@@ -92,7 +92,26 @@ def evaluate_targets(doc: dict) -> list[dict]:
     for t in targets:
         t["why"] = _why(t, h) if t["met"] is False else ""
         t.pop("entry")
-    return targets
+    return targets + timm_targets(doc)
+
+
+def timm_targets(doc: dict) -> list[dict]:
+    """Full and partial fine-tune: fastft's img/s >= 1.1 x the timm-style loop's (median of the alternated pairs)."""
+    t = doc.get("timm") or {}
+    out = []
+    for mode, m in t.get("modes", {}).items():
+        value = m["ratio_median"]
+        out.append(
+            {
+                "name": f"timm_ratio: {mode}",
+                "threshold": ">= 1.1",
+                "value": value,
+                "met": value >= 1.1,
+                "description": f"{mode} fine-tune img/s, fastft / timm-style loop, median of {len(m['ratios'])} pairs",
+                "why": "" if value >= 1.1 else "see the step breakdown (benchmarks/step_breakdown.py)",
+            }
+        )
+    return out
 
 
 def _why(target: dict, h: dict) -> str:

@@ -27,7 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=0.0,
         help="seconds; cases that would start after it are recorded as skipped (0 = no limit)",
     )
-    p.add_argument("--only", default="", help="comma-separated substrings: run only the cases whose name matches")
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated substrings: run only the cases whose name matches (timm: the timm comparison)",
+    )
     p.add_argument("--no-latest", action="store_true", help="do not (re)write LATEST.md in --out")
     return p
 

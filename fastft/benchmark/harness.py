@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fastft.benchmark import cases, data, headline, measure
+from fastft.benchmark import cases, data, headline, measure, timm_compare
 from fastft.benchmark.analysis import attach_ratios, evaluate_targets
 from fastft.benchmark.report import SCHEMA_VERSION, validate, write_results
 from fastft.benchmark.suites import Block, Case, Suite, get_suite
@@ -95,6 +95,7 @@ def new_document(suite: Suite, args: argparse.Namespace, device: torch.device, r
         "baselines": [],
         "cases": [],
         "headline": None,
+        "timm": None,
         "memcpy": None,
         "targets": [],
         "wall_s": None,
@@ -137,6 +138,17 @@ class SuiteRun:
         for block, selected in blocks:
             if selected:
                 self.block(block, selected)
+        if self.suite.timm and (not self.only or "timm" in self.only) and not self.over_budget():
+            self.timm()
+
+    def timm(self) -> None:
+        t = self.suite.timm
+        self.say(f"timm comparison: {t.model}, {', '.join(t.modes)}, {t.pairs} alternated pairs each")
+        self.doc["timm"] = timm_compare.run_comparison(
+            t, self.s, device=self.device, run_id=self.run_id, work=self.work
+        )
+        for mode, m in self.doc["timm"]["modes"].items():
+            self.say(f"timm comparison {mode}: fastft / timm = {m['ratio_median']:.2f} (pairs {m['ratios']})")
 
     def side_by_side(self) -> None:
         h = self.suite.headline

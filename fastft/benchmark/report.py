@@ -78,6 +78,7 @@ REQUIRED_KEYS = {
         "baseline",
         "time_ratio_fastft_over_baseline",
     ),
+    "timm": ("run_id", "model", "timm_model", "pairs", "precision", "batch_size", "image_size", "modes"),
     "first_epoch": (
         "name",
         "run_id",
@@ -119,6 +120,8 @@ def validate(doc: dict) -> None:
             need(c, "case_ok", f"cases[{i}] ({c['name']})")
     for i, t in enumerate(doc["targets"]):
         need(t, "target", f"targets[{i}]")
+    if doc.get("timm"):
+        need(doc["timm"], "timm", "timm")
     if doc["headline"] is not None:
         need(doc["headline"], "headline", "headline")
         for i, f in enumerate(doc["headline"]["first_epochs"]):
@@ -252,8 +255,36 @@ def render_markdown(doc: dict) -> str:
         f"{len(b['epochs_images_per_s'])} ({b['warmup_epochs']} warm-up) | {b['source']} |"
         for b in doc["baselines"]
     ]
-    lines += ["", *render_headline(doc), "", *render_targets(doc), ""]
+    lines += ["", *render_headline(doc), "", *render_timm(doc), *render_targets(doc), ""]
     return "\n".join(lines)
+
+
+def render_timm(doc: dict) -> list[str]:
+    """The timm comparison (fastft.benchmark.timm_compare), when the run made it."""
+    t = doc.get("timm")
+    if not t:
+        return []
+    lines = [
+        "## fastft against a timm-style loop",
+        "",
+        (
+            f"{t['model']} (timm `{t['timm_model']}`), {t['image_size']} px, batch {t['batch_size']}, "
+            f"{t['workers']} workers, {t['precision']}, channels_last, no compile, SGD; {t['train_images']} train "
+            f"JPEGs, {t['epochs']} epochs per run (the last timed); partial = `{t['partial_freeze']}`; {t['pairs']} "
+            "alternated pairs per mode. timm's side: train.py's loop from timm's own pieces (create_model, "
+            "create_dataset/create_loader, create_optimizer_v2, create_scheduler_v2, utils.freeze)."
+        ),
+        "",
+        "| mode | fastft img/s | timm img/s | fastft / timm (each pair) | median |",
+        "|---|---|---|---|---:|",
+    ]
+    for mode, m in t["modes"].items():
+        each = lambda xs: ", ".join(f"{x:.1f}" for x in xs)
+        lines.append(
+            f"| {mode} | {each(m['fastft_images_per_s'])} | {each(m['timm_images_per_s'])} | "
+            f"{', '.join(f'{r:.2f}' for r in m['ratios'])} | {m['ratio_median']:.2f} |"
+        )
+    return [*lines, ""]
 
 
 def render_headline(doc: dict) -> list[str]:

@@ -66,11 +66,29 @@ class Headline:
 
 
 @dataclass
+class TimmComparison:
+    """Full and partial fine-tune img/s, fastft against a timm-style loop (fastft.benchmark.timm_compare), on the
+    suite's workers and image size (and batch, unless `batch_size`), `pairs` alternated runs per mode, `epochs` per run
+    (the last is timed)."""
+
+    model: str = "resnet50"  # torchvision name (fastft's side)
+    timm_model: str = "resnet50"  # the same architecture in timm
+    modes: tuple[str, ...] = ("full", "partial")
+    pairs: int = 3
+    epochs: int = 2
+    train_images: int = 96
+    val_images: int = 16
+    precision: str = "auto"
+    batch_size: int = 0  # 0: the suite's
+
+
+@dataclass
 class Suite:
     name: str
     settings: Settings
     blocks: list[Block]
     headline: Headline | None = None
+    timm: TimmComparison | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -128,6 +146,9 @@ def cpu_suite() -> Suite:
         Settings(batch_size=32, image_size=128, workers=2, train_images=96, val_images=32, device="cpu"),
         [Block("resnet18", r18, baseline_epochs=4), Block("resnet50", r50)],
         Headline("resnet50", epochs=10, train_images=224, val_images=32),
+        # Batch 8, 8 steps per epoch (a per-epoch cost such as loader start-up must not dominate): 12 resnet50 runs
+        # (3 pairs x 2 modes) in about 5 minutes on 2 idle cores.
+        timm=TimmComparison(train_images=64, val_images=4, batch_size=8),
         notes=[
             (
                 "128 px crops (not 224) so that the suite, the 10-epoch fp32 seed loop included, fits in "
@@ -167,6 +188,7 @@ def gpu_suite() -> Suite:
         ),
         [Block("resnet50", cases, baseline_epochs=3)],
         Headline("resnet50", epochs=10, train_images=4096, val_images=512),
+        timm=TimmComparison(train_images=2048, val_images=256, epochs=3),
     )
 
 
