@@ -55,7 +55,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = make_image_folder(
-            tmp / "data", num_classes=4, train_per_class=args.images // 4, val_per_class=args.images // 16, image_size=160
+            tmp / "data",
+            num_classes=4,
+            train_per_class=args.images // 4,
+            val_per_class=args.images // 16,
+            image_size=160,
         )
         for _ in range(args.pairs):
             for mode, freeze in MODES.items():
