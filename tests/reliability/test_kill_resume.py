@@ -214,23 +214,14 @@ def _wait_for_event_step(proc: subprocess.Popen, run_root: Path, min_step: int, 
 
 
 def _requeue_case(root: Path, out: Path, *, full: Path, nproc: int, batch: int, stop: str) -> dict:
-    """The same command (no run.name, --resume=auto) stopped mid-epoch by `stop` (SIGKILL after a
-    per-step save; SIGTERM with no periodic saves, sent to the launched process or, "SIGTERM-rank1", to rank 1's
-    worker alone) and run again unchanged."""
-    again = [*_common(root, out / "job", batch=batch, workers=0), "--resume=auto"]
-    if stop.startswith("SIGTERM"):
-        again += ["--checkpoint.every_steps=0"]  # the only mid-epoch checkpoint is the one the signal asks for
+    """The same command (no run.name, --resume=auto) stopped mid-epoch by SIGTERM with no periodic saves, sent to the
+    launched process or, "SIGTERM-rank1", to rank 1's worker alone, and run again unchanged."""
+    # the only mid-epoch checkpoint is the one the signal asks for
+    again = [*_common(root, out / "job", batch=batch, workers=0), "--resume=auto", "--checkpoint.every_steps=0"]
     first = start_fastft(again, out / "first.log", nproc=nproc)
     try:
         _wait_for_event_step(first, out / "job", 2, out / "first.log")
-        if stop == "SIGKILL":
-            # checkpoints are written in the background: the step event can come before its last.pt is on disk
-            (folder,) = (out / "job").iterdir()
-            wait_for_step(first, folder / "last.pt", 2, out / "first.log")
-            pids = descendants(first.pid)
-            kill_job(first)
-            wait_gone(pids)
-        elif stop == "SIGTERM-rank1":  # one rank hears it: both must stop at the same step
+        if stop == "SIGTERM-rank1":  # one rank hears it: both must stop at the same step
             (worker,) = [p for p in descendants(first.pid) if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
             os.kill(worker, signal.SIGTERM)
             first.wait(timeout=120)
@@ -279,8 +270,6 @@ def test_the_same_command_again_resumes_and_ends_with_the_uninterrupted_weights(
 
 def test_sigterm_saves_the_step_boundary_and_ends_with_one_line(requeued) -> None:
     c = requeued
-    if c["stop"] == "SIGKILL":
-        pytest.skip("SIGKILL cannot be handled")
     # the run said where it stopped, and that position is the checkpoint's (no periodic saves were asked for)
     k = c["stopped_at"]
     at = f"at epoch {k['epoch'] + 1}, step {k['step']}: the position is saved in"
