@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastft import act_ckpt, early_stop, preload, timing
+from fastft import act_ckpt, early_stop, timing
 from fastft import checkpoint as ckpt_io
 from fastft import resume as resume_rules
 from fastft.augment import BatchMix, batch_mix
@@ -275,7 +275,6 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list, phases: Phases |
         world_size=env.world_size,
         main=env.is_main,
     )
-    preload.start()  # the evaluation's and the report's imports, beside the rest of the set-up and the cache build
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model.to(device=env.device, memory_format=memory_format)
     optimizer, split, sweep = _optimizer(cfg, model, source, replayed, env.device)
