@@ -155,3 +155,29 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class Interrupted(Exception):
+    """Raised by run_interrupted's backend step: the run stops as a crash would, after its last save."""
+
+
+def run_interrupted(cfg, monkeypatch, *, at_step: int) -> None:
+    """Run `cfg` in-process until the backend's `at_step`-th step call raises Interrupted (a crash mid-run: what was
+    saved before stays), then put the real step back."""
+    import pytest
+
+    from fastft.parallel.backend import LocalBackend
+    from fastft.train import finetune
+
+    real_step, calls = LocalBackend.step, {"n": 0}
+
+    def flaky_step(self, boundary=True):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            raise Interrupted
+        return real_step(self, boundary)
+
+    monkeypatch.setattr(LocalBackend, "step", flaky_step)
+    with pytest.raises(Interrupted):
+        finetune(cfg)
+    monkeypatch.setattr(LocalBackend, "step", real_step)

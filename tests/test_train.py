@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import tiny_config
+from conftest import run_interrupted, tiny_config
 from safetensors.torch import load_file
 
 from fastft.data.loaders import dali_available
@@ -125,10 +125,6 @@ def test_grad_accumulation_matches_the_larger_batch(shapes4, tmp_path) -> None:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
 
 
-class _Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize(
     "loader",
     [
@@ -142,8 +138,6 @@ class _Interrupt(Exception):
 def test_resume_after_interruption_continues_from_saved_step(shapes4, tmp_path, monkeypatch, loader) -> None:
     """Interrupt at step 5 (last.pt saved at step 4, mid-epoch); resume; final weights equal an uninterrupted run.
     With augmentation on, so the resumed run must also repeat the random crops and flips."""
-    from fastft.parallel.backend import LocalBackend
-
     common = dict(
         data__loader=loader,
         optim__epochs=2,
@@ -154,19 +148,7 @@ def test_resume_after_interruption_continues_from_saved_step(shapes4, tmp_path, 
     )
     full = finetune(tiny_config(shapes4, tmp_path, run__name="full", **common))
 
-    real_step = LocalBackend.step
-    calls = {"n": 0}
-
-    def flaky_step(self, boundary=True):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise _Interrupt
-        return real_step(self, boundary)
-
-    monkeypatch.setattr(LocalBackend, "step", flaky_step)
-    with pytest.raises(_Interrupt):
-        finetune(tiny_config(shapes4, tmp_path, run__name="cut", **common))
-    monkeypatch.setattr(LocalBackend, "step", real_step)
+    run_interrupted(tiny_config(shapes4, tmp_path, run__name="cut", **common), monkeypatch, at_step=5)
     saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert (saved["step"], saved["epoch"], saved["batch"]) == (4, 0, 4)
 

@@ -457,30 +457,15 @@ def test_a_timm_run_interrupted_mid_epoch_resumes_to_the_uninterrupted_weights(s
     """resnet10t with layer4 (trainable BatchNorm) and the head training, augmentation on: stopped at step 5 with
     last.pt saved at step 4 (mid-epoch), resumed with checkpoint.resume=auto, it ends with the uninterrupted run's
     weights (fp32 rounding: atol 1e-6) and report."""
-    from conftest import tiny_config
+    from conftest import run_interrupted, tiny_config
     from safetensors.torch import load_file
 
-    from fastft.parallel.backend import LocalBackend
     from fastft.train import finetune
-
-    class Interrupt(Exception):
-        pass
 
     common = dict(model__source="timm", model__name="resnet10t", model__freeze="until:layer3", optim__epochs=2)
     common |= dict(data__augment=True, checkpoint__every_steps=2, optim__warmup_steps=2, log__tensorboard=False)
     full = finetune(tiny_config(shapes4, tmp_path, run__name="full", **common))
-    real_step, calls = LocalBackend.step, {"n": 0}
-
-    def flaky_step(self, boundary=True):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise Interrupt
-        return real_step(self, boundary)
-
-    monkeypatch.setattr(LocalBackend, "step", flaky_step)
-    with pytest.raises(Interrupt):
-        finetune(tiny_config(shapes4, tmp_path, run__name="cut", **common))
-    monkeypatch.setattr(LocalBackend, "step", real_step)
+    run_interrupted(tiny_config(shapes4, tmp_path, run__name="cut", **common), monkeypatch, at_step=5)
     saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert (saved["step"], saved["epoch"], saved["batch"]) == (4, 0, 4)
     resumed = finetune(tiny_config(shapes4, tmp_path, run__name="cut", checkpoint__resume="auto", **common))
