@@ -209,3 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"fastft: rank {os.environ.get('RANK')} failed: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
         return 1
+
+
+if __name__ == "__main__":  # python -m fastft.cli, as python -m fastft
+    raise SystemExit(main())

@@ -175,13 +175,19 @@ def classify(key: str) -> Rule:
 
 
 def changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, new value) for every key whose value differs; keys the checkpoint predates are skipped."""
+    """(key, saved value, new value) for every key whose value differs. A key the checkpoint predates counts as its
+    default, which is the behaviour the run had before the key existed (a new key never changes what a config that
+    does not set it does); a checkpoint with no config at all is not compared."""
+    if not saved:
+        return []
+    defaults = dataclasses.asdict(FinetuneConfig())
     out = []
     for section, values in now.items():
+        old_section = saved.get(section, {})
         for key, new in values.items():
-            old_section = saved.get(section, {})
-            if key in old_section and old_section[key] != new:
-                out.append((f"{section}.{key}", old_section[key], new))
+            old = old_section.get(key, defaults[section][key])
+            if old != new:
+                out.append((f"{section}.{key}", old, new))
     return out
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,6 +149,12 @@ def test_train_then_eval_then_predict(shapes4, tmp_path) -> None:
 def test_python_module_entry_and_help() -> None:
     p = run_cli("--help")
     assert p.returncode == 0 and all(c in p.stdout for c in ("train", "eval", "predict", "demo"))
+    p = subprocess.run(
+        [sys.executable, "-m", "fastft.cli", "eval", "--checkpoint", "nope.pt", "--data", "."],
+        capture_output=True,
+        text=True,
+    )
+    _one_line_error(p, "nope.pt")  # python -m fastft.cli is the same entry point
 
 
 def test_demo_config_is_valid_and_small(tmp_path) -> None:

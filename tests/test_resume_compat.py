@@ -111,6 +111,20 @@ def test_a_change_of_any_key_does_what_its_class_says(key, caplog) -> None:
         assert notes == [] and caplog.text == ""
 
 
+def test_a_key_the_checkpoint_predates_counts_as_its_default() -> None:
+    """A checkpoint saved before data.sampler existed shuffled: resuming it with the balanced sampler is a must-match
+    change (the epoch's order), and resuming with the default is not."""
+    state = _state(FinetuneConfig())
+    del state["meta"]["config"]["data"]["sampler"]
+    now = FinetuneConfig()
+    now.data.sampler = "balanced"
+    with pytest.raises(ConfigError, match="saved with data.sampler='shuffle', this run has 'balanced'"):
+        resume.reconcile(state, now, world_size=1, path=Path("last.pt"))
+    assert resume.reconcile(state, FinetuneConfig(), world_size=1, path=Path("last.pt")) == []
+    del state["meta"]["config"]["features"]  # a whole section it predates: its keys at their defaults
+    assert resume.reconcile(state, FinetuneConfig(), world_size=1, path=Path("last.pt")) == []
+
+
 def test_a_changed_best_metric_resets_the_best_so_far() -> None:
     now = FinetuneConfig()
     now.checkpoint.best_metric = "top1"
