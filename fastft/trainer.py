@@ -265,19 +265,9 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list, phases: Phases |
     lap("loaders")  # every file checked, the first batches' decode started
 
     model, counts = source.build(num_classes, getattr(spec, "crop_size", 0), labels=index.classes)  # text: no crop
-    check_before_training(
-        cfg,
-        model=model,
-        num_classes=num_classes,
-        plan=plan,
-        epochs=epochs,
-        total_steps=total_steps,
-        world_size=env.world_size,
-        main=env.is_main,
-    )
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model.to(device=env.device, memory_format=memory_format)
-    optimizer, split, sweep = _optimizer(cfg, model, source, replayed, env.device)
+    checks = {"num_classes": num_classes, "plan": plan, "epochs": epochs, "total_steps": total_steps}
+    check_before_training(cfg, model=model, world_size=env.world_size, main=env.is_main, **checks)
+    optimizer, split, sweep = _place(cfg, model, source, replayed, env.device)
 
     # Precision, then (optionally) the frozen-feature cache: from here on, a cached run's "images" are the prefix
     # outputs and the loop skips decode and backbone.
@@ -323,6 +313,14 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list, phases: Phases |
     lap("open")  # checkpointer, resumed state, run folder and logger
     _log_start(run, counts, phases or Phases())
     return run
+
+
+def _place(cfg: FinetuneConfig, model: torch.nn.Module, source: _ModelSource, replayed: bool, device: torch.device):
+    """The model on its device in the configured memory layout, then its split and optimizer (made after the move,
+    so the optimizer's state lives on the device)."""
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
+    return _optimizer(cfg, model, source, replayed, device)
 
 
 def _log_start(run: Run, counts: tuple[int, int], phases: Phases) -> None:

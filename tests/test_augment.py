@@ -174,18 +174,13 @@ def test_mixing_alone_is_allowed_with_dali_and_auto_picks_torch_for_pixel_option
     assert kind == "torch" and "augment.policy" in caplog.text
 
 
-class _Interrupt(Exception):
-    pass
-
-
 @pytest.mark.slow  # four 6-step runs in-process
 def test_a_run_with_policy_erasing_and_mixing_resumes_mid_epoch_to_the_same_weights(shapes4, tmp_path, monkeypatch):
     """Interrupted after step 4 of 6 (last.pt mid-epoch), resumed: the weights equal the uninterrupted run's, so the
     per-sample pixels and each batch's MixUp/CutMix draws repeat."""
-    from conftest import tiny_config
+    from conftest import run_interrupted, tiny_config
     from safetensors.torch import load_file
 
-    from fastft.parallel.backend import LocalBackend
     from fastft.train import finetune
 
     common = dict(
@@ -195,18 +190,7 @@ def test_a_run_with_policy_erasing_and_mixing_resumes_mid_epoch_to_the_same_weig
     )  # fmt: skip
     full = finetune(tiny_config(shapes4, tmp_path, run__name="full", **common))
     plain = finetune(tiny_config(shapes4, tmp_path, run__name="plain", **{**common, "augment__mix_prob": 0.0}))
-    real_step, calls = LocalBackend.step, {"n": 0}
-
-    def flaky_step(self, boundary=True):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise _Interrupt
-        return real_step(self, boundary)
-
-    monkeypatch.setattr(LocalBackend, "step", flaky_step)
-    with pytest.raises(_Interrupt):
-        finetune(tiny_config(shapes4, tmp_path, run__name="cut", **common))
-    monkeypatch.setattr(LocalBackend, "step", real_step)
+    run_interrupted(tiny_config(shapes4, tmp_path, run__name="cut", **common), monkeypatch, at_step=5)
     saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert (saved["step"], saved["epoch"], saved["batch"]) == (4, 0, 4)
     resumed = finetune(tiny_config(shapes4, tmp_path, run__name="cut", checkpoint__resume="auto", **common))

@@ -82,7 +82,7 @@ def test_ddp_matches_single_process_on_same_global_batch(shapes4, tmp_path, worl
 
 @pytest.fixture(scope="module")
 def eval_setup(shapes4, module_tmp):
-    """A trained checkpoint and a folder of 97 images (uneven over 2 and 3 ranks, a short last batch at batch 8)."""
+    """A trained checkpoint and a folder of 97 images (uneven over 3 ranks, a short last batch at batch 8)."""
     base = module_tmp("evalsets")
     p = run_cli(
         "train",
@@ -131,7 +131,7 @@ def test_distributed_eval_equals_single_process_exactly(eval_setup, tmp_path, n)
     _ok(run_cli(*args, "--out", str(tmp_path / "w1")))
     ref = json.loads((tmp_path / "w1" / "metrics.json").read_text())
     assert ref["num_samples"] == n
-    for world in (2, 3):
+    for world in (3,):  # 97 images: shards of 33, 32 and 32
         _ok(run_torchrun(world, *args, "--out", str(tmp_path / f"w{world}")))
         got = json.loads((tmp_path / f"w{world}" / "metrics.json").read_text())
         assert got["num_samples"] == n  # every image once: no sampler padding duplicates
@@ -140,32 +140,6 @@ def test_distributed_eval_equals_single_process_exactly(eval_setup, tmp_path, n)
         for k, v in ref.items():
             if isinstance(v, float):
                 assert got[k] == pytest.approx(v, abs=1e-6), (world, k)
-
-
-def test_ddp_resume_continues_from_saved_step(shapes4, tmp_path) -> None:
-    common = [
-        f"--data.root={shapes4}",
-        *FAST,
-        "--data.batch_size=4",
-        "--optim.epochs=2",
-        "--model.freeze=until:layer4",
-        "--model.head_hidden=32",
-        "--model.head_dropout=0.3",  # each rank's own dropout stream is saved and restored
-        "--checkpoint.every_steps=2",
-        f"--run.out_dir={tmp_path}",
-    ]
-    _ok(run_torchrun(2, "train", *common, "--run.name=full"))
-    p = run_torchrun_script(2, INJECT, "train", *common, "--run.name=cut", env={"FAIL_STEP": "5"})
-    assert p.returncode != 0
-    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
-    assert (saved["step"], saved["epoch"], saved["batch"]) == (4, 0, 4) and len(saved["rng"]) == 2
-    _ok(run_torchrun(2, "train", *common, "--run.name=cut", "--resume=auto"))
-    full, resumed = (
-        load_file(tmp_path / "full" / "model.safetensors"),
-        load_file(tmp_path / "cut" / "model.safetensors"),
-    )
-    for k in full:
-        torch.testing.assert_close(resumed[k], full[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
 def test_one_rank_failing_ends_the_job(shapes4, tmp_path) -> None:

@@ -140,14 +140,10 @@ def test_what_the_text_path_does_not_do_is_one_line(text_data, tmp_path, key, va
     assert not (tmp_path / "runs").exists()
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_text_resume_equals_the_uninterrupted_run(text_data, tmp_path, monkeypatch) -> None:
     """Interrupted after step 8 (last.pt at step 8, mid-epoch 2), resumed: the weights equal the uninterrupted run's
     (dropout in the trained layer draws from the restored RNG)."""
-    from fastft.parallel.backend import LocalBackend
+    from conftest import run_interrupted
 
     common = dict(
         model__freeze="until:layer.0",
@@ -157,19 +153,7 @@ def test_text_resume_equals_the_uninterrupted_run(text_data, tmp_path, monkeypat
         optim__warmup_steps=2,
     )
     full = finetune(text_config(text_data, tmp_path, run__name="full", **common))
-    real_step = LocalBackend.step
-    calls = {"n": 0}
-
-    def flaky_step(self, boundary=True):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise _Interrupt
-        return real_step(self, boundary)
-
-    monkeypatch.setattr(LocalBackend, "step", flaky_step)
-    with pytest.raises(_Interrupt):
-        finetune(text_config(text_data, tmp_path, run__name="cut", **common))
-    monkeypatch.setattr(LocalBackend, "step", real_step)
+    run_interrupted(text_config(text_data, tmp_path, run__name="cut", **common), monkeypatch, at_step=10)
     saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert (saved["step"], saved["epoch"], saved["batch"]) == (8, 1, 1)
 
