@@ -1,7 +1,7 @@
 """data.task = multilabel through the DALI loader (CPU pipeline): the train feed's multi-hot targets are the torchvision
 loader's for the same plan (a seek and a resume included); one CLI run with data.loader=dali learns, and is the same
-run as through the torchvision loader; its checkpoint's evaluation through DALI equals the torchvision loader's, every metric, on an odd-sized list on 1 rank and 2 gloo
-ranks (`fastft eval --loader dali` under torchrun).
+run as through the torchvision loader; its checkpoint's evaluation through DALI equals the torchvision loader's, every
+metric, on an odd-sized list on 1 rank and 2 gloo ranks (`fastft eval --loader dali` under torchrun).
 
 The images are 37 px PNGs: resnet18's preset at data.image_size=32 resizes the shorter side to 37 and centre-crops 32,
 so neither loader resamples them and both decode and crop the same pixels; the evaluations then agree to float
