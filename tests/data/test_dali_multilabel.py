@@ -175,6 +175,8 @@ def test_a_cli_run_with_the_dali_loader_learns_the_label_sets(dali_run) -> None:
     assert metrics["subset_accuracy"] > 0.3 and metrics["hamming_loss"] < 0.35 and metrics["f1_macro"] > 0.6
 
 
+@pytest.mark.slow  # a second training run (~10 s on a quiet 2-core host, 25-40 s loaded); the targets test above
+# checks the same plan and targets in the default suite
 def test_the_dali_run_is_the_torchvision_loaders_run(dali_run, tmp_path) -> None:
     """Without augmentation, on 37 px PNGs, both loaders feed the same pixels (to float rounding) in the same plan: the
     same run through the torchvision loader (in process) has the DALI run's per-epoch train loss and every number of
