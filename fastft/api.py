@@ -130,7 +130,7 @@ def evaluate(
             report = evaluate_text(model, meta, Path(data), batch_size=batch_size, env=env, precision=prec)
         else:
             task = meta.get("task", "multiclass")
-            samples = _eval_samples(Path(data), meta, loader)
+            samples = _eval_samples(Path(data), meta)
             spec = TransformSpec.from_dict(meta["transform"])
             dcfg = DataConfig(
                 root=str(data), batch_size=batch_size, workers=workers, loader=loader, persistent_workers=False
@@ -159,13 +159,11 @@ def evaluate(
         penv.shutdown(env)
 
 
-def _eval_samples(data: Path, meta: dict, loader: str) -> list:
+def _eval_samples(data: Path, meta: dict) -> list:
     """The samples `evaluate` reads: a folder of class folders, or for a multilabel model a CSV/JSONL of path,labels
     (labels among the trained ones)."""
     if meta.get("task") != "multilabel":
         return index_for_eval(data, meta["classes"])
-    if loader == "dali":
-        raise ConfigError("--loader: dali carries one class per image; a multilabel model is evaluated with torch")
     if data.is_dir():
         raise DataError(f"--data: {data} is a folder; a multilabel model is evaluated on a CSV/JSONL of path,labels")
     from fastft.data.multilabel import samples_for

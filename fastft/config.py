@@ -281,7 +281,6 @@ def _check_task(cfg: FinetuneConfig) -> None:
     o = cfg.optim
     refused = [
         ("model.source = hf", cfg.model.source == "hf", "text models take one label per row"),
-        ("data.loader = dali", cfg.data.loader == "dali", "the DALI feed carries one class index per image; use torch"),
         ("data.loader = synthetic", cfg.data.loader == "synthetic", "synthetic batches carry class indices"),
         ("data.sampler = balanced", cfg.data.sampler == "balanced", "it draws by one class per image"),
         ("optim.loss = focal", o.loss == "focal", "the loss is BCEWithLogits"),

@@ -136,7 +136,6 @@ def test_an_unknown_val_label_stops_the_cli_with_one_line(tmp_path) -> None:
         ("optim.class_weights", "balanced"),
         ("optim.label_smoothing", 0.1),
         ("data.sampler", "balanced"),
-        ("data.loader", "dali"),
         ("data.loader", "synthetic"),
         ("head.sweep_lr", [0.1, 0.01]),
         ("augment.mixup_alpha", 0.2),
@@ -152,19 +151,6 @@ def test_what_multilabel_does_not_take_is_refused_in_one_line(key, value) -> Non
     cfg.data.task = "multiclass"
     if key not in ("model.source", "head.sweep_lr", "augment.mixup_alpha"):  # (those need other keys set too)
         cfg.validate()  # the same value is fine for a single-label run
-
-
-def test_auto_picks_the_torchvision_loader_on_a_gpu(caplog, monkeypatch) -> None:
-    from fastft.config import DataConfig
-    from fastft.data import loaders
-    from fastft.parallel.env import DistEnv
-
-    monkeypatch.setattr(loaders, "_dali_problem", lambda: None)  # as on a GPU where DALI runs: auto would pick it
-    gpu = DistEnv(device=torch.device("cuda", 0))
-    assert loaders.resolve_loader(DataConfig(loader="auto"), gpu) == "dali"
-    with caplog.at_level("INFO", logger="fastft"):
-        assert loaders.resolve_loader(DataConfig(loader="auto", task="multilabel"), gpu) == "torch"
-    assert "the torchvision loader (the DALI feed carries one class per image)" in caplog.text
 
 
 def test_a_multilabel_run_needs_a_list_and_a_threshold_inside_0_1() -> None:

@@ -1,7 +1,10 @@
 """The DALI loader: one rank's iterator over a DALI pipeline (dali_pipeline.py), and the feed that brings it the
 training batches.
 
-One `DaliLoader` is one rank's view of a list of (path, label) pairs:
+One `DaliLoader` is one rank's view of a list of (path, label) pairs, the label a class index or, for a multilabel
+task, a multi-hot tuple. DALI carries each sample's index in the list, not its label, and the loader looks the target
+up by that index (`_Targets`): one path for both tasks, and a batch's targets are exactly its samples' (class indices
+as int64 (B,), multi-hot rows as float32 (B, C), like the torchvision loader's).
 
 - training: the batches are those of fastft's own `ShardedBatchSampler` (sampler.py, the torchvision loader's too):
   one permutation per epoch from (seed, epoch), shared by all ranks and dealt into disjoint shards; every rank yields
@@ -51,9 +54,9 @@ class _TrainFeed:
     """
 
     def __init__(
-        self, samples: list[tuple[str, int]], sampler, epoch: int, start_batch: int, *, crop_seed: int | None = None
+        self, paths: list[str], sampler, epoch: int, start_batch: int, *, crop_seed: int | None = None
     ) -> None:
-        self.samples = samples
+        self.paths = paths
         self.crop_seed = crop_seed  # None: no augmentation; else each sample's crop and flip (`train_crop`)
         self.sampler = sampler
         self.length = len(sampler)
@@ -95,17 +98,17 @@ class _TrainFeed:
             self._pool, self._ahead = None, None
 
     def _load(self, epoch: int, items: list[tuple[int, int]]) -> tuple:
-        """One batch as the pipeline takes it: the files' bytes, the labels (B, 1) like the file reader's, and with
-        augmentation each sample's crop anchor (top, left), crop shape (height, width) and flip. Reads only
-        `samples` and `crop_seed`, which never change, so it may run in the read-ahead thread."""
+        """One batch as the pipeline takes it: the files' bytes, the sample indices (B, 1) like the file reader's
+        labels, and with augmentation each sample's crop anchor (top, left), crop shape (height, width) and flip.
+        Reads only `paths` and `crop_seed`, which never change, so it may run in the read-ahead thread."""
         import numpy as np
 
         indices = [i for i, _ in items]
-        paths = [self.samples[i][0] for i in indices]
+        paths = [self.paths[i] for i in indices]
         data = _read_files(paths)
-        labels = np.array([[self.samples[i][1]] for i in indices], dtype=np.int32)
+        index = np.array([[i] for i in indices], dtype=np.int32)
         if self.crop_seed is None:
-            return data, labels
+            return data, index
         anchors, shapes, flips = [], [], []
         for (i, draw), path, encoded in zip(items, paths, data, strict=True):
             width, height = _upright_size(encoded, path)
@@ -113,7 +116,7 @@ class _TrainFeed:
             anchors.append(np.array([top, left], dtype=np.float32))
             shapes.append(np.array([h, w], dtype=np.float32))
             flips.append(np.array(int(flip), dtype=np.int32))
-        return data, labels, anchors, shapes, flips
+        return data, index, anchors, shapes, flips
 
     def __call__(self):
         pos = self.pos
@@ -122,7 +125,7 @@ class _TrainFeed:
             batch = self._ahead[1].result()  # raises the DataError of a file it could not read
         else:  # the first batch, or a re-planned position
             batch = self._load(pos[0], items)
-        self.fed.append((*pos, [self.samples[i][0] for i, _ in items]))
+        self.fed.append((*pos, [self.paths[i] for i, _ in items]))
         self.pos = self._normal(pos[0], pos[1] + 1)
         self._read_ahead(self.pos)
         return batch
@@ -163,6 +166,23 @@ def _read_files(paths: list[str]) -> list:
     return data
 
 
+class _Targets:
+    """The samples' targets by index: class indices as int64 (N,), or multi-hot rows as float32 (N, C); a copy per
+    device the indices come on (the GPU pipeline's are on the GPU), made once."""
+
+    def __init__(self, labels: list) -> None:
+        import torch
+
+        multilabel = bool(labels) and isinstance(labels[0], tuple)
+        self.table = {"cpu": torch.tensor(labels, dtype=torch.float32 if multilabel else torch.long)}
+
+    def of(self, index: torch.Tensor) -> torch.Tensor:
+        key = str(index.device)
+        if key not in self.table:
+            self.table[key] = self.table["cpu"].to(index.device)
+        return self.table[key][index.long()]
+
+
 class DaliLoader:
     """Iterates (images, labels) batches of one rank's shard through a DALI pipeline.
 
@@ -173,7 +193,8 @@ class DaliLoader:
 
     Args:
         samples: (path, label) pairs, already checked (`build_loader` applies `data.on_bad_file`); the label mapping
-            is the caller's.
+            is the caller's. A label is a class index, or a multilabel sample's multi-hot tuple (batched as float32
+            (B, C)).
         train: random resized crop + horizontal flip and per-epoch shuffling, full batches only;
             otherwise resize shorter side + centre crop, no shuffling, every sample exactly once.
         batch_size: samples per batch on this rank.
@@ -201,7 +222,7 @@ class DaliLoader:
 
     def __init__(
         self,
-        samples: list[tuple[str, int]],
+        samples: list[tuple[str, int | tuple[int, ...]]],
         *,
         train: bool,
         batch_size: int,
@@ -240,7 +261,9 @@ class DaliLoader:
             device_id=device_id,
             hw_decoder_load=hw_decoder_load,
         )
-        self.samples = [(str(p), int(y)) for p, y in samples]
+        self.samples = [(str(p), y if isinstance(y, tuple) else int(y)) for p, y in samples]
+        self.paths = [p for p, _ in self.samples]
+        self._targets = _Targets([y for _, y in self.samples])
         self.balanced = balanced
         self.skipped: list[str] = []  # the bad-file policy is applied before a loader is made (build_loader)
         self.epoch, self.start_batch = 0, 0
@@ -373,8 +396,8 @@ class DaliLoader:
         if self._feed is not None:
             self._feed.fed.popleft()
         self._consumed += 1
-        # DALI gives labels as int32 (B, 1); a (0, ...) slice is an empty last batch, which is yielded as is.
-        return out["images"], out["labels"].reshape(-1).long()
+        # DALI gives the sample indices as int32 (B, 1); a (0, ...) slice is an empty last batch, yielded as is.
+        return out["images"], self._targets.of(out["index"].reshape(-1))
 
     def _reset(self, it) -> None:
         it.reset()
@@ -389,7 +412,7 @@ class DaliLoader:
         g = self.graph
         # The feed starts where the next iteration starts, so the batches built and prefetched now are used.
         self._feed = _TrainFeed(
-            self.samples, self._sampler, self.epoch, self.start_batch, crop_seed=g.seed if g.crops_in_feed else None
+            self.paths, self._sampler, self.epoch, self.start_batch, crop_seed=g.seed if g.crops_in_feed else None
         )
         try:
             # No reader and no epoch end: the feed runs on through the epochs, and __iter__ takes len() batches.
@@ -402,7 +425,7 @@ class DaliLoader:
         _, _, _, _, LastBatchPolicy = import_dali()
         # PARTIAL: DALI trims the padding, so a last batch may be short or empty.
         it = self._iterate(
-            build_pipeline(self.graph, samples=self.samples),
+            build_pipeline(self.graph, paths=self.paths),
             reader_name=READER,
             last_batch_policy=LastBatchPolicy.PARTIAL,
         )
@@ -416,7 +439,7 @@ class DaliLoader:
         a file becomes a DataError naming it here."""
         _, _, _, DALIGenericIterator, _ = import_dali()
         try:
-            return DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False, **kwargs)
+            return DALIGenericIterator([pipe], ["images", "index"], auto_reset=False, **kwargs)
         except RuntimeError as e:
             error = self._data_error(e)
             if error is None:
@@ -431,11 +454,11 @@ class DaliLoader:
         message = str(err)
         if not any(op in message for op in ("fn.readers.file", "fn.decoders.image")):
             return None
-        named = [path for path, _ in self.samples if path in message]
+        named = [path for path in self.paths if path in message]
         if named:
             return DataError(f"unreadable image file {max(named, key=len)}: DALI could not read or decode it")
         # DALI did not name the file: decode the files this rank reads with PIL to find it (error path only).
-        paths = [path for path, _ in self.samples]
+        paths = self.paths
         if self._feed is not None:  # training: the batches in flight hold it (then, to be safe, the rest)
             in_flight = [path for _, _, batch in self._feed.fed for path in batch]
             first = set(in_flight)

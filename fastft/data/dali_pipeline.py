@@ -1,7 +1,7 @@
 """The DALI graph: decode, crop, resize and normalise on the CPU or the GPU, for one rank.
 
 Training reads its batches from an `external_source` (the feed in dali_feed.py) that brings each planned batch's file
-bytes and labels, and with augmentation each sample's crop window and flip; DALI decodes only that window
+bytes and sample indices, and with augmentation each sample's crop window and flip; DALI decodes only that window
 (`decoders.image_slice`) and resizes it. Evaluation reads its shard with `fn.readers.file` and resizes and
 centre-crops as torchvision's eval preset does. Nothing in the graph draws at random.
 
@@ -78,10 +78,11 @@ class GraphSpec:
         return self.train and self.augment
 
 
-def build_pipeline(g: GraphSpec, *, feed=None, samples: list[tuple[str, int]] | None = None):
-    """The pipeline for `g`: training reads from `feed` (a callable external source), evaluation `samples`' files.
+def build_pipeline(g: GraphSpec, *, feed=None, paths: list[str] | None = None):
+    """The pipeline for `g`: training reads from `feed` (a callable external source), evaluation the files `paths`.
 
-    Outputs ("images" float32 CHW normalised, "labels" int32 (1,)) per sample, on the GPU for device "cuda"."""
+    Outputs ("images" float32 CHW normalised, "index" int32 (1,): the sample's index in the list, which the loader
+    maps to its target) per sample, on the GPU for device "cuda"."""
     fn, types, Pipeline, _, _ = import_dali()
     cuda = g.device == "cuda"
     pipe = Pipeline(
@@ -94,13 +95,13 @@ def build_pipeline(g: GraphSpec, *, feed=None, samples: list[tuple[str, int]] | 
     with pipe:
         decode = {"device": "mixed", "hw_decoder_load": g.hw_decoder_load} if cuda else {"device": "cpu"}
         if g.train:
-            images, crop_pos_x, crop_pos_y, mirror, labels = _train_images(g, feed, decode, fn, types)
+            images, crop_pos_x, crop_pos_y, mirror, index = _train_images(g, feed, decode, fn, types)
         else:
-            jpegs, labels = _eval_reader(g, samples, fn)
+            jpegs, index = _eval_reader(g, paths, fn)
             images, crop_pos_x, crop_pos_y = _resized_for_centre_crop(g, jpegs, decode, fn, types)
             mirror = 0
         if cuda:
-            labels = labels.gpu()
+            index = index.gpu()
         images = fn.crop_mirror_normalize(
             images,
             dtype=types.FLOAT,
@@ -112,14 +113,14 @@ def build_pipeline(g: GraphSpec, *, feed=None, samples: list[tuple[str, int]] | 
             std=[255.0 * s for s in g.std],
             mirror=mirror,
         )
-        pipe.set_outputs(images, labels)
+        pipe.set_outputs(images, index)
     return pipe
 
 
 def _train_images(g: GraphSpec, feed, decode: dict, fn, types):
-    """The sampler's batches, in its order, from the feed: encoded bytes and labels, and with augmentation each
-    sample's crop window (top, left), (height, width) and flip. Returns (images, crop_pos_x, crop_pos_y, mirror,
-    labels) for `crop_mirror_normalize`."""
+    """The sampler's batches, in its order, from the feed: encoded bytes and sample indices, and with augmentation
+    each sample's crop window (top, left), (height, width) and flip. Returns (images, crop_pos_x, crop_pos_y, mirror,
+    index) for `crop_mirror_normalize`."""
     n = 5 if g.crops_in_feed else 2
     outputs = fn.external_source(
         source=feed,
@@ -128,10 +129,10 @@ def _train_images(g: GraphSpec, feed, decode: dict, fn, types):
         dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32][:n],
         ndim=[1, 1, 1, 1, 0][:n],
     )
-    jpegs, labels = outputs[0], outputs[1]
+    jpegs, index = outputs[0], outputs[1]
     if not g.crops_in_feed:  # training without augmentation: the eval transform
         images, crop_pos_x, crop_pos_y = _resized_for_centre_crop(g, jpegs, decode, fn, types)
-        return images, crop_pos_x, crop_pos_y, 0, labels
+        return images, crop_pos_x, crop_pos_y, 0, index
     # Decode only the window (the rest of the JPEG is skipped), then resize it to the output size.
     _, _, anchor, shape, mirror = outputs
     images = fn.decoders.image_slice(
@@ -150,14 +151,15 @@ def _train_images(g: GraphSpec, feed, decode: dict, fn, types):
         resize_y=g.crop_size,
         interp_type=getattr(types, INTERP[g.interpolation]),  # antialiased when downscaling, like PIL's resize
     )
-    return images, 0.5, 0.5, mirror, labels  # the crop already has the output size
+    return images, 0.5, 0.5, mirror, index  # the crop already has the output size
 
 
-def _eval_reader(g: GraphSpec, samples: list[tuple[str, int]], fn):
-    """Evaluation: each rank keeps its own shard, padded to the largest one (the iterator trims the padding)."""
+def _eval_reader(g: GraphSpec, paths: list[str], fn):
+    """Evaluation: each rank keeps its own shard, padded to the largest one (the iterator trims the padding). The
+    reader's one int label per file is the file's index in the list (the loader looks its target up)."""
     return fn.readers.file(
-        files=[p for p, _ in samples],
-        labels=[y for _, y in samples],
+        files=paths,
+        labels=list(range(len(paths))),
         name=READER,
         shard_id=g.shard_id,
         num_shards=g.num_shards,

@@ -47,9 +47,6 @@ def resolve_loader(cfg: DataConfig, env: DistEnv, *, pixel_aug: AugmentConfig | 
         return cfg.loader
     if env.device.type != "cuda":
         return "torch"
-    if cfg.task == "multilabel":
-        log.info("fastft: data.loader=auto: the torchvision loader (the DALI feed carries one class per image)")
-        return "torch"
     if pixel_aug is not None and pixel_aug.pixel_options():
         log.info("fastft: data.loader=auto: the torchvision loader (%s)", pixel_aug.pixel_options()[0])
         return "torch"
