@@ -14,7 +14,8 @@ PREFETCH_PER_WORKER = 4  # batches each DataLoader worker keeps ready (DALI's CP
 
 @runtime_checkable
 class Loader(Protocol):
-    """One rank's batches of (images float32 B3HW, labels int64 B), the same count on every rank.
+    """One rank's batches of (images float32 B3HW, targets), the same count on every rank. Targets are int64 (B,)
+    class indices, or float32 (B, C) multi-hot rows for a multilabel task.
 
     Attributes:
         skipped: the files `data.on_bad_file = "skip"` dropped before loading (set by `build_loader`).

@@ -75,7 +75,8 @@ def build_loader(
     checks.py). The synthetic loader reads no file and checks none.
 
     Returns:
-        A `Loader` of (images float32 B3HW, labels int64 B) batches.
+        A `Loader` of (images float32 B3HW, targets) batches: int64 (B,) class indices, or float32 (B, C)
+        multi-hot rows for a multilabel task.
 
     Raises:
         DataError: `data.on_bad_file = "error"` and a file is unusable, or too few samples for one batch per rank.
