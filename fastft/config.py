@@ -315,6 +315,11 @@ def _check_augment(cfg: FinetuneConfig) -> None:
             f"{on[0]}: not with features.cache = {cfg.features.cache} (cached features are computed once, before "
             "any per-sample or per-batch augmentation); set features.cache = off"
         )
+    if a.pixel_options() and cfg.data.loader == "synthetic":
+        raise ConfigError(
+            f"{a.pixel_options()[0]}: not with data.loader = synthetic (its batches are generated tensors, not decoded "
+            "images); use data.loader = torch"
+        )
     if a.pixel_options() and cfg.data.loader == "dali":
         raise ConfigError(
             f"{a.pixel_options()[0]}: not with data.loader = dali (its per-sample draws would not follow the run's "
