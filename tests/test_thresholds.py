@@ -96,9 +96,10 @@ def tuned_run(module_tmp) -> dict:
     return {"run": root / "runs" / "tuned", "val": val}
 
 
-def test_a_run_reports_and_saves_its_tuned_thresholds(tuned_run, capsys) -> None:
+def test_a_run_reports_and_saves_its_tuned_thresholds(tuned_run) -> None:
     from fastft.checkpoint import load_checkpoint
     from fastft.export import export_model
+    from fastft.report import format_table
 
     run = tuned_run["run"]
     metrics = json.loads((run / "metrics.json").read_text())
@@ -110,6 +111,9 @@ def test_a_run_reports_and_saves_its_tuned_thresholds(tuned_run, capsys) -> None
     export_model(run / "last.pt", run / "export", fmt="safetensors")
     spec = json.loads((run / "export" / "preprocess.json").read_text())
     assert spec["thresholds"] == chosen and "its own threshold" in spec["output"]["meaning"]
+    table = format_table(metrics)  # what the run prints at its end
+    assert "at per-label thresholds, tuned per label on this validation set (optimistic" in table
+    assert f"  f1_macro             {metrics['f1_macro']:.4f}   tuned {metrics['tuned/f1_macro']:.4f}" in table
     page = (run / "report.html").read_text()
     section = page.split("<h2>Per-label thresholds</h2>", 1)[1]
     assert section.startswith("<p>tuned per label on this validation set (optimistic")
