@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,23 +78,28 @@ def test_ties_take_the_lowest_threshold_and_the_key_is_multilabel_only() -> None
 # a run: reported, saved with the model, used by predict and eval
 
 
+def _run_cfg(train: Path, val: Path, out: Path) -> FinetuneConfig:
+    cfg = FinetuneConfig()
+    cfg.data.task, cfg.data.train_list, cfg.data.val_list = "multilabel", str(train), str(val)
+    cfg.data.image_size, cfg.data.batch_size, cfg.data.workers, cfg.data.augment = 32, 8, 0, False
+    cfg.model.name, cfg.model.weights, cfg.precision.dtype, cfg.compile.target = "resnet18", "none", "fp32", "none"
+    cfg.optim.epochs, cfg.optim.lr, cfg.log.progress, cfg.log.tensorboard = 2, 0.3, False, False
+    cfg.run.device, cfg.run.out_dir, cfg.run.name = "cpu", str(out), "tuned"
+    cfg.eval.tune_thresholds = True
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def tuned_run(module_tmp) -> dict:
+    """2 epochs, 32 train / 21 val images of tests/test_multilabel.py's coloured squares."""
     from test_multilabel import make_set
 
     from fastft.train import finetune
 
     root = module_tmp("thresholds")
     train, val = make_set(root / "train", 32, seed=0), make_set(root / "val", 21, seed=1)
-    cfg = FinetuneConfig()
-    cfg.data.task, cfg.data.train_list, cfg.data.val_list = "multilabel", str(train), str(val)
-    cfg.data.image_size, cfg.data.batch_size, cfg.data.workers, cfg.data.augment = 32, 8, 0, False
-    cfg.model.name, cfg.model.weights, cfg.precision.dtype, cfg.compile.target = "resnet18", "none", "fp32", "none"
-    cfg.optim.epochs, cfg.optim.lr, cfg.log.progress, cfg.log.tensorboard = 2, 0.3, False, False
-    cfg.run.device, cfg.run.out_dir, cfg.run.name = "cpu", str(root / "runs"), "tuned"
-    cfg.eval.tune_thresholds = True
-    finetune(cfg.validate())
-    return {"run": root / "runs" / "tuned", "val": val}
+    finetune(_run_cfg(train, val, root / "runs").validate())
+    return {"run": root / "runs" / "tuned", "train": train, "val": val}
 
 
 def test_a_run_reports_and_saves_its_tuned_thresholds(tuned_run) -> None:
@@ -140,3 +146,20 @@ def test_predict_and_eval_use_the_saved_thresholds(tuned_run, tmp_path) -> None:
     assert report["tuned/thresholds"] == chosen and "saved with the model" in report["tuned/note"]
     keys = ("tuned/f1_macro", "tuned/subset_accuracy", "tuned/hamming_loss", "f1_macro")
     assert {k: report[k] for k in keys} == pytest.approx({k: metrics[k] for k in keys}, abs=1e-6)
+
+
+def test_a_resumed_run_saves_its_checkpoints_thresholds_until_it_evaluates(tuned_run, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    from conftest import run_interrupted
+
+    from fastft.checkpoint import load_checkpoint
+
+    shutil.copytree(tuned_run["run"], tmp_path / "tuned")
+    saved = load_checkpoint(tmp_path / "tuned" / "last.pt")
+    cfg = _run_cfg(tuned_run["train"], tuned_run["val"], tmp_path)
+    cfg.optim.epochs, cfg.checkpoint.every_steps, cfg.checkpoint.resume = 3, 1, "auto"
+    run_interrupted(cfg.validate(), monkeypatch, at_step=2)  # last.pt saved after epoch 3's first step, then a crash
+    mid = load_checkpoint(tmp_path / "tuned" / "last.pt")
+    assert (mid["epoch"], mid["batch"], mid["step"]) == (2, 1, saved["step"] + 1)  # a new save, before any evaluation
+    assert mid["meta"]["thresholds"] == saved["meta"]["thresholds"]
