@@ -37,7 +37,7 @@ def tune(probs: torch.Tensor, target: torch.Tensor, *, fallback: float) -> list[
     from torchmetrics.functional.classification import multilabel_stat_scores
 
     c = probs.shape[1]
-    f1 = torch.zeros(c, len(GRID), dtype=torch.float64)
+    f1 = torch.zeros(c, len(GRID), dtype=torch.float64, device=probs.device)
     for j, t in enumerate(GRID):
         s = multilabel_stat_scores(probs, target, c, threshold=t, average="none", validate_args=False)
         s = s.reshape(c, 5).double()  # (tp, fp, tn, fn, support) per label
