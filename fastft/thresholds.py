@@ -33,19 +33,29 @@ SAVED_NOTE = "saved with the model (tuned on its run's validation set)"
 
 
 def tune(probs: torch.Tensor, target: torch.Tensor, *, fallback: float) -> list[float]:
-    """Each label's F1-maximising threshold over GRID (lowest among ties; `fallback` where the best F1 is 0)."""
-    from torchmetrics.functional.classification import multilabel_stat_scores
+    """Each label's F1-maximising threshold over GRID (lowest among ties; `fallback` where the best F1 is 0).
 
-    c = probs.shape[1]
-    f1 = torch.zeros(c, len(GRID), dtype=torch.float64, device=probs.device)
-    for j, t in enumerate(GRID):
-        s = multilabel_stat_scores(probs, target, c, threshold=t, average="none", validate_args=False)
-        s = s.reshape(c, 5).double()  # (tp, fp, tn, fn, support) per label
-        tp, fp, fn = s[:, 0], s[:, 1], s[:, 3]
-        denom = 2 * tp + fp + fn  # F1 = 2tp / (2tp + fp + fn): one correctly rounded division, so equal F1s tie
-        f1[:, j] = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), 0.0)
+    One pass over the scores: each probability's bucket is the number of grid values below it (it is predicted at
+    exactly those thresholds: `p > t`, compared in float32 as torchmetrics compares a threshold), and per-label
+    histograms of the buckets give every threshold's integer tp / fp / fn."""
+    c, t = probs.shape[1], len(GRID)
+    grid = torch.tensor(GRID, dtype=probs.dtype, device=probs.device)
+    bucket = torch.searchsorted(grid, probs.contiguous(), right=False)  # (N, C): #{k : grid[k] < p}
+    index = bucket + (t + 1) * torch.arange(c, device=probs.device)  # one histogram row per label
+    pos = target.bool()
+    hist_pos = torch.bincount(index[pos], minlength=c * (t + 1)).view(c, t + 1)
+    hist_neg = torch.bincount(index[~pos], minlength=c * (t + 1)).view(c, t + 1)
+    tp, fp = _above(hist_pos), _above(hist_neg)
+    fn = hist_pos.sum(1, keepdim=True).double() - tp
+    denom = 2 * tp + fp + fn  # F1 = 2tp / (2tp + fp + fn): one correctly rounded division, so equal F1s tie
+    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), 0.0)
     best, at = f1.max(dim=1), f1.argmax(dim=1)  # argmax: the first (lowest) of the maxima
-    return [GRID[int(i)] if float(b) > 0 else fallback for b, i in zip(best.values, at)]
+    return [GRID[int(i)] if float(b) > 0 else fallback for b, i in zip(best.values.tolist(), at.tolist())]
+
+
+def _above(hist: torch.Tensor) -> torch.Tensor:
+    """Per label and grid index k: the count in buckets > k (predicted at grid[k])."""
+    return hist.flip(1).cumsum(1).flip(1)[:, 1:].double()
 
 
 def metrics_at(probs: torch.Tensor, target: torch.Tensor, thresholds: list[float]) -> dict:
@@ -62,10 +72,15 @@ def metrics_at(probs: torch.Tensor, target: torch.Tensor, thresholds: list[float
     # the same float32 comparison as a scalar threshold's (a Python float meets a float32 tensor as float32)
     pred = (probs > torch.tensor(thresholds, dtype=probs.dtype, device=probs.device)).long()
     fns = {"precision": multilabel_precision, "recall": multilabel_recall, "f1": multilabel_f1_score}
-    out = {f"{m}_{avg}": float(fn(pred, target, c, average=avg)) for avg in ("macro", "micro") for m, fn in fns.items()}
-    out["subset_accuracy"] = float(multilabel_exact_match(pred, target, c))
-    out["hamming_loss"] = float(multilabel_hamming_distance(pred, target, c, average="micro"))
-    out["f1_per_class"] = multilabel_f1_score(pred, target, c, average="none").tolist()
+    kw = {"validate_args": False}  # 0/1 predictions built here; the checks would scan every value again
+    out = {
+        f"{m}_{avg}": float(fn(pred, target, c, average=avg, **kw))
+        for avg in ("macro", "micro")
+        for m, fn in fns.items()
+    }
+    out["subset_accuracy"] = float(multilabel_exact_match(pred, target, c, **kw))
+    out["hamming_loss"] = float(multilabel_hamming_distance(pred, target, c, average="micro", **kw))
+    out["f1_per_class"] = multilabel_f1_score(pred, target, c, average="none", **kw).tolist()
     return out
 
 

@@ -68,6 +68,13 @@ def test_ties_take_the_lowest_threshold_and_the_key_is_multilabel_only() -> None
     # label 0: F1 = 1 for every threshold in [0.2, 0.6); label 1: never positive
     probs, target = torch.tensor([[0.2, 0.9], [0.6, 0.1]]), torch.tensor([[0, 0], [1, 0]])
     assert tune(probs, target, fallback=0.5) == [0.2, 0.5]
+    # probabilities on the grid values themselves (p > t is false at p == t), 41 samples x 4 labels
+    rng = np.random.default_rng(3)
+    y = (rng.random((41, 4)) < [0.2, 0.4, 0.5, 0.7]).astype(int)
+    p = np.clip(rng.normal(0.5, 0.25, (41, 4)) + 0.2 * (2 * y - 1), 0.0, 1.0).astype(np.float32)
+    snap = rng.random((41, 4)) < 0.5
+    p[snap] = np.asarray(GRID, dtype=np.float32)[rng.integers(0, len(GRID), snap.sum())]
+    assert tune(torch.from_numpy(p), torch.from_numpy(y), fallback=0.5) == brute_force(y, p, 0.5)
     cfg = FinetuneConfig()
     cfg.eval.tune_thresholds = True
     with pytest.raises(ConfigError, match=r"^eval.tune_thresholds: only with data.task = multilabel"):
