@@ -145,6 +145,7 @@ def evaluate(
                 classes=meta["classes"],
                 task=task,
                 threshold=meta.get("threshold", 0.5),
+                thresholds=meta.get("thresholds"),  # per-label ones saved with the model: reported as well
             )
         paths: dict[str, Path] = {}
         if out_dir is not None and env.is_main:
@@ -245,9 +246,12 @@ def _rows(logits: torch.Tensor, classes: list[str]) -> list[list[str]]:
 
 def _multilabel_rows(logits: torch.Tensor, classes: list[str], meta: dict) -> list[list[str]]:
     """labels,<one probability per label> of each image: the labels whose sigmoid probability is above the model's
-    eval.threshold (joined by ';', as in the training lists), then every label's probability."""
+    per-label thresholds when it has them (eval.tune_thresholds), else its eval.threshold (joined by ';', as in the
+    training lists), then every label's probability."""
     probs = logits.sigmoid()
-    picked = probs > meta.get("threshold", 0.5)  # torchmetrics' rule in the run's evaluation
+    per = meta.get("thresholds")
+    at = meta.get("threshold", 0.5) if per is None else torch.tensor(per, dtype=probs.dtype, device=probs.device)
+    picked = probs > at  # torchmetrics' rule in the run's evaluation (float32 against float32)
     return [
         [";".join(c for c, on in zip(classes, hot) if on), *(f"{q:.6f}" for q in row)]
         for row, hot in zip(probs.tolist(), picked.tolist())

@@ -141,6 +141,7 @@ class FeaturesConfig:
 @dataclass
 class EvalConfig:
     threshold: float = 0.5  # multilabel: a label is predicted when its sigmoid probability is above this
+    tune_thresholds: bool = False  # multilabel: also tune a threshold per label on validation (F1), kept with the model
 
 
 @dataclass
@@ -275,6 +276,8 @@ def _check_task(cfg: FinetuneConfig) -> None:
     _choice("data.task", cfg.data.task, ("multiclass", "multilabel"))
     _range("eval.threshold", cfg.eval.threshold, 0.0, 1.0, lo_open=True, hi_open=True)
     if cfg.data.task != "multilabel":
+        if cfg.eval.tune_thresholds:
+            raise ConfigError("eval.tune_thresholds: only with data.task = multilabel (a single label is the argmax)")
         return
     if not cfg.data.train_list:
         raise ConfigError("data.train_list: data.task = multilabel reads label sets from a CSV/JSONL of path,labels")

@@ -77,7 +77,9 @@ class Ema:
     @staticmethod
     def merge(raw: dict, ema: dict) -> dict:
         """The raw model's report, with the EMA model's scalars under `ema/` keys."""
-        return {**raw, **{f"{PREFIX}{k}": v for k, v in ema.items() if isinstance(v, float)}}
+        # and the EMA model's tuned per-label thresholds (eval.tune_thresholds), saved with it when it is kept
+        kept = {k: v for k, v in ema.items() if isinstance(v, float) or k == "tuned/thresholds"}
+        return {**raw, **{f"{PREFIX}{k}": v for k, v in kept.items()}}
 
     def state_dict(self) -> dict:
         """The averaged trainable tensors by model key, and the number of averages taken."""

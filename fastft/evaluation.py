@@ -113,13 +113,27 @@ def build_multilabel_metrics(num_labels: int, device: torch.device, *, threshold
 class MultilabelEvaluator:
     """The multilabel counterpart of StreamingEvaluator: logits (B, C) and multi-hot targets (B, C)."""
 
-    def __init__(self, num_labels: int, device: torch.device, *, threshold: float = 0.5) -> None:
+    def __init__(
+        self,
+        num_labels: int,
+        device: torch.device,
+        *,
+        threshold: float = 0.5,
+        tune: bool = False,
+        thresholds: list[float] | None = None,
+    ) -> None:
         from torchmetrics.classification import MultilabelPrecisionRecallCurve
 
         self.num_classes, self.threshold = num_labels, threshold
         self.collection, self.extra = build_multilabel_metrics(num_labels, device, threshold=threshold)
         # every score kept, gathered from all ranks at compute time (as mAP's): exact under any world size
         self.pr_curve = MultilabelPrecisionRecallCurve(num_labels, thresholds=None).to(device)
+        # per-label thresholds (fastft/thresholds.py): tuned here (`tune`), or a model's saved `thresholds`
+        self.per_label = None
+        if tune or thresholds is not None:
+            from fastft.thresholds import per_label_metric
+
+            self.per_label = per_label_metric(num_labels, fallback=threshold, saved=thresholds).to(device)
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         if logits.shape[0] == 0:
@@ -128,6 +142,8 @@ class MultilabelEvaluator:
         probs, targets = logits.sigmoid(), targets.long()
         self.collection.update(probs, targets)
         self.pr_curve.update(probs, targets)
+        if self.per_label is not None:
+            self.per_label.update(probs, targets)
         loss = F.binary_cross_entropy_with_logits(logits, targets.float())  # the training loss's mean
         self.extra["loss"].update(loss, weight=targets.shape[0])
 
@@ -153,18 +169,23 @@ class MultilabelEvaluator:
         report["pr_curve"] = {
             "labels": [{"precision": p.cpu().tolist(), "recall": r.cpu().tolist()} for p, r in zip(precision, recall)]
         }
+        if self.per_label is not None:
+            report.update(self.per_label.compute())
         return report
 
     def reset(self) -> None:
         self.collection.reset()
         self.pr_curve.reset()
         self.extra["loss"].reset()
+        if self.per_label is not None:
+            self.per_label.reset()
 
 
-def make_evaluator(num_classes: int, device: torch.device, *, task: str = "multiclass", threshold: float = 0.5):
-    """The evaluator of a `data.task`: StreamingEvaluator (multiclass) or MultilabelEvaluator."""
+def make_evaluator(num_classes: int, device: torch.device, *, task: str = "multiclass", threshold: float = 0.5, **per):
+    """The evaluator of a `data.task`: StreamingEvaluator (multiclass) or MultilabelEvaluator (`per`: its per-label
+    thresholds, `tune` or saved `thresholds`)."""
     if task == "multilabel":
-        return MultilabelEvaluator(num_classes, device, threshold=threshold)
+        return MultilabelEvaluator(num_classes, device, threshold=threshold, **per)
     return StreamingEvaluator(num_classes, device)
 
 
@@ -256,12 +277,16 @@ def run_evaluation(
     heads: int = 0,
     task: str = "multiclass",
     threshold: float = 0.5,
+    tune_thresholds: bool = False,
+    thresholds: list[float] | None = None,
 ) -> dict | list[dict]:
     """Evaluate `forward` over `loader`; `pad_to` > 0 pads short batches to that size (static shapes for compile).
 
     With `heads` = H > 0, `forward` returns (H, B, classes) and one report per head is returned. `task` =
-    "multilabel": multi-hot targets (B, C), metrics at `threshold` (MultilabelEvaluator)."""
-    evs = [make_evaluator(num_classes, device, task=task, threshold=threshold) for _ in range(max(heads, 1))]
+    "multilabel": multi-hot targets (B, C), metrics at `threshold` (MultilabelEvaluator), and also at per-label
+    thresholds tuned here (`tune_thresholds`) or given (`thresholds`, a model's saved ones)."""
+    per = {"tune": tune_thresholds, "thresholds": thresholds} if task == "multilabel" else {}
+    evs = [make_evaluator(num_classes, device, task=task, threshold=threshold, **per) for _ in range(max(heads, 1))]
     for images, labels in loader:
         n = labels.shape[0] if isinstance(images, Mapping) else images.shape[0]
         if n == 0:

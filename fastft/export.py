@@ -65,11 +65,16 @@ def _multilabel_output(meta: dict) -> dict:
     """A multilabel model (data.task): a sigmoid per label, and the threshold its run evaluated at."""
     if meta.get("task") != "multilabel":
         return {}
-    meaning = f"logits (a sigmoid per label for probabilities; the run predicted a label above {meta['threshold']:g})"
+    above = f"above {meta['threshold']:g}"
+    per = meta.get("thresholds")  # eval.tune_thresholds: one per label, in class order, tuned on validation
+    if per is not None:
+        above = "above its own threshold (thresholds, in class order)"
+    meaning = f"logits (a sigmoid per label for probabilities; the run predicted a label {above})"
     shape = ["batch", meta["num_classes"]]
     return {
         "task": "multilabel",
         "threshold": meta["threshold"],
+        **({"thresholds": list(per)} if per is not None else {}),
         "output": {"name": OUTPUT, "shape": shape, "meaning": meaning},
     }
 

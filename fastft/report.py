@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from fastft.thresholds import table_lines
+
 _SUMMARY = (
     "top1",
     "top5",
@@ -35,6 +37,7 @@ def format_table(report: dict) -> str:
         if report.get(k) is not None:
             ema = report.get(f"ema/{k}")  # the EMA of the weights (optim.ema_decay), on the same images
             lines.append(f"  {k:<20} {report[k]:.4f}" + (f"   ema {ema:.4f}" if ema is not None else ""))
+    lines += table_lines(report)  # eval.tune_thresholds: the metrics at per-label thresholds, labelled
     rows = report.get("per_class", [])
     if rows:
         width = max(12, *(len(str(r.get("class", i))) for i, r in enumerate(rows)))

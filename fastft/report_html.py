@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 from fastft.outputs import atomic_target
+from fastft.thresholds import PREFIX as TUNED
+from fastft.thresholds import html_section
 
 MARKER = '<meta name="generator" content="fastft report">'  # how fastft.outputs knows the file is fastft's own
 _STYLE = (
@@ -173,6 +175,7 @@ def render_html(
     """The page for `report`; curves come from `events` (a run's events.jsonl) when given and it holds evaluations;
     `counts_png` is the counts matrix already rendered (confusion_matrix.png), drawn here when not given."""
     scalars = [[k, v] for k, v in report.items() if isinstance(v, float) or (v is None and k != "early_stop")]
+    scalars = [r for r in scalars if not r[0].startswith(TUNED)]  # in their own section, beside the others
     named = [{**r, "class": r.get("class", str(i))} for i, r in enumerate(report.get("per_class", []))]
     per_class = [[r["class"], r["precision"], r["recall"], r["f1"], r["support"]] for r in by_support(named)]
     curves = _curve_images(read_curves(events), best_metric)
@@ -187,6 +190,7 @@ def render_html(
         "<h2>Confusion matrix</h2>" + "".join(_confusion_images(report, counts_png))
         if "confusion_matrix" in report
         else "",
+        html_section(report),  # eval.tune_thresholds
         f"<h2>Precision-recall</h2><p>{html.escape(_pr_note(report))}</p>{pr}" if pr else "",
         "<h2>Curves</h2>"
         + ("".join(curves) if curves else "<p>no per-epoch curves: this report is not from a training run</p>"),

@@ -139,6 +139,7 @@ RULES: dict[str, Rule] = {
     "eval.threshold": Rule(
         NOTED, "metrics at a threshold (precision, recall, F1, ...) change; the best so far was judged at the old one"
     ),
+    "eval.tune_thresholds": Rule(MAY),
     "checkpoint.every_epochs": Rule(MAY),
     "checkpoint.every_steps": Rule(MAY),
     "checkpoint.best_metric": Rule(

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastft import act_ckpt, early_stop, timing
+from fastft import act_ckpt, early_stop, thresholds, timing
 from fastft import checkpoint as ckpt_io
 from fastft import resume as resume_rules
 from fastft.augment import BatchMix, batch_mix
@@ -307,6 +307,8 @@ def setup(cfg: FinetuneConfig, env: penv.DistEnv, opened: list, phases: Phases |
     run.ema = build_ema(cfg.optim, split.suffix, model)
     seed_rank_streams(cfg.run.seed, env.rank, env.world_size)
     run.meta = _meta(cfg, env, index, spec, source.head, num_classes)
+    if state is not None and cfg.eval.tune_thresholds:  # a resumed run's saves keep them until it evaluates
+        run.meta = thresholds.with_thresholds(run.meta, state["meta"].get("thresholds"))
     lap("assemble")  # backend, wrap, compile
     _open(run, state)
     opened.append(run.checkpointer)  # closed last, also when the run fails: its write in flight finishes
@@ -728,9 +730,14 @@ def evaluate(run: Run) -> dict:
     sync_buffers(run.split.suffix)  # every rank evaluates the model that is saved (rank 0's buffers)
     run.split.suffix.eval()
     if run.ema is not None:  # both models in one pass over the images: the frozen prefix runs once
-        return run.ema.merge(*_evaluate_suffix(run, run.ema.paired(run.suffix), heads=2))
-    out = _evaluate_suffix(run, run.suffix, heads=run.sweep.heads if run.sweep is not None else 0)
-    return out if run.sweep is None else run.sweep.select(out)
+        report = run.ema.merge(*_evaluate_suffix(run, run.ema.paired(run.suffix), heads=2))
+    else:
+        out = _evaluate_suffix(run, run.suffix, heads=run.sweep.heads if run.sweep is not None else 0)
+        report = out if run.sweep is None else run.sweep.select(out)
+    # eval.tune_thresholds: those of the model a checkpoint gives (the EMA's when kept) go with the next saves
+    kept = thresholds.of_report(report, ema=run.ema is not None and picks_ema(run.cfg.checkpoint.best_metric))
+    run.meta = run.checkpointer.meta = thresholds.with_thresholds(run.meta, kept)
+    return report
 
 
 def _evaluate_suffix(run: Run, suffix: Callable, *, heads: int) -> dict | list[dict]:
@@ -747,6 +754,7 @@ def _evaluate_suffix(run: Run, suffix: Callable, *, heads: int) -> dict | list[d
         heads=heads,
         task=run.cfg.data.task,
         threshold=run.cfg.eval.threshold,
+        tune_thresholds=run.cfg.eval.tune_thresholds,
     )
 
 

@@ -1,5 +1,6 @@
 """A rank of tests/test_multilabel.py's exactness check: streams its shard of the scores into a MultilabelEvaluator
-and writes the synced report. Kept apart from the test module so the spawned ranks import only torch and fastft."""
+(which also tunes per-label thresholds, checked by tests/test_thresholds.py's assert_tuned) and writes the synced
+report. Kept apart from the test module so the spawned ranks import only torch and fastft."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ def scores() -> tuple[torch.Tensor, torch.Tensor]:
     return logits, targets
 
 
-def streamed(logits: torch.Tensor, targets: torch.Tensor, threshold: float) -> dict:
+def streamed(logits: torch.Tensor, targets: torch.Tensor, threshold: float, *, tune: bool = False) -> dict:
     from fastft.evaluation import MultilabelEvaluator
 
-    ev = MultilabelEvaluator(C, torch.device("cpu"), threshold=threshold)
+    ev = MultilabelEvaluator(logits.shape[1], torch.device("cpu"), threshold=threshold, tune=tune)
     for start in range(0, len(targets), 5):  # uneven batches: the last one holds the remainder
         ev.update(logits[start : start + 5], targets[start : start + 5].float())
     return ev.compute()
@@ -35,7 +36,7 @@ def rank(rank: int, world: int, init: str, out: str) -> None:
     try:
         logits, targets = scores()
         shard = shard_range(N, rank, world)
-        report = streamed(logits[shard.start : shard.stop], targets[shard.start : shard.stop], 0.5)
+        report = streamed(logits[shard.start : shard.stop], targets[shard.start : shard.stop], 0.5, tune=True)
         Path(f"{out}.{rank}").write_text(json.dumps(report))
     finally:
         torch.distributed.destroy_process_group()

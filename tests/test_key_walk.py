@@ -68,6 +68,7 @@ VALUES: dict[str, tuple[object, dict[str, object]]] = {
     "data.sampler": ("balanced", {}),
     "data.task": ("multilabel", {}),  # with data.root: one line (label sets come from data.train_list)
     "eval.threshold": (0.3, {}),
+    "eval.tune_thresholds": (True, {}),  # on a single-label run: one line
     "augment.policy": ("autoaugment", {}),
     "augment.random_erase": (0.5, {}),
     "augment.color_jitter": (0.4, {}),

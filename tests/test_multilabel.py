@@ -25,6 +25,7 @@ from sklearn.metrics import (
     precision_score,
     recall_score,
 )
+from test_thresholds import assert_tuned
 
 from fastft.config import FinetuneConfig
 from fastft.data.multilabel import index_multilabel
@@ -215,13 +216,17 @@ def test_the_metrics_equal_scikit_learns_on_one_rank(threshold) -> None:
 # 3 ranks (uneven 13/12/12 shards) in the default suite; 2 behind slow: each launch spawns fresh interpreters
 @pytest.mark.parametrize("world", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_the_metrics_are_exact_over_ranks(tmp_path, monkeypatch, world) -> None:
-    """Each rank streams its contiguous shard of the 37 samples; every rank's synced report is scikit-learn's."""
+    """Each rank streams its contiguous shard of the 37 samples; every rank's synced report is scikit-learn's, and
+    so are the per-label thresholds each rank tunes (a brute-force search with f1_score over all 37 samples)."""
     out = tmp_path / "report.json"
     # the spawned ranks import tests/_multilabel_ranks.py (torch and fastft only)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), *sys.path]))
     torch.multiprocessing.spawn(rank, args=(world, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=world)
+    logits, targets = scores()
     for r in range(world):
-        _assert_equals_sklearn(json.loads(Path(f"{out}.{r}").read_text()), 0.5)
+        report = json.loads(Path(f"{out}.{r}").read_text())
+        _assert_equals_sklearn(report, 0.5)
+        assert_tuned(report, targets.numpy(), logits.sigmoid().numpy(), 0.5)  # eval.tune_thresholds: exact too
 
 
 # ---------------------------------------------------------------------------------------------------------------
