@@ -162,29 +162,6 @@ def test_one_rank_failing_ends_the_job(shapes4, tmp_path) -> None:
     assert "fastft: rank 1 failed: RuntimeError: injected fault at step 2" in p.stderr
 
 
-def test_torchrun_launcher_script(shapes4, tmp_path) -> None:
-    env = _launcher_env(NPROC_PER_NODE="2", MASTER_PORT="29633")
-    p = subprocess.run(
-        [
-            "bash",
-            str(LAUNCHER),
-            f"--data.root={shapes4}",
-            *FAST,
-            "--data.batch_size=4",
-            "--optim.epochs=1",
-            f"--run.out_dir={tmp_path}",
-            "--run.name=l",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    _ok(p)
-    events = [json.loads(x) for x in (tmp_path / "l" / "events.jsonl").read_text().splitlines()]
-    assert events[0]["world_size"] == 2 and (tmp_path / "l" / "metrics.json").is_file()
-
-
 def test_torchrun_launcher_two_nodes_on_one_host(shapes4, tmp_path) -> None:
     """The multi-node form of launchers/torchrun.sh (NNODES=2, NODE_RANK=0|1, one process per node, a shared run
     folder) trains exactly like one process with the two nodes' batches together."""
