@@ -156,8 +156,9 @@ def row_targets(doc: dict) -> list[dict]:
                 ),
                 "why": (
                     f"a step at a save {g['background']['at_save_median_s']:.3f}s against a normal step "
-                    f"{g['background']['normal_median_s']:.3f}s: the snapshot runs on the training thread and the "
-                    "write shares the host's cores with training"
+                    f"{g['background']['normal_median_s']:.3f}s: the interval at a save holds the host snapshot of "
+                    f"the {g['background']['last_pt_bytes'] / 1e6:.0f} MB checkpoint (on the training thread), and "
+                    "the writer thread's serialising and writing run on the same cores as training"
                     if ok and value > 1.1
                     else ""
                 ),

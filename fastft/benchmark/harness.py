@@ -1,5 +1,6 @@
 """Running a suite: stamps (hardware, versions), the side-by-side run, the host's memory bandwidth, every mode between
-two limit measurements, then ratios, targets and the results files. `fastft bench` calls `run(args)`."""
+two limit measurements, the probe-wall and save-gap rows, the timm comparison, then ratios, targets and the results
+files. `fastft bench` calls `run(args)`."""
 
 from __future__ import annotations
 
