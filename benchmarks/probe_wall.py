@@ -56,7 +56,7 @@ def main() -> None:
 def write_record(out: Path, args, entry: dict) -> None:
     precision = resolve_precision(PrecisionConfig(), torch.device("cpu")).name
     lines = [
-        "# A 10-epoch cached linear probe against one forward pass over the data",
+        f"# A {args.epochs}-epoch cached linear probe against one forward pass over the data",
         "",
         f"Command: `python -m benchmarks.probe_wall --out {args.out} --pairs {args.pairs} --epochs {args.epochs}"
         f" --batch {args.batch} --workers {args.workers}`",
