@@ -11,7 +11,11 @@
 # 2. Runs the `gpu` suite of fastft/benchmark (`fastft bench`): resnet50 @224, bf16, channels_last, batch 256 on photo-like
 #    JPEGs it generates (4096 train + 512 val): the forward-only limit, linear probe (in-memory synthetic input, DALI
 #    and torchvision JPEG input, compile on/off), linear probe from the feature cache, partial and full fine-tune
-#    (compile on/off), the naive seed loop, and the 10-epoch cached-probe vs seed-loop comparison.
+#    (compile on/off), the naive seed loop, and the 10-epoch cached-probe vs seed-loop comparison; then the
+#    `probe_wall` row (10-epoch cached resnet50 probe vs one forward pass over the same 4096 + 512 JPEGs, 2 pairs,
+#    target <= 1.2) and the `save_gap` row (resnet50 full fine-tune at batch 256, step time at a checkpoint save vs a
+#    normal step, sync vs background write, target <= 1.1), each started only if its estimate (60 s, 45 s) fits the
+#    budget, else recorded as skipped with the reason; then the fastft vs timm-style loop comparison (full, partial).
 # 3. Runs the CUDA tests (tests/test_gpu.py) when pytest is available (or installs from the wheels).
 # 4. Writes <hardware>-<date>.json/.md, LATEST.md, gpu_check.log, gpu_tests.log and env.txt into the output folder.
 #

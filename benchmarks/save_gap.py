@@ -11,85 +11,26 @@ in "background" by the writer thread. The optimizer comparison runs without save
 from __future__ import annotations
 
 import argparse
-import functools
-import itertools
 import json
 import platform
 import shutil
-import statistics
-import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torchvision
 
 import fastft
-import fastft.optim
-import fastft.trainer
-from fastft.checkpoint import Checkpointer
-from fastft.config import FinetuneConfig
+from fastft.benchmark.save_gap import MODES, gap_config, gaps, timed_run
 from fastft.data.synthetic import make_image_folder
+
+CPU = torch.device("cpu")
 
 
 def _config(data: Path, out: Path, name: str, *, steps: int, every: int, size: int, batch: int, optim: str):
-    cfg = FinetuneConfig()
-    cfg.model.name, cfg.model.weights, cfg.model.freeze = "resnet50", "none", "none"
-    cfg.data.root, cfg.data.image_size, cfg.data.batch_size, cfg.data.workers = str(data), size, batch, 0
-    cfg.precision.dtype, cfg.compile.target = "fp32", "none"
-    cfg.optim.name, cfg.optim.max_steps, cfg.optim.epochs = optim, steps, 100
-    cfg.checkpoint.every_steps = every
-    cfg.run.out_dir, cfg.run.name, cfg.run.device = str(out), name, "cpu"
-    cfg.log.progress, cfg.log.tensorboard = False, False
-    return cfg.validate()
-
-
-def _timed_run(cfg: FinetuneConfig, *, background: bool, fused: bool) -> list[float]:
-    """Run `cfg`; returns the optimizer steps' entry times into after_step."""
-    marks: list[float] = []
-    real_after = fastft.trainer.after_step
-
-    def after_step(*args, **kwargs):
-        marks.append(time.perf_counter())
-        return real_after(*args, **kwargs)
-
-    patches = [mock.patch.object(fastft.trainer, "after_step", after_step)]
-    if not background:
-        sync = functools.partial(Checkpointer, background=False)  # the write on the training thread
-        patches.append(mock.patch.object(fastft.trainer, "Checkpointer", sync))
-    if not fused:
-        patches.append(mock.patch.object(fastft.optim, "step_kernel", lambda device: {}))
-    for p in patches:
-        p.start()
-    try:
-        fastft.trainer.finetune(cfg)
-    finally:
-        for p in patches:
-            p.stop()
-    return marks
-
-
-def _gaps(marks: list[float], every: int) -> dict:
-    """Step intervals: [i] runs from after_step of step i+1 to that of step i+2 (1-based steps)."""
-    iv = [b - a for a, b in itertools.pairwise(marks)]
-    step_of = [i + 1 for i in range(len(iv))]  # the step whose after_step (and save) opens the interval
-    at_save = [t for s, t in zip(step_of, iv) if every and s % every == 0]
-    after_save = [t for s, t in zip(step_of, iv) if every and s % every == 1 and s > 1]
-    normal = [t for s, t in zip(step_of, iv) if not every or s % every not in (0, 1)]
-    normal = normal[2:] if len(normal) > 4 else normal  # the first steps warm up
-    if not normal:
-        raise SystemExit("no step away from a save: use more --steps or a larger --every")
-    med = statistics.median(normal)
-    out = {"normal_median_s": med, "normal_n": len(normal)}
-    if at_save:
-        out.update(
-            at_save_s=at_save,
-            at_save_median_s=statistics.median(at_save),
-            ratio_at_save=statistics.median(at_save) / med,
-            next_step_s=after_save,
-            ratio_next_step=statistics.median(after_save) / med if after_save else None,
-        )
-    return out
+    return gap_config(
+        data, out, name, model="resnet50", steps=steps, every=every, size=size, batch=batch, optim=optim, workers=0,
+        loader="auto", precision="fp32", device=CPU,
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -114,10 +55,10 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "args": {k: str(v) for k, v in vars(args).items()},
     }
-    for mode in ("sync", "background") if "saves" in args.parts else ():
+    for mode in MODES if "saves" in args.parts else ():
         cfg = _config(data, args.out / "runs", mode, steps=args.steps, every=args.every, **kw)
-        marks = _timed_run(cfg, background=mode == "background", fused=True)
-        result[mode] = _gaps(marks, args.every)
+        marks = timed_run(cfg, background=mode == "background", fused=True, device=CPU)
+        result[mode] = gaps(marks, args.every)
         result[mode]["last_pt_bytes"] = (args.out / "runs" / mode / "last.pt").stat().st_size
         shutil.rmtree(args.out / "runs" / mode)
         print(mode, json.dumps(result[mode]), flush=True)
@@ -125,8 +66,8 @@ def main() -> None:
         for fused in (True, False):
             name = f"opt-{'fused' if fused else 'default'}-{pair}"
             cfg = _config(data, args.out / "runs", name, steps=args.opt_steps, every=0, **kw)
-            gaps = _gaps(_timed_run(cfg, background=True, fused=fused), 0)
-            result[name] = {**gaps, "img_s": args.batch / gaps["normal_median_s"]}
+            g = gaps(timed_run(cfg, background=True, fused=fused, device=CPU), 0)
+            result[name] = {**g, "img_s": args.batch / g["normal_median_s"]}
             shutil.rmtree(args.out / "runs" / name)
             print(name, json.dumps(result[name]), flush=True)
     (args.out / f"save_gap-{args.parts.replace(',', '-')}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -92,7 +92,7 @@ def evaluate_targets(doc: dict) -> list[dict]:
     for t in targets:
         t["why"] = _why(t, h) if t["met"] is False else ""
         t.pop("entry")
-    return targets + timm_targets(doc)
+    return targets + timm_targets(doc) + row_targets(doc)
 
 
 def timm_targets(doc: dict) -> list[dict]:
@@ -109,6 +109,59 @@ def timm_targets(doc: dict) -> list[dict]:
                 "met": value >= 1.1,
                 "description": f"{mode} fine-tune img/s, fastft / timm-style loop, median of {len(m['ratios'])} pairs",
                 "why": "" if value >= 1.1 else "see the step breakdown (benchmarks/step_breakdown.py)",
+            }
+        )
+    return out
+
+
+def row_targets(doc: dict) -> list[dict]:
+    """The probe-wall and save-gap rows' targets (`met` None when the row was skipped or failed)."""
+    out = []
+    p = doc.get("probe_wall")
+    if p:
+        ok = p["status"] == "ok"
+        value = p["ratio_median"] if ok else None
+        top = sorted(p["breakdown_s"], key=lambda r: -r[1])[:3] if ok else []
+        wall = p["probe_wall_s"][p["median_pair"]] if ok else 0.0
+        out.append(
+            {
+                "name": "probe_wall_vs_forward_pass",
+                "threshold": "<= 1.2",
+                "value": value,
+                "met": None if value is None else value <= 1.2,
+                "description": (
+                    f"wall time of a {p['epochs']}-epoch cached linear probe / one forward pass over the same data"
+                    + (f", median of {len(p['ratios'])} pairs" if ok else f" ({p['status']}: {p['reason']})")
+                ),
+                "why": (
+                    "the median pair's largest parts: " + ", ".join(f"{k} {v / wall:.0%}" for k, v in top)
+                    if ok and value > 1.2
+                    else ""
+                ),
+            }
+        )
+    g = doc.get("save_gap")
+    if g:
+        ok = g["status"] == "ok"
+        value = g["ratio"] if ok else None
+        out.append(
+            {
+                "name": "save_step_vs_normal_step",
+                "threshold": "<= 1.1",
+                "value": value,
+                "met": None if value is None else value <= 1.1,
+                "description": (
+                    "step time at a checkpoint save / a normal step, background write"
+                    + (f" (sync write: {g['ratio_sync']:.2f})" if ok else f" ({g['status']}: {g['reason']})")
+                ),
+                "why": (
+                    f"a step at a save {g['background']['at_save_median_s']:.3f}s against a normal step "
+                    f"{g['background']['normal_median_s']:.3f}s: the interval at a save holds the host snapshot of "
+                    f"the {g['background']['last_pt_bytes'] / 1e6:.0f} MB checkpoint (on the training thread), and "
+                    "the writer thread's serialising and writing run on the same cores as training"
+                    if ok and value > 1.1
+                    else ""
+                ),
             }
         )
     return out

@@ -25,12 +25,18 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--time-budget",
         type=float,
         default=0.0,
-        help="seconds; cases that would start after it are recorded as skipped (0 = no limit)",
+        help=(
+            "seconds; cases that would start after it, and the probe-wall/save-gap rows whose estimate does not fit "
+            "in it, are recorded as skipped (0 = no limit)"
+        ),
     )
     p.add_argument(
         "--only",
         default="",
-        help="comma-separated substrings: run only the cases whose name matches (timm: the timm comparison)",
+        help=(
+            "comma-separated substrings: run only the cases whose name matches (timm: the timm comparison; "
+            "probe-wall, save-gap: those rows)"
+        ),
     )
     p.add_argument("--no-latest", action="store_true", help="do not (re)write LATEST.md in --out")
     return p

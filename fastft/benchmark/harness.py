@@ -1,5 +1,6 @@
 """Running a suite: stamps (hardware, versions), the side-by-side run, the host's memory bandwidth, every mode between
-two limit measurements, then ratios, targets and the results files. `fastft bench` calls `run(args)`."""
+two limit measurements, the probe-wall and save-gap rows, the timm comparison, then ratios, targets and the results
+files. `fastft bench` calls `run(args)`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fastft.benchmark import cases, data, headline, measure, timm_compare
+from fastft.benchmark import cases, data, headline, measure, probe_wall, save_gap, timm_compare
 from fastft.benchmark.analysis import attach_ratios, evaluate_targets
 from fastft.benchmark.report import SCHEMA_VERSION, validate, write_results
 from fastft.benchmark.suites import Block, Case, Suite, get_suite
@@ -96,6 +97,8 @@ def new_document(suite: Suite, args: argparse.Namespace, device: torch.device, r
         "cases": [],
         "headline": None,
         "timm": None,
+        "probe_wall": None,
+        "save_gap": None,
         "memcpy": None,
         "targets": [],
         "wall_s": None,
@@ -138,8 +141,35 @@ class SuiteRun:
         for block, selected in blocks:
             if selected:
                 self.block(block, selected)
+        for key, spec, measure_row in (
+            ("probe_wall", self.suite.probe_wall, probe_wall.run_row),
+            ("save_gap", self.suite.save_gap, save_gap.run_row),
+        ):
+            if spec is not None and (not self.only or key.replace("_", "-") in self.only or key in self.only):
+                self.doc[key] = self.row(key, spec, measure_row)
         if self.suite.timm and (not self.only or "timm" in self.only) and not self.over_budget():
             self.timm()
+
+    def row(self, key: str, spec, measure_row) -> dict:
+        """One of the suite's single rows (probe wall, save gap): skipped when its estimate does not fit in the time
+        budget, an error entry when it fails (the other figures are kept)."""
+        elapsed = time.perf_counter() - self.t_start
+        if self.args.time_budget and elapsed + spec.estimate_s > self.args.time_budget:
+            reason = (
+                f"time budget of {self.args.time_budget:.0f}s: {elapsed:.0f}s spent, the row takes about "
+                f"{spec.estimate_s:.0f}s"
+            )
+            self.say(f"{key}: skipped ({reason})")
+            return {"status": "skipped", "reason": reason, **asdict(spec)}
+        try:
+            entry = measure_row(spec, self.s, device=self.device, run_id=self.run_id, work=self.work, say=self.say)
+        except Exception as e:  # one failing row must not lose the others' figures
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.say(f"{key}: error ({type(e).__name__}: {first_line})")
+            return {"status": "error", "reason": f"{type(e).__name__}: {first_line}", **asdict(spec)}
+        ratio = entry["ratio_median"] if key == "probe_wall" else entry["ratio"]
+        self.say(f"{key}: ratio {ratio:.2f} (target <= {entry['target']}: {'met' if entry['met'] else 'missed'})")
+        return entry
 
     def timm(self) -> None:
         t = self.suite.timm

@@ -8,6 +8,8 @@ import statistics
 from pathlib import Path
 
 from fastft.benchmark.measure import BREAKDOWN
+from fastft.benchmark.probe_wall import render as probe_wall_render
+from fastft.benchmark.save_gap import render as save_gap_render
 
 SCHEMA_VERSION = 1
 
@@ -79,6 +81,40 @@ REQUIRED_KEYS = {
         "time_ratio_fastft_over_baseline",
     ),
     "timm": ("run_id", "model", "timm_model", "pairs", "precision", "batch_size", "image_size", "modes"),
+    "row": ("status", "model"),
+    "probe_wall_ok": (
+        "run_id",
+        "epochs",
+        "images",
+        "batch_size",
+        "workers",
+        "image_size",
+        "precision",
+        "device",
+        "forward_pass_s",
+        "probe_wall_s",
+        "ratios",
+        "ratio_median",
+        "target",
+        "met",
+        "breakdown_s",
+    ),
+    "save_gap_ok": (
+        "run_id",
+        "steps",
+        "every",
+        "batch_size",
+        "image_size",
+        "precision",
+        "device",
+        "sync",
+        "background",
+        "ratio",
+        "ratio_sync",
+        "target",
+        "met",
+    ),
+    "save_gap_mode": ("normal_median_s", "normal_s", "at_save_s", "at_save_median_s", "ratio_at_save"),
     "first_epoch": (
         "name",
         "run_id",
@@ -122,6 +158,15 @@ def validate(doc: dict) -> None:
         need(t, "target", f"targets[{i}]")
     if doc.get("timm"):
         need(doc["timm"], "timm", "timm")
+    for key in ("probe_wall", "save_gap"):
+        row = doc.get(key)
+        if row:
+            need(row, "row", key)
+            if row["status"] == "ok":
+                need(row, f"{key}_ok", key)
+    if (doc.get("save_gap") or {}).get("status") == "ok":
+        for mode in ("sync", "background"):
+            need(doc["save_gap"][mode], "save_gap_mode", f"save_gap.{mode}")
     if doc["headline"] is not None:
         need(doc["headline"], "headline", "headline")
         for i, f in enumerate(doc["headline"]["first_epochs"]):
@@ -255,7 +300,8 @@ def render_markdown(doc: dict) -> str:
         f"{len(b['epochs_images_per_s'])} ({b['warmup_epochs']} warm-up) | {b['source']} |"
         for b in doc["baselines"]
     ]
-    lines += ["", *render_headline(doc), "", *render_timm(doc), *render_targets(doc), ""]
+    lines += ["", *render_headline(doc), "", *render_timm(doc), *render_probe_wall(doc), *render_save_gap(doc)]
+    lines += [*render_targets(doc), ""]
     return "\n".join(lines)
 
 
@@ -285,6 +331,61 @@ def render_timm(doc: dict) -> list[str]:
             f"{', '.join(f'{r:.2f}' for r in m['ratios'])} | {m['ratio_median']:.2f} |"
         )
     return [*lines, ""]
+
+
+def render_probe_wall(doc: dict) -> list[str]:
+    """The cached probe against one forward pass (fastft.benchmark.probe_wall), when the suite has the row."""
+    p = doc.get("probe_wall")
+    if not p:
+        return []
+    lines = [f"## A {p['epochs']}-epoch cached linear probe against one forward pass over the data", ""]
+    if p["status"] != "ok":
+        return [*lines, f"{p['status']}: {p['reason']}", ""]
+    lines += [
+        (
+            f"{p['model']} (random weights from a file), `model.freeze=backbone`, `features.cache=memory`, "
+            f"{p['epochs']} epochs, defaults otherwise (checkpoint every epoch, TensorBoard, report.html, exports), "
+            f"`finetune` in-process (no Python start-up or imports); {p['images']} JPEGs ({p['train_images']} train "
+            f"+ {p['val_images']} val), {p['image_size']} px crops, batch {p['batch_size']}, {p['workers']} workers, "
+            f"{p['precision']} on `{p['device']}`. One forward pass: a plain torchvision loop (ImageFolder, the "
+            "preset's resize + centre crop, DataLoader with the same batch and workers) decoding every image once and "
+            "running the backbone in inference mode, channels_last. Alternated pairs; the median ratio."
+        ),
+        "",
+        *probe_wall_render(p),
+        "",
+    ]
+    return lines
+
+
+def render_save_gap(doc: dict) -> list[str]:
+    """The step time around a checkpoint save (fastft.benchmark.save_gap), when the suite has the row."""
+    g = doc.get("save_gap")
+    if not g:
+        return []
+    lines = ["## Step time around a checkpoint save", ""]
+    if g["status"] != "ok":
+        return [*lines, f"{g['status']}: {g['reason']}", ""]
+    lines += [
+        (
+            f"{g['model']} full fine-tune (random weights), {g['optim']}, {g['precision']} on `{g['device']}`, "
+            f"{g['image_size']} px, batch {g['batch_size']}, {g['workers']} workers, {g['loader']} input; "
+            f"{g['steps']} optimizer steps, `checkpoint.every_steps = {g['every']}`. A step's time: the interval "
+            "between two calls of the loop's `after_step` (which holds the save; on a GPU synchronised first); "
+            '"at a save": the interval that starts at a save step; normal: the others, less the step after a save '
+            "and the first two. sync: the file written on the training thread; background: by the writer thread "
+            "(fastft's default)."
+        ),
+        "",
+        *save_gap_render(g),
+        "",
+        (
+            f"**Step at a save / normal step, background write: {g['ratio']:.2f}** (sync write: "
+            f"{g['ratio_sync']:.2f}; target <= {g['target']}: {'met' if g['met'] else 'missed'})."
+        ),
+        "",
+    ]
+    return lines
 
 
 def render_headline(doc: dict) -> list[str]:

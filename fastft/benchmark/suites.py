@@ -83,12 +83,53 @@ class TimmComparison:
 
 
 @dataclass
+class ProbeWall:
+    """A cached linear probe's wall time against one forward pass of its backbone over the same JPEGs
+    (fastft.benchmark.probe_wall): `pairs` alternated (forward pass, probe) pairs, the median ratio (target <= 1.2).
+    batch_size 0 / workers None: the suite's; `estimate_s`: what the row takes, so a time budget skips it rather
+    than cut it."""
+
+    model: str = "resnet50"
+    epochs: int = 10
+    train_images: int = 320
+    val_images: int = 80
+    image_size: int = 224  # 0: the weights' preset crop
+    batch_size: int = 0
+    workers: int | None = None
+    pairs: int = 3
+    precision: str = "auto"
+    estimate_s: float = 120.0
+
+
+@dataclass
+class SaveGap:
+    """The step time around a checkpoint save, the file written on the training thread vs by the writer thread
+    (fastft.benchmark.save_gap): a full fine-tune of `steps` optimizer steps saving every `every` (target: a step at
+    a save <= 1.1 x a normal step, background write). `train_images` >= steps x batch keeps the run in one epoch.
+    image_size / batch_size 0 and workers None: the suite's."""
+
+    model: str = "resnet50"
+    steps: int = 16
+    every: int = 4
+    image_size: int = 64
+    batch_size: int = 8
+    workers: int | None = 0
+    loader: str = "torch"  # torch (JPEGs) | synthetic (in-memory batches: the step without decode)
+    precision: str = "fp32"
+    optim: str = "adamw"
+    train_images: int = 128
+    estimate_s: float = 120.0
+
+
+@dataclass
 class Suite:
     name: str
     settings: Settings
     blocks: list[Block]
     headline: Headline | None = None
     timm: TimmComparison | None = None
+    probe_wall: ProbeWall | None = None
+    save_gap: SaveGap | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -149,6 +190,10 @@ def cpu_suite() -> Suite:
         # Batch 8, 8 steps per epoch (a per-epoch cost such as loader start-up must not dominate): 12 resnet50 runs
         # (3 pairs x 2 modes) in about 5 minutes on 2 idle cores.
         timm=TimmComparison(train_images=64, val_images=4, batch_size=8),
+        # benchmarks/probe_wall.py's and save_gap.py's settings: 224 px, batch 32, 2 workers, 3 pairs; a resnet50
+        # full fine-tune at 64 px, batch 8, AdamW, fp32, saving every 4 of 16 steps.
+        probe_wall=ProbeWall(batch_size=32, workers=2),
+        save_gap=SaveGap(),
         notes=[
             (
                 "128 px crops (not 224) so that the suite, the 10-epoch fp32 seed loop included, fits in "
@@ -188,6 +233,13 @@ def gpu_suite() -> Suite:
         ),
         [Block("resnet50", cases, baseline_epochs=3)],
         Headline("resnet50", epochs=10, train_images=4096, val_images=512),
+        # Before the timm comparison (the one row without an estimate): each starts only when its estimate fits in
+        # the time budget, and is recorded as skipped otherwise.
+        probe_wall=ProbeWall(train_images=4096, val_images=512, image_size=0, pairs=2, estimate_s=60.0),
+        save_gap=SaveGap(
+            image_size=0, batch_size=0, workers=None, loader="synthetic", precision="bf16", train_images=4096,
+            estimate_s=45.0,
+        ),
         timm=TimmComparison(train_images=2048, val_images=256, epochs=3),
     )
 
@@ -225,5 +277,10 @@ def smoke_suite() -> Suite:
             preset_first_epoch=False,
             first_epoch_repeats=1,
             dali_first_epoch=False,
+        ),
+        # The smallest rows that still have a normal step and two saves: 7 steps saving every 3.
+        probe_wall=ProbeWall("resnet18", epochs=2, train_images=8, val_images=4, image_size=32, pairs=1, estimate_s=10),
+        save_gap=SaveGap(
+            "resnet18", steps=7, every=3, image_size=32, batch_size=2, optim="sgd", train_images=14, estimate_s=10
         ),
     )

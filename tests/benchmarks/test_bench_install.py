@@ -76,3 +76,6 @@ def test_fastft_bench_smoke_runs_from_a_wheel_installed_outside_the_source_tree(
     assert [c["status"] for c in doc["cases"]] == ["ok", "ok"] and doc["versions"]["fastft_commit"] is None
     assert doc["headline"]["time_ratio_fastft_over_baseline"] > 0 and doc["memcpy"]["bytes_per_s"] > 0
     assert (work / "res" / "LATEST.md").is_file()
+    # The probe-wall and save-gap rows run from the wheel too (their code is in the package, not in benchmarks/).
+    assert doc["probe_wall"]["status"] == "ok" and doc["probe_wall"]["ratio_median"] > 0
+    assert doc["save_gap"]["status"] == "ok" and doc["save_gap"]["ratio"] > 0
