@@ -295,7 +295,7 @@ def main() -> None:
 
 
 def write_record(out: Path, args, results: dict, load: list, started: str) -> None:
-    from benchmarks.text_demo_figures import cpu_name
+    from benchmarks.machine import cpu_name
 
     cmd = (
         f"python -m benchmarks.step_breakdown --out {args.out} --batch-size {args.batch_size} --steps {args.steps}"

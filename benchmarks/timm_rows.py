@@ -70,7 +70,7 @@ def main() -> None:
 
 
 def write_record(out: Path, args, img_s: dict) -> None:
-    from benchmarks.text_demo_figures import cpu_name
+    from benchmarks.machine import cpu_name
 
     lines = [
         "# timm beside torchvision: resnet50 through fastft",
