@@ -17,11 +17,15 @@ from fastft.errors import ConfigError
 log = logging.getLogger("fastft")
 
 
-def check_best_metric(key: str, num_classes: int, *, task: str = "multiclass") -> None:
+def check_best_metric(key: str, num_classes: int, *, task: str = "multiclass", tuned: bool = False) -> None:
+    """`key` names a scalar of the report: ema/<key> the EMA model's (config validation checks it is on); with
+    `tuned` (eval.tune_thresholds) tuned/<key> a metric at the per-label thresholds tuned on the same evaluation."""
+    from fastft import thresholds
     from fastft.evaluation import report_keys
 
     keys = report_keys(num_classes, task=task)
-    if key.removeprefix("ema/") not in keys:  # ema/<key>: the EMA model's (config validation checks it is on)
+    keys += [thresholds.PREFIX + k for k in thresholds.KEYS] if tuned else []
+    if key.removeprefix("ema/") not in keys:
         kind = f"{num_classes}-label multilabel" if task == "multilabel" else f"{num_classes}-class"
         raise ConfigError(f"checkpoint.best_metric: {key!r} is not a report key of a {kind} task ({', '.join(keys)})")
 
@@ -79,7 +83,7 @@ def check_before_training(
     main: bool = True,
 ) -> None:
     """Refuse what would fail later (every rank); log one warning line per surprising combination (`main` only)."""
-    check_best_metric(cfg.checkpoint.best_metric, num_classes, task=cfg.data.task)
+    check_best_metric(cfg.checkpoint.best_metric, num_classes, task=cfg.data.task, tuned=cfg.eval.tune_thresholds)
     check_unfreeze_plan(plan, model, epochs=epochs)
     if cfg.features.cache == "disk" and cfg.features.dir:  # an output target too: checked before the cache is built
         from fastft.outputs import check_writable

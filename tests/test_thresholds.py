@@ -93,6 +93,7 @@ def _run_cfg(train: Path, val: Path, out: Path) -> FinetuneConfig:
     cfg.optim.epochs, cfg.optim.lr, cfg.log.progress, cfg.log.tensorboard = 2, 0.3, False, False
     cfg.run.device, cfg.run.out_dir, cfg.run.name = "cpu", str(out), "tuned"
     cfg.eval.tune_thresholds = True
+    cfg.checkpoint.best_metric = "tuned/f1_macro"  # the best checkpoint by the macro F1 at the tuned thresholds
     return cfg
 
 
@@ -133,6 +134,38 @@ def test_a_run_reports_and_saves_its_tuned_thresholds(tuned_run) -> None:
     assert f"<tr><td>f1_macro</td><td>{metrics['f1_macro']:.4f}</td><td>{metrics['tuned/f1_macro']:.4f}</td>" in page
     for name, t in zip(metrics["classes"], chosen):
         assert f"<tr><td>{name}</td><td>{t:g}</td>" in section
+
+
+def test_the_best_checkpoint_is_kept_by_a_tuned_metric(tuned_run) -> None:
+    from fastft.checkpoint import load_checkpoint
+
+    run = tuned_run["run"]
+    evals = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"eval"' in x]
+    tuned = [e["tuned/f1_macro"] for e in evals if e["event"] == "eval"]
+    assert len(tuned) == 2
+    best = load_checkpoint(run / "best.pt")["best"]
+    want = {"metric": "tuned/f1_macro", "value": max(tuned), "epoch": tuned.index(max(tuned)) + 1}
+    assert {k: best[k] for k in want} == want
+
+
+@pytest.mark.parametrize(
+    ("key", "tuned", "ok"),
+    [
+        ("tuned/f1_macro", True, True),
+        ("ema/tuned/hamming_loss", True, True),
+        ("tuned/f1_macro", False, False),  # no tuned metrics without eval.tune_thresholds
+        ("tuned/map", True, False),  # mAP does not depend on a threshold: there is no tuned one
+    ],
+)
+def test_a_tuned_best_metric_needs_tuning_and_a_threshold_metric(key, tuned, ok) -> None:
+    from fastft.errors import ConfigError
+    from fastft.preflight import check_best_metric
+
+    if ok:
+        check_best_metric(key, 3, task="multilabel", tuned=tuned)
+        return
+    with pytest.raises(ConfigError, match="is not a report key of a 3-label multilabel task"):
+        check_best_metric(key, 3, task="multilabel", tuned=tuned)
 
 
 def test_predict_and_eval_use_the_saved_thresholds(tuned_run, tmp_path) -> None:
