@@ -27,8 +27,12 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 def test_the_package_never_imports_benchmarks_or_tests() -> None:
-    offenders = sorted(f"{p.relative_to(REPO)}: {m}" for p in (REPO / "fastft").rglob("*.py")
-                       for m in _imported_modules(p) if m.split(".")[0] in ("benchmarks", "tests"))
+    offenders = sorted(
+        f"{p.relative_to(REPO)}: {m}"
+        for p in (REPO / "fastft").rglob("*.py")
+        for m in _imported_modules(p)
+        if m.split(".")[0] in ("benchmarks", "tests")
+    )
     assert offenders == []
 
 
@@ -36,11 +40,14 @@ def test_importing_the_harness_loads_nothing_from_the_source_tree(tmp_path) -> N
     # From a folder with no benchmarks/ beside it, every harness module imports, and none pulls in benchmarks.
     names = sorted(p.stem for p in (REPO / "fastft" / "benchmark").glob("*.py") if p.stem != "__main__")
     assert {"cli", "harness", "worker", "report"} <= set(names)
-    code = (f"import importlib, json, sys\nfor n in {names!r}: importlib.import_module('fastft.benchmark.' + n)\n"
-            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('benchmarks', 'tests'))))")
+    code = (
+        f"import importlib, json, sys\nfor n in {names!r}: importlib.import_module('fastft.benchmark.' + n)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('benchmarks', 'tests'))))"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []
 
@@ -56,21 +63,39 @@ def test_fastft_bench_smoke_runs_from_a_wheel_installed_outside_the_source_tree(
     shutil.copytree(REPO / "fastft", src / "fastft", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)], check=True,
-                   cwd=tmp_path, timeout=300, capture_output=True)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
+        check=True,
+        cwd=tmp_path,
+        timeout=300,
+        capture_output=True,
+    )
     (wheel,) = wheels.glob("fastft-*.whl")
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, timeout=300,
-                   capture_output=True)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     env = {**os.environ, "PYTHONPATH": str(target), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    out = subprocess.run([sys.executable, "-m", "fastft", "bench", "--suite", "smoke", "--out", str(work / "res")],
-                         cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "fastft", "bench", "--suite", "smoke", "--out", str(work / "res")],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     (doc_path,) = (work / "res").glob("*.json")
     doc = json.loads(doc_path.read_text())
-    check = ("import json, sys, fastft\nfrom fastft.benchmark.report import validate\n"
-             f"validate(json.load(open({str(doc_path)!r})))\nprint(fastft.__file__)")
-    where = subprocess.run([sys.executable, "-c", check], cwd=work, env=env, capture_output=True, text=True,
-                           timeout=120)
+    check = (
+        "import json, sys, fastft\nfrom fastft.benchmark.report import validate\n"
+        f"validate(json.load(open({str(doc_path)!r})))\nprint(fastft.__file__)"
+    )
+    where = subprocess.run(
+        [sys.executable, "-c", check], cwd=work, env=env, capture_output=True, text=True, timeout=120
+    )
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).is_relative_to(target)  # the installed copy ran, not the checkout
     assert [c["status"] for c in doc["cases"]] == ["ok", "ok"] and doc["versions"]["fastft_commit"] is None

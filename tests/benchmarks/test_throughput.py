@@ -56,8 +56,14 @@ def test_time_calls_warmup_seconds_extends_the_untimed_calls() -> None:
 
 def _epoch(wall: float, images: int = 32, frozen: float | None = None) -> dict:
     frozen = wall * 0.8 if frozen is None else frozen
-    return {"data": wall * 0.05, "frozen": frozen, "trainable": wall * 0.1, "optimizer": wall * 0.01, "wall": wall,
-            "images": images}
+    return {
+        "data": wall * 0.05,
+        "frozen": frozen,
+        "trainable": wall * 0.1,
+        "optimizer": wall * 0.01,
+        "wall": wall,
+        "images": images,
+    }
 
 
 def test_summarise_epochs_excludes_the_warmup_epoch_even_past_ten_epochs() -> None:
@@ -78,8 +84,10 @@ def test_summarise_epochs_excludes_the_warmup_epoch_even_past_ten_epochs() -> No
 
 def test_summarise_epochs_breakdown_per_step_with_world_size_and_other() -> None:
     # Two ranks, batch 8 each: 32 global images = 2 steps. `other` is what the four segments do not cover.
-    timings = {f"epoch{i}": {"data": 0.1, "frozen": 0.6, "trainable": 0.2, "optimizer": 0.0, "wall": 1.0,
-                             "images": 32} for i in range(4)}
+    timings = {
+        f"epoch{i}": {"data": 0.1, "frozen": 0.6, "trainable": 0.2, "optimizer": 0.0, "wall": 1.0, "images": 32}
+        for i in range(4)
+    }
     out = measure.summarise_epochs(timings, warmup=1, batch_size=8, world=2, comm_s_per_step=0.003)
     b = out["breakdown_ms_per_step"]
     assert b["frozen"] == pytest.approx(300.0) and b["other"] == pytest.approx(50.0)
@@ -96,16 +104,36 @@ def test_summarise_epochs_refuses_when_nothing_is_left_after_warmup() -> None:
 
 
 def _measurement(i: int, rate: float, run_id: str = "run-a", key: str = "m/bf16/bs8/32px") -> dict:
-    return {"id": i, "when": f"m{i}", "key": key, "run_id": run_id, "images_per_s": rate,
-            "repeats_images_per_s": [rate] * 3, "spread": {}}
+    return {
+        "id": i,
+        "when": f"m{i}",
+        "key": key,
+        "run_id": run_id,
+        "images_per_s": rate,
+        "repeats_images_per_s": [rate] * 3,
+        "spread": {},
+    }
 
 
 def _doc(measurements: list[dict], case_ids: list[int], *, case_run: str = "run-a") -> dict:
-    case = {"name": "m linear", "status": "ok", "config": {"model": "m", "cache": "off"}, "run_id": case_run,
-            "images_per_s": 75.0,
-            "first_epoch_images_per_s": 25.0, "limit_key": "m/bf16/bs8/32px", "limit_ids": case_ids}
-    return {"run_id": "run-a", "limit_measurements": measurements, "limits": [], "headline": None, "cases": [case],
-            "baselines": [{"model": "m", "run_id": "run-a", "images_per_s": 30.0}]}
+    case = {
+        "name": "m linear",
+        "status": "ok",
+        "config": {"model": "m", "cache": "off"},
+        "run_id": case_run,
+        "images_per_s": 75.0,
+        "first_epoch_images_per_s": 25.0,
+        "limit_key": "m/bf16/bs8/32px",
+        "limit_ids": case_ids,
+    }
+    return {
+        "run_id": "run-a",
+        "limit_measurements": measurements,
+        "limits": [],
+        "headline": None,
+        "cases": [case],
+        "baselines": [{"model": "m", "run_id": "run-a", "images_per_s": 30.0}],
+    }
 
 
 def test_attach_ratios_uses_the_measurements_taken_around_the_mode() -> None:
@@ -166,12 +194,19 @@ def test_measure_memcpy_reports_bytes_copied_per_second(monkeypatch) -> None:
 
 # resnet18: the pooled 512 features; mobilenet_v3_small: the head is the last Linear (classifier.3), so the cache holds
 # the 1024 outputs of classifier.0 - 2.
-@pytest.mark.parametrize(("model", "dtype", "expected"), [("resnet18", "fp16", 512 * 2),
-                                                          ("mobilenet_v3_small", "fp32", 1024 * 4)])
+@pytest.mark.parametrize(
+    ("model", "dtype", "expected"), [("resnet18", "fp16", 512 * 2), ("mobilenet_v3_small", "fp32", 1024 * 4)]
+)
 def test_cache_row_bytes_is_the_prefix_output_at_the_stored_dtype(tmp_path, model, dtype, expected) -> None:
     s = Settings(batch_size=4, image_size=32, workers=0, train_images=4, val_images=4)
-    cfg = cases.case_config(Case("linear/cache", model, loader="torch", cache="memory"), s, tmp_path, tmp_path,
-                            epochs=1, device=measure.resolve_device("cpu"))
+    cfg = cases.case_config(
+        Case("linear/cache", model, loader="torch", cache="memory"),
+        s,
+        tmp_path,
+        tmp_path,
+        epochs=1,
+        device=measure.resolve_device("cpu"),
+    )
     cfg.features.dtype = dtype
     assert cases.cache_row_bytes(cfg) == expected
 
@@ -190,13 +225,22 @@ def test_ratio_refuses_a_limit_of_another_precision() -> None:
 def mocked(monkeypatch, tmp_path):
     """The harness with fastft, the seed loop and the limit replaced by deterministic fakes."""
     state = {"limit_calls": 0}
-    suite = Suite("smoke", Settings(batch_size=8, image_size=32, workers=0, train_images=16, val_images=8,
-                                    device="cpu"),
-                  [Block("resnet18", [Case("linear/synthetic", "resnet18"),
-                                      Case("linear/synthetic fp32", "resnet18", precision="fp32"),
-                                      Case("full/synthetic", "resnet18", "full")], baseline_epochs=4)],
-                  Headline("resnet18", epochs=10, train_images=16, val_images=8, first_epoch_repeats=3,
-                           dali_first_epoch=False))
+    suite = Suite(
+        "smoke",
+        Settings(batch_size=8, image_size=32, workers=0, train_images=16, val_images=8, device="cpu"),
+        [
+            Block(
+                "resnet18",
+                [
+                    Case("linear/synthetic", "resnet18"),
+                    Case("linear/synthetic fp32", "resnet18", precision="fp32"),
+                    Case("full/synthetic", "resnet18", "full"),
+                ],
+                baseline_epochs=4,
+            )
+        ],
+        Headline("resnet18", epochs=10, train_images=16, val_images=8, first_epoch_repeats=3, dali_first_epoch=False),
+    )
     monkeypatch.setitem(suites.SUITES, "smoke", lambda: copy.deepcopy(suite))
     monkeypatch.setattr(cases, "bench_folder", lambda *a, **k: tmp_path)
     monkeypatch.setattr(measure, "precision_name", lambda dtype, device: "fp32" if dtype == "fp32" else "bf16")
@@ -208,24 +252,45 @@ def mocked(monkeypatch, tmp_path):
         rate = 100.0 * state["limit_calls"]  # every measurement differs: which ones a ratio uses is visible
         size = measure.crop_size(model, s.image_size)
         key = measure.limit_key(model, measure.precision_name(precision, device), s.batch_size, size)
-        return {"key": key, "run_id": run_id,
-                "model": model, "precision": precision, "batch_size": s.batch_size, "image_size": size,
-                "channels_last": True, "images_per_s": rate, "spread": {"min": rate, "max": rate, "rel": 0.0},
-                "repeats_images_per_s": [rate] * 3, "warmup_iters": 1, "iters_per_repeat": 1}
+        return {
+            "key": key,
+            "run_id": run_id,
+            "model": model,
+            "precision": precision,
+            "batch_size": s.batch_size,
+            "image_size": size,
+            "channels_last": True,
+            "images_per_s": rate,
+            "spread": {"min": rate, "max": rate, "rel": 0.0},
+            "repeats_images_per_s": [rate] * 3,
+            "warmup_iters": 1,
+            "iters_per_repeat": 1,
+        }
 
     def finetune_quiet(cfg):
         n = cfg.optim.epochs
         timings = {f"epoch{i}": _epoch(10.0 if i == 0 else 0.5, images=16) for i in range(n)}
         lines = ["fastft: precision bf16 (auto), compile none, split head, backend none, world 1, device cpu"]
         cache = {"wall_s": 3.0, "images": 24, "train": "built", "val": "built"} if cfg.features.cache != "off" else {}
-        return (SimpleNamespace(timings=timings, metrics={"top1": 0.5}, feature_cache=cache), lines,
-                4.0 + sum(t["wall"] for t in timings.values()))
+        return (
+            SimpleNamespace(timings=timings, metrics={"top1": 0.5}, feature_cache=cache),
+            lines,
+            4.0 + sum(t["wall"] for t in timings.values()),
+        )
 
     def run_seed(root, *, model_name, epochs, batch_size, workers, image_size, device):
         epoch = {"seconds": 10.0, "images": 16, "images_per_s": 1.6}
-        return {"total_s": 100.0 * epochs / 10, "epochs": [epoch] * epochs,
-                "top1": 0.25, "images_per_epoch": 16, "model": model_name, "batch_size": batch_size,
-                "workers": workers, "image_size": 32, "settings": {}}
+        return {
+            "total_s": 100.0 * epochs / 10,
+            "epochs": [epoch] * epochs,
+            "top1": 0.25,
+            "images_per_epoch": 16,
+            "model": model_name,
+            "batch_size": batch_size,
+            "workers": workers,
+            "image_size": 32,
+            "settings": {},
+        }
 
     monkeypatch.setattr(measure, "measure_limit", measure_limit)
     monkeypatch.setattr(measure, "finetune_quiet", finetune_quiet)
@@ -333,12 +398,30 @@ def test_time_budget_skips_modes_but_keeps_the_document_valid(mocked, tmp_path) 
 
 def test_real_smoke_run_writes_consistent_results(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the generated JPEGs
-    suite = Suite("smoke", Settings(batch_size=4, image_size=32, workers=0, train_images=8, val_images=4,
-                                    limit_warmup=1, limit_iters=1, limit_first_warmup_s=0.0, device="cpu"),
-                  [Block("resnet18", [Case("linear/cache", "resnet18", loader="torch", cache="memory")],
-                         baseline_epochs=2)],
-                  Headline("resnet18", epochs=2, train_images=8, val_images=4, preset_first_epoch=False,
-                           first_epoch_repeats=1, dali_first_epoch=False))
+    suite = Suite(
+        "smoke",
+        Settings(
+            batch_size=4,
+            image_size=32,
+            workers=0,
+            train_images=8,
+            val_images=4,
+            limit_warmup=1,
+            limit_iters=1,
+            limit_first_warmup_s=0.0,
+            device="cpu",
+        ),
+        [Block("resnet18", [Case("linear/cache", "resnet18", loader="torch", cache="memory")], baseline_epochs=2)],
+        Headline(
+            "resnet18",
+            epochs=2,
+            train_images=8,
+            val_images=4,
+            preset_first_epoch=False,
+            first_epoch_repeats=1,
+            dali_first_epoch=False,
+        ),
+    )
     monkeypatch.setitem(suites.SUITES, "smoke", lambda: suite)
     doc = harness.run(_args(tmp_path))
     (case,) = doc["cases"]
@@ -383,8 +466,13 @@ def test_world_size_two_mode_runs_the_package_worker_under_torchrun(monkeypatch,
     # The ranks run `python -m fastft.benchmark.worker` from a scratch cwd: no source tree needed beside them.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     s = Settings(batch_size=4, image_size=32, workers=0, train_images=8, val_images=4, repeats=1)
-    entry = cases.run_case(Case("linear/synthetic world 2", "resnet18", world=2), s,
-                           device=measure.resolve_device("cpu"), run_id="r", work=tmp_path)
+    entry = cases.run_case(
+        Case("linear/synthetic world 2", "resnet18", world=2),
+        s,
+        device=measure.resolve_device("cpu"),
+        run_id="r",
+        work=tmp_path,
+    )
     # resnet18's head at the bench folder's 4 classes: 512 x 4 + 4 fp32 gradients all-reduced per step.
     assert entry["comm_bytes_per_step"] == 4 * (512 * 4 + 4)
     assert entry["breakdown_ms_per_step"]["communication"] > 0 and len(entry["epochs_images_per_s"]) == 2
