@@ -24,8 +24,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=0, help="0 = the weights' preset crop")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    result = run_seed(args.data, model_name=args.model, epochs=args.epochs, batch_size=args.batch_size,
-                      workers=args.workers, image_size=args.image_size, device=args.device)
+    result = run_seed(
+        args.data,
+        model_name=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        image_size=args.image_size,
+        device=args.device,
+    )
     print(json.dumps(result, indent=1))
     return result
 

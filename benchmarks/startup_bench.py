@@ -78,8 +78,13 @@ def make_folder(root: Path, *, files: int, classes: int, val_per_class: int, siz
     """root/train/<class>/ with `files` JPEGs over `classes` classes, root/val/<class>/ with `val_per_class` each.
 
     Generated once: a manifest written last marks a complete folder, which is reused when its settings match."""
-    settings = {"version": DATA_VERSION, "files": files, "classes": classes, "val_per_class": val_per_class,
-                "size": size}
+    settings = {
+        "version": DATA_VERSION,
+        "files": files,
+        "classes": classes,
+        "val_per_class": val_per_class,
+        "size": size,
+    }
     manifest = root / "manifest.json"
     if manifest.exists() and json.loads(manifest.read_text()) == settings:
         return root
@@ -120,8 +125,9 @@ def before_tree(commit: str, path: Path) -> Path:
         if have.stdout.strip() == want.stdout.strip():
             return path
         raise SystemExit(f"{path} exists at another commit; remove it (git worktree remove {path})")
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), commit], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), commit], check=True, capture_output=True
+    )
     return path
 
 
@@ -134,8 +140,11 @@ def unsharded_tree(path: Path) -> Path:
     file (checks.find_bad_files takes its one-process branch). Everything else is the "after" code."""
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
     if not path.exists():
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), head.stdout.strip()],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), head.stdout.strip()],
+            check=True,
+            capture_output=True,
+        )
     checks = path / "fastft" / "data" / "checks.py"
     checks.write_text(unshard(checks.read_text(), name=str(checks)))
     return path
@@ -155,8 +164,15 @@ def _env(tree: Path) -> dict[str, str]:
 
 
 def _torchrun(ranks: int, port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={ranks}",
-            "--master_addr=127.0.0.1", f"--master_port={port}"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={ranks}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+    ]
 
 
 def _free_port() -> int:
@@ -169,8 +185,14 @@ def _free_port() -> int:
 
 def fastft_file(tree: Path, cwd: Path) -> str:
     """The fastft that a process launched like the runs imports (PYTHONPATH = tree, the same working directory)."""
-    out = subprocess.run([sys.executable, "-c", "import fastft; print(fastft.__file__)"], cwd=cwd, env=_env(tree),
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import fastft; print(fastft.__file__)"],
+        cwd=cwd,
+        env=_env(tree),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 
@@ -182,14 +204,24 @@ def first_step_times(events: list[dict], launch: float) -> dict[str, float | Non
     """Seconds from `launch` (a time.time()) to the run's `start` event and to the `step` event of step 1."""
     start = next((e["time"] for e in events if e.get("event") == "start"), None)
     step = next((e["time"] for e in events if e.get("event") == "step" and e.get("step") == 1), None)
-    return {"setup_s": None if start is None else start - launch,
-            "first_step_s": None if step is None else step - launch}
+    return {
+        "setup_s": None if start is None else start - launch,
+        "first_step_s": None if step is None else step - launch,
+    }
 
 
 def train_once(tree: Path, data: Path, work: Path, *, ranks: int, name: str, timeout: int) -> dict:
     """One timed `-m fastft train` launch; its run folder is removed afterwards."""
-    cmd = [*_torchrun(ranks, _free_port()), "-m", "fastft", "train", f"--data.root={data}", *RUN_ARGS,
-           f"--run.out_dir={work / 'runs'}", f"--run.name={name}"]
+    cmd = [
+        *_torchrun(ranks, _free_port()),
+        "-m",
+        "fastft",
+        "train",
+        f"--data.root={data}",
+        *RUN_ARGS,
+        f"--run.out_dir={work / 'runs'}",
+        f"--run.name={name}",
+    ]
     launch = time.time()
     proc = subprocess.run(cmd, cwd=work, env=_env(tree), capture_output=True, text=True, timeout=timeout)
     exit_s = time.time() - launch
@@ -205,8 +237,15 @@ def check_once(tree: Path, data: Path, work: Path, *, ranks: int, timeout: int) 
     """One check-only launch: every rank runs the tree's own up-front file check on train and val."""
     result = work / "check.json"
     result.unlink(missing_ok=True)
-    cmd = [*_torchrun(ranks, _free_port()), str(Path(__file__).resolve()), "--check-rank", "--data", str(data),
-           "--json", str(result)]
+    cmd = [
+        *_torchrun(ranks, _free_port()),
+        str(Path(__file__).resolve()),
+        "--check-rank",
+        "--data",
+        str(data),
+        "--json",
+        str(result),
+    ]
     proc = subprocess.run(cmd, cwd=work, env=_env(tree), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not result.exists():
         return {"rc": proc.returncode, "stderr_tail": proc.stderr[-3000:]}
@@ -250,11 +289,15 @@ def check_rank(data: Path, out: Path) -> None:
     gathered: list = [None] * env.world_size
     dist.all_gather_object(gathered, {"rank": env.rank, "fastft": fastft.__file__, "seconds": seconds, "bad": bad})
     if env.rank == 0:
-        out.write_text(json.dumps({
-            "check": what,
-            "ranks": gathered,
-            "check_s": max(sum(r["seconds"].values()) for r in gathered),
-        }))
+        out.write_text(
+            json.dumps(
+                {
+                    "check": what,
+                    "ranks": gathered,
+                    "check_s": max(sum(r["seconds"].values()) for r in gathered),
+                }
+            )
+        )
     dist.destroy_process_group()
 
 
@@ -271,16 +314,21 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-KEYS = {"first_step_s": "launch -> first step", "setup_s": "launch -> start event", "exit_s": "launch -> exit",
-        "check_s": "file check alone (slowest rank)"}
+KEYS = {
+    "first_step_s": "launch -> first step",
+    "setup_s": "launch -> start event",
+    "exit_s": "launch -> exit",
+    "check_s": "file check alone (slowest rank)",
+}
 
 
 def markdown(doc: dict) -> str:
     rows = ["| tree | what | median (s) | runs (s, in launch order) |", "|---|---|---:|---|"]
     for key, what in KEYS.items():
         for label, runs in doc["checks" if key == "check_s" else "runs"].items():
-            rows.append(f"| {label} | {what} | {_fmt(_median(runs, key))} | "
-                        + ", ".join(_fmt(r.get(key)) for r in runs) + " |")
+            rows.append(
+                f"| {label} | {what} | {_fmt(_median(runs, key))} | " + ", ".join(_fmt(r.get(key)) for r in runs) + " |"
+            )
     lines = [*rows, ""]
     for name, ratio in doc["ratios"].items():
         lines.append(f"- {name}: {'-' if ratio is None else f'{ratio:.2f}x'}")
@@ -291,8 +339,14 @@ def run_bench(args: argparse.Namespace) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data = make_folder(work / "data", files=args.files, classes=args.classes, val_per_class=args.val_per_class,
-                       size=32, threads=args.threads)
+    data = make_folder(
+        work / "data",
+        files=args.files,
+        classes=args.classes,
+        val_per_class=args.val_per_class,
+        size=32,
+        threads=args.threads,
+    )
     gen_s = time.perf_counter() - t0
     trees = {"before": before_tree(args.before, Path(args.before_dir))}
     if args.unsharded_dir:
@@ -304,10 +358,12 @@ def run_bench(args: argparse.Namespace) -> dict:
             raise SystemExit(f"{label}: fastft imported from {files[label]}, not from {tree}")
     doc = {
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.startup_bench", *sys.argv[1:]]),
-        "before_commit": subprocess.run(["git", "-C", str(trees["before"]), "rev-parse", "--short", "HEAD"],
-                                        capture_output=True, text=True).stdout.strip(),
-        "after_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                       capture_output=True, text=True).stdout.strip(),
+        "before_commit": subprocess.run(
+            ["git", "-C", str(trees["before"]), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+        "after_commit": subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "fastft_files": files,
         "ranks": args.ranks,
         "train_files": len(list_files(data / "train")),
@@ -345,8 +401,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--before", default="a30c767", help="commit of the 'before' tree")
     ap.add_argument("--before-dir", default="/tmp/fastft-before", help="where its worktree goes")
-    ap.add_argument("--unsharded-dir", default="/tmp/fastft-unsharded",
-                    help="where the unsharded control tree goes ('' = no control tree)")
+    ap.add_argument(
+        "--unsharded-dir",
+        default="/tmp/fastft-unsharded",
+        help="where the unsharded control tree goes ('' = no control tree)",
+    )
     ap.add_argument("--work", default="/tmp/fastft-startup", help="scratch folder: data, run folders")
     ap.add_argument("--files", type=int, default=50_000, help="train images")
     ap.add_argument("--classes", type=int, default=10)
@@ -374,8 +433,10 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(args.work, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"\n{doc['ranks']} ranks, {doc['train_files']} train + {doc['val_files']} val files; before "
-          f"{doc['before_commit']}, after {doc['after_commit']}; fastft imported from {doc['fastft_files']}\n")
+    print(
+        f"\n{doc['ranks']} ranks, {doc['train_files']} train + {doc['val_files']} val files; before "
+        f"{doc['before_commit']}, after {doc['after_commit']}; fastft imported from {doc['fastft_files']}\n"
+    )
     print(markdown(doc))
 
 

@@ -1,6 +1,6 @@
 """Turn the model-zoo matrix's JUnit XML (`make test-zoo`) into a markdown record: names x policies, pass/fail, time.
 
-    python -m benchmarks.zoo_table zoo.xml benchmarks/results/zoo-<host>-<date>.md
+python -m benchmarks.zoo_table zoo.xml benchmarks/results/zoo-<host>-<date>.md
 """
 
 from __future__ import annotations
