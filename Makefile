@@ -47,6 +47,7 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check fastft tests benchmarks
+	$(VENV)/bin/ruff format --check fastft tests benchmarks
 
 clean:
 	rm -rf runs .fastft_cache .pytest_cache

@@ -237,7 +237,12 @@ def gpu_suite() -> Suite:
         # the time budget, and is recorded as skipped otherwise.
         probe_wall=ProbeWall(train_images=4096, val_images=512, image_size=0, pairs=2, estimate_s=60.0),
         save_gap=SaveGap(
-            image_size=0, batch_size=0, workers=None, loader="synthetic", precision="bf16", train_images=4096,
+            image_size=0,
+            batch_size=0,
+            workers=None,
+            loader="synthetic",
+            precision="bf16",
+            train_images=4096,
             estimate_s=45.0,
         ),
         timm=TimmComparison(train_images=2048, val_images=256, epochs=3),
