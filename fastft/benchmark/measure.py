@@ -108,6 +108,22 @@ def precision_name(dtype: str, device: torch.device) -> str:
     return resolve_precision(PrecisionConfig(dtype), device).name
 
 
+def row_fields(spec, *, run_id: str, batch: int, workers: int, image_size: int, device: torch.device) -> dict:
+    """The fields every side-by-side row (a suites dataclass `spec`: probe wall, save gap) records about its run."""
+    from dataclasses import asdict
+
+    return {
+        "status": "ok",
+        "run_id": run_id,
+        **asdict(spec),
+        "batch_size": batch,
+        "workers": workers,
+        "image_size": crop_size(spec.model, image_size),
+        "precision": precision_name(spec.precision, device),
+        "device": str(device),
+    }
+
+
 def limit_key(model: str, precision: str, batch_size: int, image_size: int) -> str:
     return f"{model}/{precision}/bs{batch_size}/{image_size}px"
 

@@ -198,7 +198,6 @@ def render(entry: dict) -> list[str]:
 def run_row(p, s, *, device: torch.device, run_id: str, work: Path, say: Callable[[str], None] = print) -> dict:
     """The suite's row (a `suites.ProbeWall`, on the suite's `Settings` and device) on data_bench's photo-like JPEGs."""
     import tempfile
-    from dataclasses import asdict
 
     from fastft.benchmark import cases, measure
 
@@ -221,13 +220,6 @@ def run_row(p, s, *, device: torch.device, run_id: str, work: Path, say: Callabl
             say=say,
         )
     return {
-        "status": "ok",
-        "run_id": run_id,
-        **asdict(p),
-        "batch_size": batch,
-        "workers": workers,
-        "image_size": measure.crop_size(p.model, p.image_size),
-        "precision": measure.precision_name(p.precision, device),
-        "device": str(device),
+        **measure.row_fields(p, run_id=run_id, batch=batch, workers=workers, image_size=p.image_size, device=device),
         **m,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 from fastft.benchmark.measure import BREAKDOWN
@@ -333,59 +334,65 @@ def render_timm(doc: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _row_section(entry: dict | None, title: str, body: Callable[[dict], list[str]]) -> list[str]:
+    """A side-by-side row's section: nothing when the suite has no such row, its status and reason when it did not
+    run, else `body(entry)`."""
+    if not entry:
+        return []
+    if entry["status"] != "ok":
+        return [title, "", f"{entry['status']}: {entry['reason']}", ""]
+    return [title, "", *body(entry), ""]
+
+
 def render_probe_wall(doc: dict) -> list[str]:
     """The cached probe against one forward pass (fastft.benchmark.probe_wall), when the suite has the row."""
     p = doc.get("probe_wall")
-    if not p:
-        return []
-    lines = [f"## A {p['epochs']}-epoch cached linear probe against one forward pass over the data", ""]
-    if p["status"] != "ok":
-        return [*lines, f"{p['status']}: {p['reason']}", ""]
-    lines += [
-        (
-            f"{p['model']} (random weights from a file), `model.freeze=backbone`, `features.cache=memory`, "
-            f"{p['epochs']} epochs, defaults otherwise (checkpoint every epoch, TensorBoard, report.html, exports), "
-            f"`finetune` in-process (no Python start-up or imports); {p['images']} JPEGs ({p['train_images']} train "
-            f"+ {p['val_images']} val), {p['image_size']} px crops, batch {p['batch_size']}, {p['workers']} workers, "
-            f"{p['precision']} on `{p['device']}`. One forward pass: a plain torchvision loop (ImageFolder, the "
-            "preset's resize + centre crop, DataLoader with the same batch and workers) decoding every image once and "
-            "running the backbone in inference mode, channels_last. Alternated pairs; the median ratio."
-        ),
-        "",
-        *probe_wall_render(p),
-        "",
-    ]
-    return lines
+    title = f"## A {(p or {}).get('epochs', 'N')}-epoch cached linear probe against one forward pass over the data"
+
+    def body(p: dict) -> list[str]:
+        return [
+            (
+                f"{p['model']} (random weights from a file), `model.freeze=backbone`, `features.cache=memory`, "
+                f"{p['epochs']} epochs, defaults otherwise (checkpoint every epoch, TensorBoard, report.html, "
+                f"exports), `finetune` in-process (no Python start-up or imports); {p['images']} JPEGs "
+                f"({p['train_images']} train + {p['val_images']} val), {p['image_size']} px crops, batch "
+                f"{p['batch_size']}, {p['workers']} workers, {p['precision']} on `{p['device']}`. One forward pass: "
+                "a plain torchvision loop (ImageFolder, the preset's resize + centre crop, DataLoader with the same "
+                "batch and workers) decoding every image once and running the backbone in inference mode, "
+                "channels_last. "
+                "Alternated pairs; the median ratio."
+            ),
+            "",
+            *probe_wall_render(p),
+        ]
+
+    return _row_section(p, title, body)
 
 
 def render_save_gap(doc: dict) -> list[str]:
     """The step time around a checkpoint save (fastft.benchmark.save_gap), when the suite has the row."""
-    g = doc.get("save_gap")
-    if not g:
-        return []
-    lines = ["## Step time around a checkpoint save", ""]
-    if g["status"] != "ok":
-        return [*lines, f"{g['status']}: {g['reason']}", ""]
-    lines += [
-        (
-            f"{g['model']} full fine-tune (random weights), {g['optim']}, {g['precision']} on `{g['device']}`, "
-            f"{g['image_size']} px, batch {g['batch_size']}, {g['workers']} workers, {g['loader']} input; "
-            f"{g['steps']} optimizer steps, `checkpoint.every_steps = {g['every']}`. A step's time: the interval "
-            "between two calls of the loop's `after_step` (which holds the save; on a GPU synchronised first); "
-            '"at a save": the interval that starts at a save step; normal: the others, less the step after a save '
-            "and the first two. sync: the file written on the training thread; background: by the writer thread "
-            "(fastft's default)."
-        ),
-        "",
-        *save_gap_render(g),
-        "",
-        (
-            f"**Step at a save / normal step, background write: {g['ratio']:.2f}** (sync write: "
-            f"{g['ratio_sync']:.2f}; target <= {g['target']}: {'met' if g['met'] else 'missed'})."
-        ),
-        "",
-    ]
-    return lines
+
+    def body(g: dict) -> list[str]:
+        return [
+            (
+                f"{g['model']} full fine-tune (random weights), {g['optim']}, {g['precision']} on `{g['device']}`, "
+                f"{g['image_size']} px, batch {g['batch_size']}, {g['workers']} workers, {g['loader']} input; "
+                f"{g['steps']} optimizer steps, `checkpoint.every_steps = {g['every']}`. A step's time: the interval "
+                "between two calls of the loop's `after_step` (which holds the save; on a GPU synchronised first); "
+                '"at a save": the interval that starts at a save step; normal: the others, less the step after a '
+                "save and the first two. sync: the file written on the training thread; background: by the writer "
+                "thread (fastft's default)."
+            ),
+            "",
+            *save_gap_render(g),
+            "",
+            (
+                f"**Step at a save / normal step, background write: {g['ratio']:.2f}** (sync write: "
+                f"{g['ratio_sync']:.2f}; target <= {g['target']}: {'met' if g['met'] else 'missed'})."
+            ),
+        ]
+
+    return _row_section(doc.get("save_gap"), "## Step time around a checkpoint save", body)
 
 
 def render_headline(doc: dict) -> list[str]:

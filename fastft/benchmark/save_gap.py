@@ -146,7 +146,6 @@ def run_row(g, s, *, device: torch.device, run_id: str, work: Path, say=print) -
     """The suite's row (a `suites.SaveGap`, on the suite's `Settings` and device); `ratio` is the background write's
     (fastft's default), `ratio_sync` the synchronous one's, each its own at-a-save median / normal median."""
     import tempfile
-    from dataclasses import asdict
 
     from fastft.benchmark import cases, measure
 
@@ -175,14 +174,7 @@ def run_row(g, s, *, device: torch.device, run_id: str, work: Path, say=print) -
         )
     ratio = modes["background"]["ratio_at_save"]
     return {
-        "status": "ok",
-        "run_id": run_id,
-        **asdict(g),
-        "batch_size": batch,
-        "workers": workers,
-        "image_size": measure.crop_size(g.model, size),
-        "precision": measure.precision_name(g.precision, device),
-        "device": str(device),
+        **measure.row_fields(g, run_id=run_id, batch=batch, workers=workers, image_size=size, device=device),
         **modes,
         "ratio": ratio,
         "ratio_sync": modes["sync"]["ratio_at_save"],
