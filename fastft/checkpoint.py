@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fastft.backbones.freeze import is_bn, is_frozen_bn
+from fastft.direct_file import DirectFile
 from fastft.errors import CheckpointError, FastftError
 from fastft.saver import Snapshot, Writer, settle
 
@@ -67,14 +68,14 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file or the new one."""
+    """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file or the new one. The
+    bytes bypass the page cache where the filesystem allows it (fastft.direct_file): less CPU taken from training."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with DirectFile(tmp) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+            f.sync_close()
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
