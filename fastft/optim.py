@@ -69,16 +69,22 @@ def param_groups(
     return groups
 
 
-def step_kernel(device: torch.device | None) -> dict[str, bool]:
+def step_kernel(device: torch.device | None, name: str = "adamw", *, scaled: bool = False) -> dict[str, bool]:
     """How the optimizer step runs on `device`: fused (one kernel over all parameters; torch has fused AdamW and SGD
     on CPU and CUDA) where torch supports it, else foreach on CUDA, else torch's default. None: torch's default
     (DeepSpeed wraps the optimizer and steps its own flat buffers). Each is deterministic, so a resumed run still
-    matches an uninterrupted one bit for bit."""
+    matches an uninterrupted one bit for bit.
+
+    `scaled` (fp16 with a GradScaler): never fused SGD. A fused optimizer skips an overflowed step inside its kernel,
+    and fused SGD allocates its momentum buffers (uninitialised) before that kernel, so a skipped first step leaves
+    garbage momentum that the next step then applies; the scaler skips an unfused step before it reaches the
+    optimizer. (Fused AdamW zero-fills its state first and is unaffected.)"""
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
     if device is None:
         return {}
-    if device.type in ("cpu", "cuda") and device.type in _get_fused_kernels_supported_devices():
+    fused_ok = not (scaled and name == "sgd")
+    if fused_ok and device.type in ("cpu", "cuda") and device.type in _get_fused_kernels_supported_devices():
         return {"fused": True}
     return {"foreach": True} if device.type == "cuda" else {}
 
@@ -87,12 +93,13 @@ _logged: set[tuple[str, str, str]] = set()  # choices already logged (a head swe
 
 
 def build_optimizer(
-    groups: list[dict[str, Any]], cfg: OptimConfig, *, device: torch.device | None = None
+    groups: list[dict[str, Any]], cfg: OptimConfig, *, device: torch.device | None = None, scaled: bool = False
 ) -> torch.optim.Optimizer:
-    """SGD or AdamW over `groups`, stepped by `step_kernel(device)` (logged once per optimizer and device)."""
+    """SGD or AdamW over `groups`, stepped by `step_kernel(device, ...)` (logged once per optimizer and device);
+    `scaled`: the loss is scaled (fp16 with a GradScaler)."""
     for g in groups:
         g["lr"] = cfg.lr * g["lr_scale"]
-    kernel = step_kernel(device)
+    kernel = step_kernel(device, cfg.name, scaled=scaled)
     key = (cfg.name, str(device), ",".join(kernel) or "default")
     if key not in _logged:
         _logged.add(key)

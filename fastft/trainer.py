@@ -403,13 +403,14 @@ def _optimizer(cfg: FinetuneConfig, model, source, replayed: list, device: torch
     groups of its own, and the bank becomes the split's suffix."""
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     kernel_on = None if cfg.parallel.backend == "deepspeed" else device  # DeepSpeed steps its own flat buffers
-    optimizer = build_optimizer(source.param_groups(model, trainable_names, cfg.optim), cfg.optim, device=kernel_on)
+    kw = {"device": kernel_on, "scaled": cfg.precision.dtype == "fp16"}  # `auto` never resolves to fp16
+    optimizer = build_optimizer(source.param_groups(model, trainable_names, cfg.optim), cfg.optim, **kw)
     for u in replayed:
         _apply_unfreeze(model, u, optimizer, cfg, source)
     split = source.split(model)
     sweep = Sweep.from_config(cfg, split, device)
     if sweep is not None:
-        optimizer = build_optimizer(sweep.param_groups(cfg.optim), cfg.optim, device=kernel_on)
+        optimizer = build_optimizer(sweep.param_groups(cfg.optim), cfg.optim, **kw)
         split = sweep.split
     return optimizer, split, sweep
 
