@@ -233,11 +233,19 @@ def sync_buffers(module: nn.Module) -> None:
 def all_finite(state: dict[str, torch.Tensor]) -> bool:
     """True when every floating tensor of a state dict is finite (one host sync for the whole dict).
 
-    Each tensor's largest magnitude (a fused max-norm per device and dtype, as clip_grad_norm_ groups them) is
-    infinite or NaN exactly when one of its elements is; no tensor-sized mask is made, unlike isfinite(t).all()."""
+    Per device and dtype, as clip_grad_norm_ groups them. On accelerators: each tensor's largest magnitude (a fused
+    max-norm), infinite or NaN exactly when one of its elements is; no tensor-sized mask is made, unlike
+    isfinite(t).all(). On the CPU, where that max-norm is single-threaded (0.1 s for 283 MB on 2 cores): each tensor's
+    sum, which is infinite or NaN whenever an element is (IEEE addition never turns inf or NaN finite) and 10x faster;
+    a sum that overflows from finite elements alone is then told apart by the exact max-norm, so no state is refused
+    for it."""
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for t in state.values():
         if t.is_floating_point() and t.numel():
             groups.setdefault((t.device, t.dtype), []).append(t.detach())
-    flags = [torch.isfinite(torch.stack(torch._foreach_norm(ts, math.inf))).all().cpu() for ts in groups.values()]
+    flags = []
+    for (device, _), ts in groups.items():
+        if device.type == "cpu" and bool(torch.isfinite(torch.stack([t.sum() for t in ts])).all()):
+            continue  # every sum finite: every element is
+        flags.append(torch.isfinite(torch.stack(torch._foreach_norm(ts, math.inf))).all().cpu())
     return not flags or bool(torch.stack(flags).all())

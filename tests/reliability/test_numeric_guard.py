@@ -202,3 +202,24 @@ def test_all_finite_finds_one_bad_element_among_mixed_tensors(bad, dtype) -> Non
     poisoned[5, 7] = bad
     assert not all_finite({**state, "poisoned": poisoned})
     assert all_finite({**state, "fine": poisoned.nan_to_num(0.0, 0.0, 0.0)})
+
+
+@pytest.mark.parametrize("where", [0, 1_234_567, (1 << 22) - 1])
+def test_all_finite_on_large_tensors_sees_one_bad_element_wherever_the_partial_sums_split(where) -> None:
+    """The CPU check sums each tensor (in parallel partial sums): an inf beside a -inf (whose sum is NaN), or a NaN,
+    at either end or in the middle of a 4M-element tensor is found; huge finite values that overflow the sum are
+    not refused."""
+    from fastft.parallel.backend import all_finite
+
+    t = torch.randn(1 << 22)
+    assert all_finite({"t": t})
+    for bad in ([float("inf"), float("-inf")], [float("nan")]):
+        u = t.clone()
+        u[where] = bad[0]
+        if len(bad) > 1:
+            u[(where + 1) % u.numel()] = bad[1]
+        assert not all_finite({"u": u, "ok": t})
+    huge = torch.full((1 << 22,), 1e38)
+    huge[::2] = -1e38
+    huge[: 1 << 20] = 3e38  # the sum overflows; every element is finite
+    assert all_finite({"huge": huge})
