@@ -54,22 +54,48 @@ def gap_config(
     return cfg.validate()
 
 
-def timed_run(cfg, *, background: bool, fused: bool = True, device: torch.device) -> list[float]:
-    """Run `cfg` in this process; returns the optimizer steps' entry times into after_step."""
+def timed_run(
+    cfg, *, background: bool, fused: bool = True, device: torch.device, costs: dict | None = None
+) -> list[float]:
+    """Run `cfg` in this process; returns the optimizer steps' entry times into after_step. `costs` (a dict) gets
+    each save's seconds on the training thread (`save_s`: check, gather, snapshot; the write too when sync) and each
+    write's CPU seconds on the thread that writes (`write_cpu_s`: serialising, copying, fsync's CPU)."""
     import fastft.optim
+    import fastft.saver
     import fastft.trainer
     from fastft.benchmark.measure import finetune_quiet
     from fastft.checkpoint import Checkpointer
 
     marks: list[float] = []
     real_after, sync = fastft.trainer.after_step, sync_for(device)
+    costs = {} if costs is None else costs
+    save_s, write_cpu_s = costs.setdefault("save_s", []), costs.setdefault("write_cpu_s", [])
+    real_save, real_run = Checkpointer.save, fastft.saver.Writer._run
 
     def after_step(*args, **kwargs):
         sync()  # the step's device work belongs to its interval
         marks.append(time.perf_counter())
         return real_after(*args, **kwargs)
 
-    patches = [mock.patch.object(fastft.trainer, "after_step", after_step)]
+    def save(self, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return real_save(self, *args, **kwargs)
+        finally:
+            save_s.append(time.perf_counter() - t)
+
+    def run(self, path, write):
+        t = time.thread_time()
+        try:
+            return real_run(self, path, write)
+        finally:
+            write_cpu_s.append(time.thread_time() - t)
+
+    patches = [
+        mock.patch.object(fastft.trainer, "after_step", after_step),
+        mock.patch.object(Checkpointer, "save", save),
+        mock.patch.object(fastft.saver.Writer, "_run", run),
+    ]
     if not background:
         sync_writer = functools.partial(Checkpointer, background=False)  # the write on the training thread
         patches.append(mock.patch.object(fastft.trainer, "Checkpointer", sync_writer))
@@ -112,8 +138,10 @@ def measure_modes(root: Path, work: Path, *, every: int, device: torch.device, s
     out: dict = {}
     for mode in MODES:
         cfg = gap_config(root, work / "runs", mode, every=every, device=device, **kw)
-        marks = timed_run(cfg, background=mode == "background", device=device)
+        costs: dict = {}
+        marks = timed_run(cfg, background=mode == "background", device=device, costs=costs)
         out[mode] = gaps(marks, every)
+        out[mode]["save_s"], out[mode]["write_cpu_s"] = costs["save_s"], costs["write_cpu_s"]
         out[mode]["last_pt_bytes"] = (work / "runs" / mode / "last.pt").stat().st_size
         shutil.rmtree(work / "runs" / mode)
         m = out[mode]
@@ -128,8 +156,8 @@ def render(entry: dict) -> list[str]:
     """One row per mode: normal step median, steps at a save, their median, the ratios (markdown lines)."""
     lines = [
         "| write | normal step (median) | steps at a save (s) | median at a save | ratio at a save "
-        "| ratio of the next step | checkpoint |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| ratio of the next step | save on the training thread (median) | write's CPU (median) | checkpoint |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for mode in MODES:
         m = entry[mode]
@@ -137,9 +165,14 @@ def render(entry: dict) -> list[str]:
         lines.append(
             f"| {mode} | {m['normal_median_s']:.3f} s | {', '.join(f'{t:.3f}' for t in m['at_save_s'])} | "
             f"{m['at_save_median_s']:.3f} s | {m['ratio_at_save']:.2f} | {'n/a' if nxt is None else f'{nxt:.2f}'} | "
-            f"{m['last_pt_bytes'] / 1e6:.0f} MB |"
+            f"{_median_s(m.get('save_s'))} | {_median_s(m.get('write_cpu_s'))} | {m['last_pt_bytes'] / 1e6:.0f} MB |"
         )
     return lines
+
+
+def _median_s(xs: list[float] | None) -> str:
+    """A median in seconds for the table; n/a for a record from before these were kept."""
+    return f"{statistics.median(xs):.3f} s" if xs else "n/a"
 
 
 def run_row(g, s, *, device: torch.device, run_id: str, work: Path, say=print) -> dict:
