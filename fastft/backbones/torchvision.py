@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ from torch import nn
 from fastft import act_ckpt
 from fastft.backbones import freeze
 from fastft.backbones.base import Stage, meta
-from fastft.backbones.weights import is_path, load_state_file, save_state, try_load
+from fastft.backbones.weights import init_skipped, is_path, load_state_file, save_state, try_load
 from fastft.config import ModelConfig
 from fastft.data.transforms import TransformSpec, spec_from_weights
 from fastft.errors import ModelError
@@ -107,7 +108,11 @@ def build(
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ModelError(f"unknown model {cfg.name!r}{hint}")
     weights = resolve_weights(cfg.name, cfg.weights) if pretrained_ok else None
-    model = _get_model(cfg.name, weights, cfg.drop_path)
+    # Weights to come (torchvision's, loaded strictly by get_model; or a file, loaded strictly below or refused):
+    # the random initialisation they overwrite is skipped.
+    loaded = weights is not None or is_path(cfg.weights)
+    with init_skipped() if loaded else contextlib.nullcontext():
+        model = _get_model(cfg.name, weights, cfg.drop_path)
     drop_aux_heads(model)
     if image_size:
         model = fit_input_size(cfg.name, model, image_size, drop_path=cfg.drop_path)
