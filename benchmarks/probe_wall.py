@@ -49,6 +49,9 @@ def main() -> None:
         entry = measure_pairs(
             root, tmp, model="resnet50", epochs=args.epochs, pairs=args.pairs, batch=args.batch,
             workers=args.workers, image_size=224, precision="auto", device=torch.device("cpu"),
+            warm_root=make_image_folder(
+                tmp / "warm", num_classes=4, train_per_class=2, val_per_class=1, image_size=256, seed=1
+            ),
         )  # fmt: skip
     write_record(Path(args.out), args, entry)
 

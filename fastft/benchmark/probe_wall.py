@@ -142,12 +142,17 @@ def measure_pairs(
     precision: str,
     device: torch.device,
     say: Callable[[str], None] = print,
+    warm_root: Path | None = None,
 ) -> dict:
-    """A warm-up forward pass, then `pairs` alternated (forward pass, probe) pairs: the figures and the median pair's
-    breakdown."""
+    """A warm-up of each side, then `pairs` alternated (forward pass, probe) pairs: the figures and the median pair's
+    breakdown. The warm-ups: a forward pass over `root` (page cache, libraries, thread pools), and a 1-epoch probe
+    on the few images of `warm_root` when given (the imports and first uses a run pays once per process, at
+    start-up, which the target leaves out; without it the first pair's probe pays them alone)."""
     kw = {"model": model, "batch": batch, "workers": workers, "image_size": image_size}
     weights = weights_file(work, model)
     forward_pass_s(root, precision=precision, device=device, **kw)  # warm: page cache, libraries, thread pools
+    if warm_root is not None:
+        probe_run(warm_root, work / "warm", weights=weights, epochs=1, device=device, **kw)
     fwd, walls, results = [], [], []
     for i in range(pairs):
         secs, images = forward_pass_s(root, precision=precision, device=device, **kw)
@@ -204,6 +209,7 @@ def run_row(p, s, *, device: torch.device, run_id: str, work: Path, say: Callabl
     batch = p.batch_size or s.batch_size
     workers = s.workers if p.workers is None else p.workers
     root = cases.bench_folder(p.train_images, p.val_images)
+    warm_root = cases.bench_folder(8, 4)
     say(f"probe wall: {p.model}, {p.epochs}-epoch cached probe vs one forward pass, {p.pairs} pairs")
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         m = measure_pairs(
@@ -218,6 +224,7 @@ def run_row(p, s, *, device: torch.device, run_id: str, work: Path, say: Callabl
             precision=p.precision,
             device=device,
             say=say,
+            warm_root=warm_root,
         )
     return {
         **measure.row_fields(p, run_id=run_id, batch=batch, workers=workers, image_size=p.image_size, device=device),

@@ -359,8 +359,8 @@ def render_probe_wall(doc: dict) -> list[str]:
                 f"{p['batch_size']}, {p['workers']} workers, {p['precision']} on `{p['device']}`. One forward pass: "
                 "a plain torchvision loop (ImageFolder, the preset's resize + centre crop, DataLoader with the same "
                 "batch and workers) decoding every image once and running the backbone in inference mode, "
-                "channels_last. "
-                "Alternated pairs; the median ratio."
+                "channels_last. Each side warmed first (a forward pass over the data; a 1-epoch probe on 8 + 4 "
+                "other JPEGs, which pays the run's imports and first uses). Alternated pairs; the median ratio."
             ),
             "",
             *probe_wall_render(p),
