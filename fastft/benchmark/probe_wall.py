@@ -152,7 +152,8 @@ def measure_pairs(
     weights = weights_file(work, model)
     forward_pass_s(root, precision=precision, device=device, **kw)  # warm: page cache, libraries, thread pools
     if warm_root is not None:
-        probe_run(warm_root, work / "warm", weights=weights, epochs=1, device=device, **kw)
+        warm = {**kw, "batch": 4}  # a few images: any batch larger than them is refused
+        probe_run(warm_root, work / "warm", weights=weights, epochs=1, device=device, **warm)
     fwd, walls, results = [], [], []
     for i in range(pairs):
         secs, images = forward_pass_s(root, precision=precision, device=device, **kw)
