@@ -71,3 +71,23 @@ def test_without_weights_the_model_is_initialised_as_torchvision_does() -> None:
     for k, v in ref.state_dict().items():
         if not k.startswith("fc."):
             assert torch.equal(got[k], v), k
+
+
+def test_other_threads_initialise_as_usual_meanwhile() -> None:
+    """An application embedding fastft may build its own modules on another thread while fastft builds a model."""
+    import threading
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def other() -> None:
+        seen["ones"] = torch.nn.init.ones_(torch.empty(5))
+        seen["linear"] = torch.nn.Linear(64, 32).weight.detach()
+
+    with init_skipped():
+        assert torch.equal(torch.nn.init.ones_(torch.zeros(3)), torch.zeros(3))  # this thread: skipped
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert torch.equal(seen["ones"], torch.ones(5))
+    w, bound = seen["linear"], 1 / math.sqrt(64)
+    assert w.abs().max() <= bound and w.std() > bound / 4
