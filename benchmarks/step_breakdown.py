@@ -149,7 +149,7 @@ class Case:
         cfg = _config(v, root, out / v.label.replace(" ", "_"), args)
         kernel = fastft_optim.step_kernel
         if v.kernel is not None:
-            fastft_optim.step_kernel = lambda device: dict(v.kernel)
+            fastft_optim.step_kernel = lambda *a, k=v.kernel, **kw: dict(k)
         try:
             self.run = trainer.setup(cfg, env, opened)
         finally:

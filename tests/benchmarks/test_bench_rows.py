@@ -142,3 +142,23 @@ def test_a_row_that_does_not_fit_the_time_budget_is_skipped_with_its_reason(monk
     assert t["met"] is None and t["value"] is None
     md = next(p for p in (tmp_path / "res").glob("*.md") if p.name != "LATEST.md").read_text()
     assert f"skipped: {g['reason']}" in md and "**not measured**: step time at a checkpoint save" in md
+
+
+def test_a_timed_run_without_the_fused_step_builds_torchs_default(shapes4, tmp_path, monkeypatch) -> None:
+    """`timed_run(fused=False)` (the optimizer comparison of benchmarks/save_gap.py) replaces fastft's step-kernel
+    choice, whatever arguments fastft passes it: the run trains, and its AdamW is built without `fused`."""
+    import torch
+
+    built: list = []
+
+    class Spy(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs) -> None:
+            built.append(kwargs.get("fused"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    cpu = torch.device("cpu")
+    kw = {"model": "resnet18", "steps": 3, "every": 2, "size": 32, "batch": 4, "optim": "adamw", "workers": 0}
+    cfg = save_gap.gap_config(shapes4, tmp_path, "unfused", loader="torch", precision="fp32", device=cpu, **kw)
+    marks = save_gap.timed_run(cfg, background=True, fused=False, device=cpu)
+    assert len(marks) == 3 and built == [None]
