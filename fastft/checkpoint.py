@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fastft.backbones.freeze import is_bn, is_frozen_bn
-from fastft.direct_file import DirectFile
+from fastft.direct_file import ALIGN, DirectFile
 from fastft.errors import CheckpointError, FastftError
 from fastft.saver import Snapshot, Writer, settle
 
@@ -73,7 +73,7 @@ def atomic_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with DirectFile(tmp) as f:
+        with DirectFile(tmp) as f, _save_options():
             torch.save(obj, f)
             f.sync_close()
         os.replace(tmp, path)
@@ -81,6 +81,17 @@ def atomic_save(obj: Any, path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _save_options():
+    """torch.save's options for checkpoint writes: no CRC-32 per record (torch.load never checks it, and on a 2-core
+    host it was 0.1 s of the writer's 0.22 s of CPU for 283 MB), and each tensor's bytes at a page-aligned offset, so
+    that DirectFile writes page-aligned buffers (the snapshot's) without copying them. The file loads everywhere as
+    before. torch's config overrides are per thread, so other threads' torch.save calls keep their own options."""
+    from torch.utils.serialization import config
+
+    wanted = {"compute_crc32": False, "storage_alignment": ALIGN}
+    return config.patch({f"save.{k}": v for k, v in wanted.items() if hasattr(config.save, k)})
 
 
 def atomic_link(src: Path, dst: Path) -> None:

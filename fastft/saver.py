@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fastft.direct_file import aligned_empty_like
 from fastft.errors import CheckpointError
 
 _writers: weakref.WeakSet[Writer] = weakref.WeakSet()
@@ -24,7 +25,8 @@ class Snapshot:
     """Copies a checkpoint's state (nested dicts, lists and tuples of tensors and plain values) to host memory. The
     buffers of one save are reused by the next (same shapes, dtypes and strides): its write is done by then. On CUDA
     they are pinned; on the CPU, reusing them spares the page faults of fresh allocations (283 MB: 0.01 s to copy into
-    reused buffers, 0.03-0.1 s to clone)."""
+    reused buffers, 0.03-0.1 s to clone), and they are page-aligned, so the writer sends them to the file without a
+    copy."""
 
     def __init__(self) -> None:
         self._bufs: list[torch.Tensor] = []
@@ -63,7 +65,7 @@ class Snapshot:
         elif cuda:
             buf = torch.empty_like(t, device="cpu", pin_memory=True)
         else:
-            buf = torch.empty_like(t)
+            buf = aligned_empty_like(t)  # written straight from here (fastft.direct_file)
         buf.copy_(t, non_blocking=cuda)
         bufs.append(buf)
         return buf

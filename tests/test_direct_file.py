@@ -8,12 +8,16 @@ import fcntl
 import os
 from pathlib import Path
 
+import struct
+import zipfile
+
+import numpy as np
 import pytest
 import torch
 
 from fastft import direct_file
 from fastft.checkpoint import atomic_save, load_checkpoint
-from fastft.direct_file import ALIGN, CHUNK, DirectFile
+from fastft.direct_file import ALIGN, CHUNK, DIRECT_MIN, DirectFile, aligned_empty_like
 
 
 def _direct_supported(folder: Path) -> bool:
@@ -112,9 +116,9 @@ def test_other_write_errors_are_raised(tmp_path, monkeypatch):
     f.close()
 
 
-def test_atomic_save_through_direct_io_loads_back_with_its_checksums(tmp_path):
-    """A checkpoint-shaped object, several chunks long, round-trips through atomic_save and the safe loader (which
-    checks each record's CRC-32), with no temp file left."""
+def test_atomic_save_through_direct_io_loads_back(tmp_path):
+    """A checkpoint-shaped object, several chunks long, round-trips through atomic_save and the safe loader, with no
+    temp file left."""
     g = torch.Generator().manual_seed(0)
     obj = {
         "model": {"w": torch.randn(1000, 3001, generator=g), "b": torch.randn(7, generator=g)},
@@ -128,3 +132,101 @@ def test_atomic_save_through_direct_io_loads_back_with_its_checksums(tmp_path):
     assert torch.equal(back["model"]["w"], obj["model"]["w"]) and torch.equal(back["model"]["b"], obj["model"]["b"])
     assert back["step"] == 12 and back["best"] == {"val/accuracy": 0.5}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def _record_writes(monkeypatch) -> list[tuple[int, int]]:
+    """Patch os.write to note (address of the buffer's first byte, length) of every call."""
+    real_write, calls = os.write, []
+
+    def write(fd, buf):
+        mv = memoryview(buf).cast("B")
+        calls.append((np.frombuffer(mv, dtype=np.uint8).ctypes.data if len(mv) else 0, len(mv)))
+        return real_write(fd, buf)
+
+    monkeypatch.setattr(direct_file.os, "write", write)
+    return calls
+
+
+def _aligned_bytes(n: int, seed: int) -> torch.Tensor:
+    t = aligned_empty_like(torch.empty(n, dtype=torch.uint8))
+    t.copy_(torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8))
+    return t
+
+
+def test_an_aligned_buffer_at_an_aligned_offset_is_written_from_where_it_lies(tmp_path, monkeypatch):
+    """The snapshot's page-aligned buffers reach the file without passing through the stage: the os.write call that
+    carries them is given their own address. Misaligned pieces around them still come out exact."""
+    if not _direct_supported(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT at open()")
+    calls = _record_writes(monkeypatch)
+    head = _payload(ALIGN * 2)  # leaves the offset aligned, staged (not from an aligned buffer of ours)
+    big = _aligned_bytes(3 * CHUNK + ALIGN + 123, 1)  # aligned source, length not a block multiple
+    odd = _payload(5)
+    late = _aligned_bytes(DIRECT_MIN * 2, 2)  # aligned source at a misaligned offset (after `odd`): staged
+    f = DirectFile(tmp_path / "out.bin")
+    for piece in (head, big.numpy(), odd, late.numpy()):
+        f.write(piece)
+    f.sync_close()
+    expected = head + big.numpy().tobytes() + odd + late.numpy().tobytes()
+    assert (tmp_path / "out.bin").read_bytes() == expected
+    direct_len = len(big) - len(big) % ALIGN
+    assert (big.data_ptr(), direct_len) in calls  # straight from the buffer, its whole aligned part in one call
+    assert not any(a == late.data_ptr() for a, _ in calls)  # the misaligned offset sent it through the stage
+    assert calls[0] == (calls[0][0], 2 * ALIGN)  # the staged head went first, on its own
+
+
+def test_a_refusal_of_a_direct_write_from_the_callers_buffer_falls_back_exactly(tmp_path, monkeypatch):
+    if not _direct_supported(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT at open()")
+    real_write, refused = os.write, []
+    big = _aligned_bytes(2 * CHUNK + 77, 3)
+
+    def write(fd, buf):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and len(buf) > CHUNK:
+            refused.append(len(buf))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, buf)
+
+    monkeypatch.setattr(direct_file.os, "write", write)
+    f = DirectFile(tmp_path / "out.bin")
+    head = _payload(ALIGN)
+    f.write(head)
+    f.write(big.numpy())
+    f.sync_close()
+    assert refused == [2 * CHUNK] and not f.direct
+    assert (tmp_path / "out.bin").read_bytes() == head + big.numpy().tobytes()
+
+
+def test_aligned_empty_like_keeps_shape_dtype_and_strides_in_page_aligned_memory():
+    w = torch.randn(64, 32, 3, 3).contiguous(memory_format=torch.channels_last)
+    buf = aligned_empty_like(w)
+    assert buf.shape == w.shape and buf.dtype == w.dtype and buf.stride() == w.stride()
+    assert buf.data_ptr() % ALIGN == 0 and buf.untyped_storage().nbytes() == w.numel() * w.element_size()
+    buf.copy_(w)
+    assert torch.equal(buf, w)
+    small = aligned_empty_like(torch.zeros(7))
+    assert small.shape == (7,)  # small: a plain allocation
+    strided = torch.randn(400, 400)[:, ::2]  # not dense: a plain allocation with empty_like's own strides
+    assert aligned_empty_like(strided).shape == strided.shape
+
+
+def test_checkpoint_records_are_page_aligned_without_crc_and_the_thread_keeps_its_options(tmp_path):
+    """atomic_save asks torch.save for page-aligned records (so aligned buffers skip the stage) and no CRC-32 (torch.load
+    never checks it); the options hold for that call only."""
+    g = torch.Generator().manual_seed(1)
+    obj = {"model": {"w": torch.randn(300, 301, generator=g), "b": torch.randn(3, generator=g)}, "meta": {}}
+    atomic_save(obj, tmp_path / "c.pt")
+    raw = (tmp_path / "c.pt").read_bytes()
+    with zipfile.ZipFile(tmp_path / "c.pt") as z:
+        data = [i for i in z.infolist() if "/data/" in i.filename]
+        assert len(data) == 2
+        for info in data:
+            name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+            start = info.header_offset + 30 + name_len + extra_len
+            assert start % ALIGN == 0, info.filename
+            assert info.CRC == 0
+    assert torch.equal(load_checkpoint(tmp_path / "c.pt")["model"]["w"], obj["model"]["w"])
+    assert torch.serialization.get_crc32_options() is True
+    torch.save(obj, tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as z:
+        assert all(i.CRC != 0 for i in z.infolist() if "/data/" in i.filename)

@@ -29,3 +29,14 @@ def test_snapshots_are_copies_that_later_changes_do_not_reach_and_reuse_the_last
     third = snap.take(state)
     assert torch.equal(third["opt"][0]["m"], torch.ones(9))
     assert third["opt"][0]["m"].data_ptr() != state["opt"][0]["m"].data_ptr()
+
+
+def test_large_cpu_snapshot_buffers_are_page_aligned_so_the_writer_sends_them_without_a_copy() -> None:
+    from fastft.direct_file import ALIGN
+
+    state = {"w": torch.randn(256, 128, 3, 3).contiguous(memory_format=torch.channels_last), "b": torch.randn(5)}
+    snap = Snapshot()
+    for _ in range(2):  # fresh buffers, then the reused ones
+        out = snap.take(state)
+        assert out["w"].data_ptr() % ALIGN == 0 and out["w"].stride() == state["w"].stride()
+        assert torch.equal(out["w"], state["w"]) and torch.equal(out["b"], state["b"])
