@@ -30,9 +30,9 @@ DIRECT_MIN = 64 << 10  # writes at least this large and aligned go straight from
 
 
 def aligned_empty_like(t: torch.Tensor) -> torch.Tensor:
-    """An uninitialised CPU tensor with `t`'s shape, dtype and strides, its bytes in page-aligned memory of their own (an
-    anonymous mapping), so that DirectFile writes them without staging. Tensors that are not dense (strides with gaps
-    or overlaps) or small get a plain `torch.empty_like`."""
+    """An uninitialised CPU tensor with `t`'s shape, dtype and strides, its bytes in page-aligned memory of their own
+    (an anonymous mapping), so that DirectFile writes them without staging. Tensors that are not dense (strides with
+    gaps or overlaps) or small get a plain `torch.empty_like`."""
     nbytes = t.numel() * t.element_size()
     dense = t.is_contiguous() or any(
         t.dim() == d and t.is_contiguous(memory_format=f)

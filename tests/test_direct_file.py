@@ -6,10 +6,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from pathlib import Path
-
 import struct
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,8 +210,8 @@ def test_aligned_empty_like_keeps_shape_dtype_and_strides_in_page_aligned_memory
 
 
 def test_checkpoint_records_are_page_aligned_without_crc_and_the_thread_keeps_its_options(tmp_path):
-    """atomic_save asks torch.save for page-aligned records (so aligned buffers skip the stage) and no CRC-32 (torch.load
-    never checks it); the options hold for that call only."""
+    """atomic_save asks torch.save for page-aligned records (aligned buffers then skip the stage) and no CRC-32 (torch
+    .load never checks it); the options hold for that call only."""
     g = torch.Generator().manual_seed(1)
     obj = {"model": {"w": torch.randn(300, 301, generator=g), "b": torch.randn(3, generator=g)}, "meta": {}}
     atomic_save(obj, tmp_path / "c.pt")
