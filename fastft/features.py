@@ -70,7 +70,8 @@ class FeatureTable:
         return out
 
 
-CACHE_FORMAT = 2  # bump when the stored layout or what a key covers changes
+# Bump when the stored layout or what a key covers changes (3: image features computed with BatchNorm folded).
+CACHE_FORMAT = 3
 
 
 def fingerprint(
@@ -235,16 +236,20 @@ def build_features(
     train: bool,
     events=None,
     model: dict | None = None,
+    runner: nn.Module | None = None,
 ) -> FeatureTable:
     """Compute (or reuse from disk) the prefix features of `source`'s images; see the module docstring.
 
     `cache_dir` may name environment variables (`/scratch/$SLURM_JOB_ID`, `/local/node$GROUP_RANK`): node-local
-    folders are fine, each ends with the whole table. `model` adds fields to the key (e.g. the model's name)."""
+    folders are fine, each ends with the whole table. `model` adds fields to the key (e.g. the model's name).
+    `runner` computes the features in `prefix`'s place (the same function: fastft.fold_bn's folded prefix); the key
+    is always `prefix`'s."""
     samples, spec, views = source.samples, source.spec, source.views
     n, V = len(samples), max(views, 1)
     labels = torch.tensor([y for _, y in samples], dtype=torch.long)
     np_dtype = _NP_DTYPES[dtype]
-    full = (V, n, *_feature_shape(prefix, source, env, precision))
+    run = prefix if runner is None else runner
+    full = (V, n, *_feature_shape(run, source, env, precision))
     cache_dir = Path(os.path.expandvars(str(cache_dir))).expanduser()
     if mode == "memory":
         folder, name = _memory_folder(cache_dir, int(np.prod(full)) * np.dtype(np_dtype).itemsize), None
@@ -270,7 +275,7 @@ def build_features(
     writer = env.rank == layout.writer_of(env.rank)
     try:
         built, table = _build_or_reuse(
-            prefix,
+            run,
             source,
             folder,
             path,

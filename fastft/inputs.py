@@ -133,6 +133,7 @@ def _feature_sources(cfg: FinetuneConfig, index, spec, env: penv.DistEnv, eval_b
 def _cached_loaders(cfg: FinetuneConfig, prefix, sources, env: penv.DistEnv, precision, eval_bs: int):
     """Build (or reuse) the train and val feature tables: (train loader, val loader, build info)."""
     from fastft.features import FeatureLoader, build_features
+    from fastft.fold_bn import fold_bn
 
     if prefix is None:
         raise ConfigError("features.cache: nothing is frozen before the trainable part, so there is nothing to cache")
@@ -140,8 +141,13 @@ def _cached_loaders(cfg: FinetuneConfig, prefix, sources, env: penv.DistEnv, pre
         log.info("fastft: feature cache with features.views=0 trains on the eval transform (no augmentation)")
     common = cache_options(cfg, env, precision, channels_last=cfg.model.channels_last)
     t0 = time.perf_counter()
-    train_t = build_features(prefix, sources[0], train=True, **common)
-    val_t = build_features(prefix, sources[1], train=False, **common)
+    prefix.eval()
+    runner, folded = fold_bn(prefix)
+    if folded:
+        log.info("fastft: feature cache: %d BatchNorm layers folded into their convolutions for the build", folded)
+    train_t = build_features(prefix, sources[0], train=True, runner=runner, **common)
+    val_t = build_features(prefix, sources[1], train=False, runner=runner, **common)
+    del runner
     build_s = time.perf_counter() - t0
     log_cache_built(cfg, train_t.source, val_t.source, build_s)
     train_loader = FeatureLoader(
