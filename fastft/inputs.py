@@ -17,6 +17,7 @@ from fastft.compile import apply_compile
 from fastft.config import FinetuneConfig
 from fastft.data.loaders import build_loader
 from fastft.errors import ConfigError
+from fastft.fold_bn import fold_bn
 from fastft.parallel import env as penv
 
 log = logging.getLogger("fastft")
@@ -39,6 +40,8 @@ class Inputs:
         self.opened = opened
         self.eval_batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
         self.prefix: torch.nn.Module | None = None  # set by use_prefix; None while cached features feed training
+        self._runner: torch.nn.Module | None = None  # the prefix as it runs (see _run_prefix)
+        self._compile_cfg = None
         self.cache_info: dict = {}  # {wall_s, images, train, val}: the cache build (or reuse)
         self._sources = None
         # Sharded by rank; every file is checked here, before the model is built.
@@ -80,8 +83,19 @@ class Inputs:
     def use_prefix(self, prefix: torch.nn.Module | None, *, compile_cfg=None) -> None:
         """The frozen prefix images go through (compiled when `compile_cfg` is given); none while cached."""
         self.prefix = None if self.cached else prefix
-        if self.prefix is not None and compile_cfg is not None:
-            self.prefix = apply_compile(self.prefix, compile_cfg)
+        self._compile_cfg, self._runner = compile_cfg, None
+
+    def _run_prefix(self) -> torch.nn.Module:
+        """What computes the prefix's output: the prefix with its BatchNorms folded into their convolutions
+        (fastft.fold_bn; the prefix itself is left as it is), compiled when asked. Built at its first use, so after
+        a resume has restored the weights, and again after an unfreeze moves the cut (use_prefix)."""
+        if self._runner is None:
+            self.prefix.eval()
+            runner, folded = fold_bn(self.prefix)
+            if folded:
+                log.info("fastft: frozen part: %d BatchNorm layers folded into their convolutions", folded)
+            self._runner = runner if self._compile_cfg is None else apply_compile(runner, self._compile_cfg)
+        return self._runner
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(device, non_blocking=True)
@@ -95,7 +109,7 @@ class Inputs:
         if self.prefix is not None:
             # The frozen prefix builds no autograd graph; clone turns its inference tensor into a normal one.
             with torch.inference_mode(), precision.autocast():
-                feats = self.prefix(images)
+                feats = self._run_prefix()(images)
             feats = feats.clone()
         else:
             feats = images
@@ -105,7 +119,7 @@ class Inputs:
 
     def eval_forward(self, suffix: torch.nn.Module, dtype: torch.dtype | None) -> Callable:
         """The evaluation forward: prefix (when images feed the run) then `suffix`; sets the prefix to eval."""
-        prefix = self.prefix
+        prefix = self._run_prefix() if self.prefix is not None else None
         if prefix is not None:
             prefix.eval()
 
@@ -133,7 +147,6 @@ def _feature_sources(cfg: FinetuneConfig, index, spec, env: penv.DistEnv, eval_b
 def _cached_loaders(cfg: FinetuneConfig, prefix, sources, env: penv.DistEnv, precision, eval_bs: int):
     """Build (or reuse) the train and val feature tables: (train loader, val loader, build info)."""
     from fastft.features import FeatureLoader, build_features
-    from fastft.fold_bn import fold_bn
 
     if prefix is None:
         raise ConfigError("features.cache: nothing is frozen before the trainable part, so there is nothing to cache")

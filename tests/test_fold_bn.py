@@ -112,3 +112,47 @@ def test_batchnorm_in_training_mode_a_shared_conv_output_and_timm_norm_act_are_l
     folded, n = fold_bn(eff)
     # timm's BatchNormAct2d applies its activation too: a plain fold would drop it, so none is folded
     assert n == 0 and folded is eff
+
+
+def test_training_through_the_folded_prefix_matches_the_unfolded_one_across_an_unfreeze(
+    shapes4, tmp_path, monkeypatch
+):
+    """The loop runs the frozen prefix folded, in every step and evaluation, and folds again when an unfreeze moves
+    the cut (a stale fold would run layer3 with its old weights, and hand layer4 the wrong tensor). Against the same
+    run with folding off: the same trained model, to fp32 rounding. (A small learning rate: with these scrambled
+    statistics, lr 0.01 makes training chaotic enough to amplify rounding alone to 1e-2 in three epochs.)"""
+    from conftest import tiny_config
+    from safetensors.torch import load_file
+
+    import fastft.inputs
+    from fastft.train import finetune
+
+    net = torchvision.models.resnet18()
+    _scramble_bn(net, seed=3)
+    weights = tmp_path / "r18.pth"
+    torch.save(net.state_dict(), weights)
+    common = {
+        "model__weights": str(weights),
+        "model__freeze": "until:layer3",
+        "optim__epochs": 3,
+        "optim__lr": 0.001,
+        "optim__unfreeze": ["2:layer3:0.1"],
+        "data__augment": False,
+    }
+    real, folds = fastft.inputs.fold_bn, []
+
+    def counted(prefix):
+        out = real(prefix)
+        folds.append(out[1])
+        return out
+
+    monkeypatch.setattr(fastft.inputs, "fold_bn", counted)
+    folded = finetune(tiny_config(shapes4, tmp_path, run__name="folded", **common))
+    assert folds == [15, 10]  # stem, layer1, layer2 and layer3; after the unfreeze layer3's 5 are no longer frozen
+    monkeypatch.setattr(fastft.inputs, "fold_bn", lambda prefix: (prefix, 0))
+    plain = finetune(tiny_config(shapes4, tmp_path, run__name="plain", **common))
+    a, b = load_file(plain.paths["model_export"]), load_file(folded.paths["model_export"])
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-3, msg=k)
+    assert folded.metrics["confusion_matrix"] == plain.metrics["confusion_matrix"]
