@@ -114,9 +114,7 @@ def test_batchnorm_in_training_mode_a_shared_conv_output_and_timm_norm_act_are_l
     assert n == 0 and folded is eff
 
 
-def test_training_through_the_folded_prefix_matches_the_unfolded_one_across_an_unfreeze(
-    shapes4, tmp_path, monkeypatch
-):
+def test_training_through_the_folded_prefix_matches_the_unfolded_one_across_an_unfreeze(shapes4, tmp_path, monkeypatch):
     """The loop runs the frozen prefix folded, in every step and evaluation, and folds again when an unfreeze moves
     the cut (a stale fold would run layer3 with its old weights, and hand layer4 the wrong tensor). Against the same
     run with folding off: the same trained model, to fp32 rounding. (A small learning rate: with these scrambled
