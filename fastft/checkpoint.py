@@ -9,11 +9,14 @@ rebuilds the frozen part from that source and refuses when the digest differs.""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -87,11 +90,41 @@ def _save_options():
     """torch.save's options for checkpoint writes: no CRC-32 per record (torch.load never checks it, and on a 2-core
     host it was 0.1 s of the writer's 0.22 s of CPU for 283 MB), and each tensor's bytes at a page-aligned offset, so
     that DirectFile writes page-aligned buffers (the snapshot's) without copying them. The file loads everywhere as
-    before. torch's config overrides are per thread, so other threads' torch.save calls keep their own options."""
-    from torch.utils.serialization import config
-
+    before. Only where torch keeps config overrides per thread (checked once, see `_config_per_thread`): elsewhere a
+    patch would change every thread's torch.save meanwhile, so torch's defaults are kept."""
+    config = _config_per_thread()
+    if config is None:
+        return contextlib.nullcontext()
     wanted = {"compute_crc32": False, "storage_alignment": ALIGN}
     return config.patch({f"save.{k}": v for k, v in wanted.items() if hasattr(config.save, k)})
+
+
+@functools.cache
+def _config_per_thread():
+    """torch's serialization config module when its overrides are per thread (torch 2.14: yes), else None: a patch
+    made on another thread must not show on this one."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # older torch: module-level flags only
+        return None
+    if not hasattr(config, "save") or not hasattr(config, "patch"):
+        return None
+    key = "save.compute_crc32"
+    seen, inside, done = [], threading.Event(), threading.Event()
+
+    def patched() -> None:
+        with config.patch({key: not config.save.compute_crc32}):
+            inside.set()
+            done.wait(5)
+
+    base = config.save.compute_crc32
+    t = threading.Thread(target=patched, daemon=True)
+    t.start()
+    if inside.wait(5):
+        seen.append(config.save.compute_crc32)
+    done.set()
+    t.join()
+    return config if seen == [base] else None  # not seen: the patch itself failed
 
 
 def atomic_link(src: Path, dst: Path) -> None:

@@ -204,9 +204,10 @@ def test_aligned_empty_like_keeps_shape_dtype_and_strides_in_page_aligned_memory
     buf.copy_(w)
     assert torch.equal(buf, w)
     small = aligned_empty_like(torch.zeros(7))
-    assert small.shape == (7,)  # small: a plain allocation
-    strided = torch.randn(400, 400)[:, ::2]  # not dense: a plain allocation with empty_like's own strides
-    assert aligned_empty_like(strided).shape == strided.shape
+    assert small.shape == (7,) and small.untyped_storage().nbytes() == 28  # small: a plain allocation of its own
+    strided = torch.randn(400, 400)[:, ::2]  # not dense: strides with gaps cannot be laid over a dense mapping
+    out = aligned_empty_like(strided)
+    assert out.shape == strided.shape and out.stride() == torch.empty_like(strided).stride() == (200, 1)
 
 
 def test_checkpoint_records_are_page_aligned_without_crc_and_the_thread_keeps_its_options(tmp_path):
@@ -226,6 +227,35 @@ def test_checkpoint_records_are_page_aligned_without_crc_and_the_thread_keeps_it
             assert info.CRC == 0
     assert torch.equal(load_checkpoint(tmp_path / "c.pt")["model"]["w"], obj["model"]["w"])
     assert torch.serialization.get_crc32_options() is True
-    torch.save(obj, tmp_path / "plain.pt")
+
+
+def test_while_the_writer_thread_saves_without_crc_other_threads_keep_theirs(tmp_path, monkeypatch):
+    """The writer runs atomic_save on its own thread: held inside it (mid-write), another thread's torch.save still
+    computes CRC-32 and uses torch's default alignment."""
+    import threading
+
+    from fastft.checkpoint import _config_per_thread
+
+    assert _config_per_thread() is not None  # torch 2.14 keeps config overrides per thread
+    inside, release, real_write = threading.Event(), threading.Event(), DirectFile.write
+
+    def held_write(self, data):
+        inside.set()
+        release.wait(10)
+        return real_write(self, data)
+
+    monkeypatch.setattr(DirectFile, "write", held_write)
+    obj = {"model": {"w": torch.randn(300, 301)}, "meta": {}}
+    writer = threading.Thread(target=atomic_save, args=(obj, tmp_path / "c.pt"))
+    writer.start()
+    try:
+        assert inside.wait(10)
+        assert torch.serialization.get_crc32_options() is True
+        torch.save(obj, tmp_path / "plain.pt")  # this thread, while the writer is mid-save
+    finally:
+        release.set()
+        writer.join()
     with zipfile.ZipFile(tmp_path / "plain.pt") as z:
         assert all(i.CRC != 0 for i in z.infolist() if "/data/" in i.filename)
+    with zipfile.ZipFile(tmp_path / "c.pt") as z:
+        assert all(i.CRC == 0 for i in z.infolist() if "/data/" in i.filename)
