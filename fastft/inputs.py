@@ -90,10 +90,7 @@ class Inputs:
         (fastft.fold_bn; the prefix itself is left as it is), compiled when asked. Built at its first use, so after
         a resume has restored the weights, and again after an unfreeze moves the cut (use_prefix)."""
         if self._runner is None:
-            self.prefix.eval()
-            runner, folded = fold_bn(self.prefix)
-            if folded:
-                log.info("fastft: frozen part: %d BatchNorm layers folded into their convolutions", folded)
+            runner = _folded(self.prefix, "frozen part")
             self._runner = runner if self._compile_cfg is None else apply_compile(runner, self._compile_cfg)
         return self._runner
 
@@ -144,6 +141,15 @@ def _feature_sources(cfg: FinetuneConfig, index, spec, env: penv.DistEnv, eval_b
     return train, val
 
 
+def _folded(prefix: torch.nn.Module, what: str) -> torch.nn.Module:
+    """`prefix` (set to eval, as a frozen prefix always runs) with its BatchNorms folded (fastft.fold_bn), logged."""
+    prefix.eval()
+    runner, folded = fold_bn(prefix)
+    if folded:
+        log.info("fastft: %s: %d BatchNorm layers folded into their convolutions", what, folded)
+    return runner
+
+
 def _cached_loaders(cfg: FinetuneConfig, prefix, sources, env: penv.DistEnv, precision, eval_bs: int):
     """Build (or reuse) the train and val feature tables: (train loader, val loader, build info)."""
     from fastft.features import FeatureLoader, build_features
@@ -154,10 +160,7 @@ def _cached_loaders(cfg: FinetuneConfig, prefix, sources, env: penv.DistEnv, pre
         log.info("fastft: feature cache with features.views=0 trains on the eval transform (no augmentation)")
     common = cache_options(cfg, env, precision, channels_last=cfg.model.channels_last)
     t0 = time.perf_counter()
-    prefix.eval()
-    runner, folded = fold_bn(prefix)
-    if folded:
-        log.info("fastft: feature cache: %d BatchNorm layers folded into their convolutions for the build", folded)
+    runner = _folded(prefix, "feature cache build")
     train_t = build_features(prefix, sources[0], train=True, runner=runner, **common)
     val_t = build_features(prefix, sources[1], train=False, runner=runner, **common)
     del runner
