@@ -6,11 +6,31 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _seed(name: str) -> None:
+    import torch
+
+    torch.manual_seed(zlib.crc32(name.encode()))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _seeded_module(request):
+    """torch seeds its default generator at random in each process (2.14), so a model or tensor a test draws from it
+    would differ from run to run, and a failure would not reproduce: each module, then each test (below), starts from
+    a seed of its own name, whatever ran before it."""
+    _seed(request.node.nodeid)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_test(request):
+    _seed(request.node.nodeid)
 
 
 @pytest.fixture(scope="module")
