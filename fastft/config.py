@@ -29,6 +29,7 @@ class ModelConfig:
     head_hidden: int = 0  # >0 adds a hidden layer (Linear -> ReLU -> Dropout) before the classifier
     head_dropout: float = 0.0
     channels_last: bool = True  # NHWC activations: faster convolutions on GPUs and on CPUs with oneDNN
+    fold_bn: bool = True  # the frozen part runs with its BatchNorms folded into their convolutions (a copy of those)
     grad_checkpointing: bool = False  # the old name of activation_checkpointing (either switches it on)
     activation_checkpointing: bool = False  # recompute the trainable blocks' activations in backward: less memory
     drop_path: float = -1.0  # stochastic depth rate of the deepest block; -1 = the model's own default, 0 = off

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,20 +237,19 @@ def build_features(
     train: bool,
     events=None,
     model: dict | None = None,
-    runner: nn.Module | None = None,
+    runner: Callable[[], nn.Module] | None = None,
 ) -> FeatureTable:
     """Compute (or reuse from disk) the prefix features of `source`'s images; see the module docstring.
 
     `cache_dir` may name environment variables (`/scratch/$SLURM_JOB_ID`, `/local/node$GROUP_RANK`): node-local
     folders are fine, each ends with the whole table. `model` adds fields to the key (e.g. the model's name).
-    `runner` computes the features in `prefix`'s place (the same function: fastft.fold_bn's folded prefix); the key
-    is always `prefix`'s."""
+    `runner` makes what computes the features in `prefix`'s place (the same function: fastft.fold_bn's folded
+    prefix), called only when a table is built; the key and the shape are always `prefix`'s."""
     samples, spec, views = source.samples, source.spec, source.views
     n, V = len(samples), max(views, 1)
     labels = torch.tensor([y for _, y in samples], dtype=torch.long)
     np_dtype = _NP_DTYPES[dtype]
-    run = prefix if runner is None else runner
-    full = (V, n, *_feature_shape(run, source, env, precision))
+    full = (V, n, *_feature_shape(prefix, source, env, precision))
     cache_dir = Path(os.path.expandvars(str(cache_dir))).expanduser()
     if mode == "memory":
         folder, name = _memory_folder(cache_dir, int(np.prod(full)) * np.dtype(np_dtype).itemsize), None
@@ -275,7 +275,7 @@ def build_features(
     writer = env.rank == layout.writer_of(env.rank)
     try:
         built, table = _build_or_reuse(
-            run,
+            runner or (lambda: prefix),
             source,
             folder,
             path,
@@ -298,9 +298,9 @@ def build_features(
 
 
 def _build_or_reuse(
-    prefix, source, folder: Path, path: Path, layout, token: str, *, mode, dtype, full, env: DistEnv, events, **common
+    make, source, folder: Path, path: Path, layout, token: str, *, mode, dtype, full, env: DistEnv, events, **common
 ) -> tuple[bool, torch.Tensor]:
-    """Check (disk), build when needed, then map the table: (built, table)."""
+    """Check (disk), build when needed (through the module `make()` returns), then map the table: (built, table)."""
     np_dtype = _NP_DTYPES[dtype]
     meta_path = path.with_suffix(".json")
     writer = env.rank == layout.writer_of(env.rank)
@@ -317,7 +317,7 @@ def _build_or_reuse(
         # Disk: built under a name of its own, renamed into place when complete, so a crash never leaves a partial
         # table.npy and two writers that failed to see they share a folder each publish a whole, identical table.
         work = path if mode == "memory" else folder / f".table-{token}-{layout.writer_of(env.rank)}.npy"
-        _fill(prefix, source, work, layout, full=full, np_dtype=np_dtype, env=env, **common)
+        _fill(make(), source, work, layout, full=full, np_dtype=np_dtype, env=env, **common)
         if mode != "memory" and writer:
             meta_path.unlink(missing_ok=True)  # the manifest goes first: a crash leaves no valid cache
             os.replace(work, path)

@@ -5,6 +5,7 @@ unfreeze has moved the cut yet), and changes only through invalidate(), when an 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -90,7 +91,7 @@ class Inputs:
         (fastft.fold_bn; the prefix itself is left as it is), compiled when asked. Built at its first use, so after
         a resume has restored the weights, and again after an unfreeze moves the cut (use_prefix)."""
         if self._runner is None:
-            runner = _folded(self.prefix, "frozen part")
+            runner = _folded(self.prefix, "frozen part", fold=self.cfg.model.fold_bn)
             self._runner = runner if self._compile_cfg is None else apply_compile(runner, self._compile_cfg)
         return self._runner
 
@@ -141,9 +142,12 @@ def _feature_sources(cfg: FinetuneConfig, index, spec, env: penv.DistEnv, eval_b
     return train, val
 
 
-def _folded(prefix: torch.nn.Module, what: str) -> torch.nn.Module:
-    """`prefix` (set to eval, as a frozen prefix always runs) with its BatchNorms folded (fastft.fold_bn), logged."""
+def _folded(prefix: torch.nn.Module, what: str, *, fold: bool) -> torch.nn.Module:
+    """`prefix` (set to eval, as a frozen prefix always runs) with its BatchNorms folded (fastft.fold_bn), logged;
+    the prefix itself when `fold` is off (model.fold_bn)."""
     prefix.eval()
+    if not fold:
+        return prefix
     runner, folded = fold_bn(prefix)
     if folded:
         log.info("fastft: %s: %d BatchNorm layers folded into their convolutions", what, folded)
@@ -160,9 +164,12 @@ def _cached_loaders(cfg: FinetuneConfig, prefix, sources, env: penv.DistEnv, pre
         log.info("fastft: feature cache with features.views=0 trains on the eval transform (no augmentation)")
     common = cache_options(cfg, env, precision, channels_last=cfg.model.channels_last)
     t0 = time.perf_counter()
-    runner = _folded(prefix, "feature cache build")
-    train_t = build_features(prefix, sources[0], train=True, runner=runner, **common)
-    val_t = build_features(prefix, sources[1], train=False, runner=runner, **common)
+    # folded at the first table that is built (a reused disk table needs none), once for both
+    runner = functools.cache(lambda: _folded(prefix, "feature cache build", fold=cfg.model.fold_bn))
+    # unfolded features differ from folded ones by rounding: a disk cache keeps them apart
+    key = None if cfg.model.fold_bn else {"fold_bn": False}
+    train_t = build_features(prefix, sources[0], train=True, runner=runner, model=key, **common)
+    val_t = build_features(prefix, sources[1], train=False, runner=runner, model=key, **common)
     del runner
     build_s = time.perf_counter() - t0
     log_cache_built(cfg, train_t.source, val_t.source, build_s)

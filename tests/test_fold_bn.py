@@ -151,10 +151,36 @@ def test_training_through_the_folded_prefix_matches_the_unfolded_one_across_an_u
     monkeypatch.setattr(fastft.inputs, "fold_bn", counted)
     folded = finetune(tiny_config(shapes4, tmp_path, run__name="folded", **common))
     assert folds == [15, 10]  # stem, layer1, layer2 and layer3; after the unfreeze layer3's 5 are no longer frozen
-    monkeypatch.setattr(fastft.inputs, "fold_bn", lambda prefix: (prefix, 0))
-    plain = finetune(tiny_config(shapes4, tmp_path, run__name="plain", **common))
+    plain = finetune(tiny_config(shapes4, tmp_path, run__name="plain", model__fold_bn=False, **common))
+    assert folds == [15, 10]  # the switch: fold_bn was not called again
     a, b = load_file(plain.paths["model_export"]), load_file(folded.paths["model_export"])
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-3, msg=k)
     assert folded.metrics["confusion_matrix"] == plain.metrics["confusion_matrix"]
+
+
+def test_a_disk_cache_of_folded_features_is_not_reused_unfolded(shapes4, tmp_path, caplog) -> None:
+    """Features computed with folding off differ from folded ones by rounding: the disk cache keeps them apart (a
+    cache built folded is not reused with model.fold_bn = false, and the other way), and reuses each of its own."""
+    import logging
+
+    from conftest import tiny_config
+
+    from fastft.train import finetune
+
+    caplog.set_level(logging.INFO, logger="fastft")
+    common = {"features__cache": "disk", "features__dir": str(tmp_path / "cache"), "optim__epochs": 1}
+    seen = []
+    for i, fold in enumerate([True, False, False, True]):
+        caplog.clear()
+        finetune(tiny_config(shapes4, tmp_path, run__name=f"r{i}", model__fold_bn=fold, **common))
+        seen.append(
+            "built"
+            if "train built, val built" in caplog.text
+            else "disk"
+            if "train disk, val disk" in caplog.text
+            else caplog.text
+        )
+        assert ("BatchNorm layers folded" in caplog.text) == (fold and i == 0)  # nothing folds for a reused table
+    assert seen == ["built", "built", "disk", "disk"]
