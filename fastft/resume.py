@@ -62,6 +62,7 @@ RULES: dict[str, Rule] = {
     "model.head_hidden": Rule(MUST, "the head's shape"),
     "model.head_dropout": Rule(MAY),
     "model.channels_last": Rule(MAY),
+    "model.fold_bn": Rule(MAY),
     "model.grad_checkpointing": Rule(MAY),
     "model.activation_checkpointing": Rule(MAY),
     "model.drop_path": Rule(MAY),
