@@ -44,6 +44,7 @@ VALUES: dict[str, tuple[object, dict[str, object]]] = {
     "model.head_hidden": (8, {}),
     "model.head_dropout": (0.5, {}),
     "model.channels_last": (False, {}),
+    "model.fold_bn": (False, {}),
     "model.grad_checkpointing": (True, {"model.source": "timm", "model.name": "resnet10t", "model.freeze": "none"}),
     "model.activation_checkpointing": (True, {"model.freeze": "until:layer3"}),
     "model.drop_path": (0.1, {}),  # resnet18 has no stochastic depth: one line saying so
